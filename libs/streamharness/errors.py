@@ -1,0 +1,45 @@
+"""Exceptions that carry a gRPC status: raise these from handlers, the interceptor maps them."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class StreamHarnessError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(StreamHarnessError):
+    """The caller sent something malformed: say exactly what."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(StreamHarnessError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class QuotaExceeded(StreamHarnessError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unauthenticated(StreamHarnessError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(StreamHarnessError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class DependencyUnavailable(StreamHarnessError):
+    """A dependency (Kafka, Triton, Qdrant, a model) is not there right now; the caller may retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class FailedPrecondition(StreamHarnessError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid. The message names the environment variable."""

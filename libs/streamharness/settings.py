@@ -1,0 +1,116 @@
+"""Typed, frozen settings. One environment variable per knob; the Helm chart sets the same names.
+
+Every group has its own prefix (``SH_KAFKA_``, ``SH_TRITON_``, ...). ``load_settings`` turns a
+pydantic validation error into a ``SettingsError`` whose message names the variable, so a service
+fails at start, not at the first request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streamharness.errors import SettingsError
+
+
+def _config(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, frozen=True, extra="forbid", case_sensitive=False)
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach Kafka and which topics carry the pipeline."""
+
+    model_config = _config("SH_KAFKA_")
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list of brokers.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    topic_prefix: str = Field("", description="Prepended to every topic name, e.g. 'prod.'.")
+    partitions: int = Field(6, ge=1, le=1024, description="Partitions of each topic the platform creates.")
+    replication_factor: int = Field(1, ge=1, le=7)
+    create_topics: bool = Field(True, description="Create missing topics at service start.")
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest record the producer sends (frames are large).")
+    consumer_poll_timeout_ms: int = Field(200, ge=1, le=60_000)
+    consumer_max_records: int = Field(64, ge=1, le=10_000)
+    handler_retries: int = Field(3, ge=0, le=20, description="Attempts to process one record before it goes to the dead-letter topic.")
+    dead_letter_topic: str = Field("dead-letter", description="Records that cannot be decoded or processed go here (after the prefix).")
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def bootstrap_list(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _hosts(cls, value: str) -> str:
+        for part in value.split(","):
+            host, sep, port = part.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{part.strip()!r} is not host:port")
+        return value
+
+
+class TritonSettings(BaseSettings):
+    """The Triton Inference Server that serves the frame encoder and detectors."""
+
+    model_config = _config("SH_TRITON_")
+
+    url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
+    frame_encoder_model: str = "frame_encoder"
+    frame_encoder_version: str = Field("", description="Empty = the server's latest version.")
+    timeout_s: float = Field(10.0, gt=0, le=600)
+    top_k: int = Field(5, ge=1, le=50)
+    model_repository: Path = Field(Path("model-repository"), description="Local model repository (dev server and export).")
+
+
+class TelemetrySettings(BaseSettings):
+    """OpenTelemetry is configured by the standard OTEL_* variables; these only add switches of ours."""
+
+    model_config = _config("SH_TELEMETRY_")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = Field(False, description="One JSON object per log line (for log collectors).")
+
+
+class ServiceSettings(BaseSettings):
+    """What every service has: where it listens and how it shuts down."""
+
+    model_config = _config("SH_")
+
+    service_name: str = Field("streamharness", min_length=1)
+    grpc_host: str = Field("127.0.0.1", description="Bind address; the chart sets 0.0.0.0 inside pods.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="0 picks a free port (tests).")
+    grpc_max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Frames are large: explicit gRPC message limit.")
+    grpc_workers: int = Field(16, ge=1, le=1024)
+    shutdown_grace_s: float = Field(20.0, ge=0, le=600, description="Drain time on SIGTERM; keep below the pod's terminationGracePeriodSeconds.")
+    readiness_interval_s: float = Field(2.0, gt=0, le=60)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def describe_error(cls: type[BaseSettings], err: ValidationError) -> str:
+    prefix = (cls.model_config.get("env_prefix") or "").upper()
+    lines = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "?"
+        var = f"{prefix}{field.upper()}" if field != "?" else prefix
+        got = item.get("input")
+        shown = "<secret>" if "password" in field or "token" in field else repr(got)
+        lines.append(f"{var}={shown}: {item['msg']}")
+    return f"invalid settings for {cls.__name__}: " + "; ".join(lines)
+
+
+def load_settings(cls: type[S], **overrides: object) -> S:
+    """Read ``cls`` from the environment (overrides win); raise SettingsError naming the variable."""
+    try:
+        return cls(**overrides)
+    except ValidationError as err:
+        raise SettingsError(describe_error(cls, err)) from None
