@@ -26,17 +26,17 @@ class KafkaSettings(BaseSettings):
     model_config = _config("SH_KAFKA_")
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list of brokers.")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field("PLAINTEXT", description="How clients talk to the brokers.")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(None, description="SASL mechanism with SASL_* protocols.")
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (a secret: mount it from a Kubernetes Secret).")
     topic_prefix: str = Field("", description="Prepended to every topic name, e.g. 'prod.'.")
     partitions: int = Field(6, ge=1, le=1024, description="Partitions of each topic the platform creates.")
-    replication_factor: int = Field(1, ge=1, le=7)
+    replication_factor: int = Field(1, ge=1, le=7, description="Replication factor of topics the platform creates (3 in production).")
     create_topics: bool = Field(True, description="Create missing topics at service start.")
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest record the producer sends (frames are large).")
-    consumer_poll_timeout_ms: int = Field(200, ge=1, le=60_000)
-    consumer_max_records: int = Field(64, ge=1, le=10_000)
+    consumer_poll_timeout_ms: int = Field(200, ge=1, le=60_000, description="How long one consumer poll waits for records.")
+    consumer_max_records: int = Field(64, ge=1, le=10_000, description="Records per poll; offsets are committed after each polled batch is processed.")
     handler_retries: int = Field(3, ge=0, le=20, description="Attempts to process one record before it goes to the dead-letter topic.")
     dead_letter_topic: str = Field("dead-letter", description="Records that cannot be decoded or processed go here (after the prefix).")
 
@@ -63,10 +63,10 @@ class TritonSettings(BaseSettings):
     model_config = _config("SH_TRITON_")
 
     url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
-    frame_encoder_model: str = "frame_encoder"
+    frame_encoder_model: str = Field("frame_encoder", description="Triton model name of the frame encoder.")
     frame_encoder_version: str = Field("", description="Empty = the server's latest version.")
-    timeout_s: float = Field(10.0, gt=0, le=600)
-    top_k: int = Field(5, ge=1, le=50)
+    timeout_s: float = Field(10.0, gt=0, le=600, description="Deadline of one Triton request.")
+    top_k: int = Field(5, ge=1, le=50, description="Labels kept per frame (the model returns its configured K; the client keeps the first top_k).")
     model_repository: Path = Field(Path("model-repository"), description="Local model repository (dev server and export).")
 
 
@@ -75,7 +75,7 @@ class TelemetrySettings(BaseSettings):
 
     model_config = _config("SH_TELEMETRY_")
 
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Root log level.")
     log_json: bool = Field(False, description="One JSON object per log line (for log collectors).")
 
 
@@ -84,13 +84,13 @@ class ServiceSettings(BaseSettings):
 
     model_config = _config("SH_")
 
-    service_name: str = Field("streamharness", min_length=1)
+    service_name: str = Field("streamharness", min_length=1, description="Name in logs and telemetry (OTEL_SERVICE_NAME wins for telemetry).")
     grpc_host: str = Field("127.0.0.1", description="Bind address; the chart sets 0.0.0.0 inside pods.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="0 picks a free port (tests).")
     grpc_max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Frames are large: explicit gRPC message limit.")
-    grpc_workers: int = Field(16, ge=1, le=1024)
+    grpc_workers: int = Field(16, ge=1, le=1024, description="Threads serving gRPC calls (a bidi session holds one while open).")
     shutdown_grace_s: float = Field(20.0, ge=0, le=600, description="Drain time on SIGTERM; keep below the pod's terminationGracePeriodSeconds.")
-    readiness_interval_s: float = Field(2.0, gt=0, le=60)
+    readiness_interval_s: float = Field(2.0, gt=0, le=60, description="How often ready() is probed to update the gRPC health status.")
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -1,0 +1,53 @@
+# StreamHarness: the one entry point for people. `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+system-deps: ## Debian packages: sample videos/images (opencv-doc), Java 17 + Maven for Kafka
+	@if ! dpkg -s opencv-doc >/dev/null 2>&1 || ! command -v mvn >/dev/null || ! command -v java >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc maven openjdk-17-jre-headless >/dev/null; fi
+
+venv: $(BIN)/streamharness ## Python environment with pinned dependencies (requirements.lock)
+
+$(BIN)/streamharness: requirements.lock libs/pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip==25.3
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e libs
+	touch $@
+
+setup: system-deps venv ## everything: system packages, Python env, Kafka jars, ONNX export of the frame encoder
+	$(BIN)/streamharness dev kafka fetch
+	$(BIN)/streamharness dev triton export
+
+up: setup ## start Kafka + Triton locally and stream a real video through them (the main job)
+	$(BIN)/streamharness up
+
+test: ## run every test CI can run here (unit, integration with real Kafka + tritonserver)
+	$(BIN)/python -m pytest
+
+test-unit: ## fast tests only, no servers
+	$(BIN)/python -m pytest tests/unit
+
+protos: ## regenerate Python code from protos/
+	$(BIN)/python tools/gen_protos.py
+
+protos-check: ## fail if generated code is stale
+	$(BIN)/python tools/gen_protos.py --check
+
+kafka: ## run a development Kafka broker on 127.0.0.1:9092 (foreground)
+	$(BIN)/streamharness dev kafka run
+
+triton: ## run a development tritonserver on 127.0.0.1:8001 (foreground)
+	$(BIN)/streamharness dev triton run
+
+lock: ## re-resolve requirements.lock from libs/pyproject.toml (all extras)
+	$(BIN)/pip install -q -e 'libs[models,dev]' && $(BIN)/pip freeze --exclude-editable > requirements.lock
+
+.PHONY: help system-deps venv setup up test test-unit protos protos-check kafka triton lock

@@ -1,0 +1,1 @@
+"""gRPC bootstrap: exception→status interceptor, server construction, channel options."""

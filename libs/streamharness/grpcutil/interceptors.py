@@ -1,0 +1,97 @@
+"""Map exceptions raised by handlers to gRPC status codes with a useful message, log each call,
+and record its duration. Handlers raise ``streamharness.errors`` exceptions; anything else is a
+bug and becomes INTERNAL (logged with its traceback, but only its type reaches the client)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from streamharness.errors import StreamHarnessError
+from streamharness.telemetry import meters
+
+log = logging.getLogger("streamharness.grpc")
+
+
+def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
+    if isinstance(exc, StreamHarnessError):
+        code, message = exc.code, str(exc) or exc.__class__.__name__
+        log.info("%s -> %s: %s", method, code.name, message)
+    elif isinstance(exc, ValueError):
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        log.info("%s -> INVALID_ARGUMENT: %s", method, message)
+    else:
+        code, message = grpc.StatusCode.INTERNAL, f"internal error ({exc.__class__.__name__}); see server logs"
+        log.exception("%s failed", method)
+    context.abort(code, message)
+
+
+def _already_aborted(exc: BaseException) -> bool:
+    # context.abort() raises a bare Exception after setting the status; let it through untouched.
+    return type(exc) is Exception and not exc.args
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+
+        def record(start: float, status: str) -> None:
+            meters.rpc_duration().record(time.perf_counter() - start, {"rpc.method": method, "rpc.status": status})
+            log.debug("%s %s in %.1f ms", method, status, 1e3 * (time.perf_counter() - start))
+
+        def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def inner(request_or_iter: Any, context: grpc.ServicerContext) -> Any:
+                start = time.perf_counter()
+                try:
+                    result = fn(request_or_iter, context)
+                    record(start, "OK")
+                    return result
+                except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+                    record(start, "ERROR")
+                    if _already_aborted(exc):
+                        raise
+                    _abort(context, method, exc)
+
+            return inner
+
+        def wrap_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def inner(request_or_iter: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                start = time.perf_counter()
+                try:
+                    yield from fn(request_or_iter, context)
+                    record(start, "OK")
+                except BaseException as exc:  # noqa: BLE001
+                    record(start, "ERROR")
+                    if _already_aborted(exc) or isinstance(exc, GeneratorExit):
+                        raise
+                    _abort(context, method, exc)
+
+            return inner
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )
+
+
+def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
+    """Frames are large: set both directions explicitly (the gRPC default receive limit is 4 MiB)."""
+    return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
