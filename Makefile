@@ -3,6 +3,9 @@ SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+CACHE ?= $(or $(SH_DEV_CACHE_DIR),$(HOME)/.cache/streamharness)
+HELM_VERSION := v4.3.1
+HELM := $(CACHE)/bin/helm
 
 .DEFAULT_GOAL := help
 
@@ -22,7 +25,7 @@ $(BIN)/streamharness: requirements.lock libs/pyproject.toml
 	$(BIN)/pip install -q --no-deps -e libs
 	touch $@
 
-setup: system-deps venv ## everything: system packages, Python env, Kafka jars, ONNX export of the frame encoder
+setup: system-deps venv helm ## everything: system packages, Python env, Kafka jars, ONNX export of the frame encoder
 	$(BIN)/streamharness dev kafka fetch
 	$(BIN)/streamharness dev triton export
 
@@ -34,6 +37,14 @@ test: ## run every test CI can run here (unit, integration with real Kafka + tri
 
 test-unit: ## fast tests only, no servers
 	$(BIN)/python -m pytest tests/unit
+
+helm: $(HELM) ## Helm (built from the Go module proxy into the cache) for chart tests
+
+$(HELM):
+	GOBIN=$(CACHE)/bin GOFLAGS=-mod=mod go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+
+chart-check: $(HELM) ## lint and render the chart, validate manifests offline
+	$(BIN)/python -m pytest tests/unit/test_chart.py
 
 protos: ## regenerate Python code from protos/
 	$(BIN)/python tools/gen_protos.py
@@ -50,4 +61,4 @@ triton: ## run a development tritonserver on 127.0.0.1:8001 (foreground)
 lock: ## re-resolve requirements.lock from libs/pyproject.toml (all extras)
 	$(BIN)/pip install -q -e 'libs[models,dev]' && $(BIN)/pip freeze --exclude-editable > requirements.lock
 
-.PHONY: help system-deps venv setup up test test-unit protos protos-check kafka triton lock
+.PHONY: help system-deps venv helm chart-check setup up test test-unit protos protos-check kafka triton lock
