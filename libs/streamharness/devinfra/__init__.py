@@ -1,0 +1,1 @@
+"""Development infrastructure: real servers (Kafka broker, ...) for local runs and integration tests."""
