@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def test_scenarios_render_valid_manifests(tmp_path, scenario):
     docs = render(tmp_path, scenario)
     assert {d["kind"] for d in docs} >= {"Deployment", "Service"}
     proc = subprocess.run(
-        ["kubernetes-validate", "--strict", "--quiet", "-k", KUBE_VERSION, str(tmp_path / "rendered.yaml")],
+        [str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", "--quiet", "-k", KUBE_VERSION, str(tmp_path / "rendered.yaml")],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
