@@ -37,6 +37,48 @@ def up(
     raise typer.Exit(run_foundation_demo(video=video, fps=fps, speed=speed, tenant=tenant, stream=stream, limit_s=limit_s))
 
 
+@app.command()
+def stream(
+    video: str = typer.Argument(..., help="A video file, or the name of an opencv-doc sample (vtest.avi)."),
+    gateway: str = typer.Option("127.0.0.1:50051", envvar="SH_CLIENT_GATEWAY", help="Gateway host:port."),
+    ask: list[str] = typer.Option([], help="SECONDS:QUESTION, asked at that media time; repeatable."),
+    watch_for: list[str] = typer.Option([], help="A standing instruction, e.g. 'tell me when someone walks in'; repeatable."),
+    speed: float = typer.Option(1.0, min=0.0, help="Playback speed on media time (1 = real time, 0 = as fast as possible)."),
+    fps: float = typer.Option(1.0, min=0.1, max=30.0, help="Decision rate asked of the server."),
+    stream_id: str = typer.Option("cam-1", help="Stream id."),
+    api_key: str = typer.Option(None, envvar="SH_CLIENT_API_KEY", help="Tenant API key (x-api-key)."),
+    limit_s: float = typer.Option(None, help="Stop after this much media time."),
+) -> None:
+    """Play a video through the gateway and print responses live with their media timestamps."""
+    import asyncio
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from streamharness.media import sample_path
+    from streamharness.player import TimedQuestion, play
+
+    console = Console()
+    try:
+        questions = [TimedQuestion.parse(spec) for spec in ask]
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    path = Path(video) if Path(video).exists() else sample_path(video)
+
+    def show(r) -> None:
+        who = f"[magenta]proactive ({r.instruction_id})[/]" if r.proactive else f"[cyan]answer ({r.question_id})[/]"
+        console.print(f"[bold]t={r.media_ts_ms / 1000:6.1f}s[/] {who}: {r.text.strip()}")
+
+    def error(e) -> None:
+        console.print(f"[yellow]frame {e.seq} at {e.media_ts_ms / 1000:.1f}s rejected: {e.message}[/]")
+
+    result = asyncio.run(play(gateway, path, stream_id=stream_id, questions=questions, watch_for=watch_for,
+                              speed=speed, decision_fps=fps, limit_s=limit_s, api_key=api_key,
+                              on_response=show, on_error=error))
+    console.print(f"{result.frames_sent} frames sent, {result.frames_sampled} kept at {fps:g}/s, "
+                  f"{len(result.responses)} responses, {len(result.errors)} rejected frames")
+
+
 def main() -> None:
     _mount_dev_apps()
     app()

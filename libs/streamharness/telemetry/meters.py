@@ -37,3 +37,28 @@ def hop_latency() -> metrics.Histogram:
     return _meter().create_histogram(
         "sh.pipeline.hop_latency", unit="s", description="Wall time from a frame's arrival at the gateway to each hop."
     )
+
+
+@cache
+def frames_ingested() -> metrics.Counter:
+    return _meter().create_counter("sh.ingest.frames", description="Frames seen by ingest, by status (published, skipped, rejected).")
+
+
+@cache
+def decisions() -> metrics.Counter:
+    return _meter().create_counter("sh.decision.steps", description="Decision steps, by action (silent, respond) and trigger.")
+
+
+@cache
+def sessions_active() -> metrics.UpDownCounter:
+    return _meter().create_up_down_counter("sh.gateway.sessions", description="Open gateway sessions, by tenant.")
+
+
+def record_hops(hops, final_hop: str, now_ns: int) -> None:
+    """Record wall time from the first hop (the gateway's arrival stamp) to each later hop and to now."""
+    if not hops:
+        return
+    start = hops[0].wall_unix_ns
+    for stamp in hops[1:]:
+        hop_latency().record(max(0, stamp.wall_unix_ns - start) / 1e9, {"hop": stamp.hop})
+    hop_latency().record(max(0, now_ns - start) / 1e9, {"hop": final_hop})

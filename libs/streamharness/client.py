@@ -1,0 +1,147 @@
+"""Python client SDK for the gateway's session API.
+
+    async with Session("127.0.0.1:50051", stream_id="cam-1", instructions={"people": "tell me when someone walks in"}) as s:
+        await s.send_frame(0, jpeg_bytes)
+        await s.ask("what is happening?", at_ms=30_000)
+        await s.end()
+        async for message in s:          # Responses, acks and errors, as they arrive
+            ...
+
+``Session`` is an async iterator of ``streamharness.v1.session_pb2.ServerMessage``;
+``Session.responses()`` yields whole ``Response`` objects assembled from their chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+from streamharness.v1 import common_pb2, session_pb2, session_pb2_grpc
+
+_END = object()
+
+
+@dataclass
+class Response:
+    """One response assembled from its chunks, with client-side timings."""
+
+    response_id: str
+    trigger: int
+    question_id: str
+    instruction_id: str
+    media_ts_ms: int
+    text: str = ""
+    first_chunk_wall: float = 0.0  # time.monotonic() when the first chunk arrived
+    final_wall: float = 0.0
+    chunks: int = 0
+
+    @property
+    def proactive(self) -> bool:
+        return self.trigger == common_pb2.TRIGGER_INSTRUCTION
+
+
+@dataclass
+class Session:
+    address: str
+    stream_id: str
+    decision_fps: float = 1.0
+    instructions: Mapping[str, str] = field(default_factory=dict)
+    api_key: str | None = None
+    tenant: str | None = None
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        self._out: asyncio.Queue = asyncio.Queue(maxsize=64)
+        self._seq = 0
+        self.session_id = ""
+        self.asked_wall: dict[str, float] = {}
+
+    async def __aenter__(self) -> Session:
+        self._channel = grpc.aio.insecure_channel(self.address, options=[
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ])
+        metadata = []
+        if self.api_key:
+            metadata.append(("x-api-key", self.api_key))
+        if self.tenant:
+            metadata.append(("x-tenant", self.tenant))
+        stub = session_pb2_grpc.SessionServiceStub(self._channel)
+        self._call = stub.Stream(self._requests(), metadata=metadata)
+        await self._out.put(session_pb2.ClientMessage(start=session_pb2.SessionStart(
+            stream_id=self.stream_id, decision_fps=self.decision_fps,
+            instructions=[common_pb2.StandingInstruction(instruction_id=k, text=v) for k, v in self.instructions.items()],
+        )))
+        first = await self._call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("message") != "accepted":
+            raise RuntimeError(f"session was not accepted: {first}")
+        self.session_id = first.accepted.session_id
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._call.cancel()
+        await self._channel.close()
+
+    async def _requests(self):
+        while True:
+            item = await self._out.get()
+            if item is _END:
+                return
+            yield item
+
+    async def send_frame(self, media_ts_ms: int, image: bytes, encoding: int = common_pb2.IMAGE_ENCODING_JPEG) -> int:
+        self._seq += 1
+        await self._out.put(session_pb2.ClientMessage(frame=session_pb2.Frame(
+            media_ts_ms=media_ts_ms, image=image, encoding=encoding, seq=self._seq)))
+        return self._seq
+
+    async def ask(self, text: str, at_ms: int, question_id: str | None = None) -> str:
+        qid = question_id or uuid.uuid4().hex[:8]
+        self.asked_wall[qid] = time.monotonic()
+        await self._out.put(session_pb2.ClientMessage(question=session_pb2.Question(question_id=qid, text=text, media_ts_ms=at_ms)))
+        return qid
+
+    async def watch_for(self, text: str, at_ms: int, instruction_id: str | None = None) -> str:
+        iid = instruction_id or uuid.uuid4().hex[:8]
+        await self._out.put(session_pb2.ClientMessage(instruction=session_pb2.InstructionUpdate(
+            add=common_pb2.StandingInstruction(instruction_id=iid, text=text), media_ts_ms=at_ms)))
+        return iid
+
+    async def end(self) -> None:
+        await self._out.put(session_pb2.ClientMessage(end=session_pb2.SessionEnd()))
+        await self._out.put(_END)
+
+    def __aiter__(self) -> AsyncIterator[session_pb2.ServerMessage]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[session_pb2.ServerMessage]:
+        while True:
+            msg = await self._call.read()
+            if msg is grpc.aio.EOF:
+                return
+            yield msg
+
+    async def responses(self, on_message=None) -> AsyncIterator[Response]:
+        """Whole responses, yielded when their final chunk arrives. ``on_message`` sees every
+        server message (acks, errors, chunks) as it arrives."""
+        partial: dict[str, Response] = {}
+        async for msg in self:
+            if on_message is not None:
+                on_message(msg)
+            if msg.WhichOneof("message") != "response":
+                continue
+            c = msg.response
+            r = partial.get(c.response_id)
+            if r is None:
+                r = partial[c.response_id] = Response(c.response_id, c.trigger, c.question_id, c.instruction_id,
+                                                      c.media_ts_ms, first_chunk_wall=time.monotonic())
+            r.text += c.text
+            r.chunks += 1
+            if c.final:
+                r.final_wall = time.monotonic()
+                yield partial.pop(c.response_id)

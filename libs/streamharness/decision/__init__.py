@@ -1,0 +1,1 @@
+"""Decision: per-stream state on media time; every step decides silent or respond."""

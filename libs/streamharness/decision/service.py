@@ -1,0 +1,157 @@
+"""The decision service: consumes ``queries`` and ``embeddings`` of the same streams in one
+consumer group (both topics are keyed ``tenant/stream`` with equal partition counts, and the range
+assignor gives one member the same partition of both), keeps per-stream state on media time, and
+publishes a ``DecisionEvent`` to ``decisions`` for every step that chose to respond."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streamharness import topics
+from streamharness.decision.policy import DecisionPolicy, Evidence, PendingQuestion, RulePolicy, RuleThresholds, StreamState
+from streamharness.kafka import ConsumedEvent, EventConsumer, EventProducer, ensure_topics
+from streamharness.keys import key_str
+from streamharness.runner import Service
+from streamharness.settings import KafkaSettings, load_settings
+from streamharness.telemetry import meters
+from streamharness.v1 import common_pb2, events_pb2
+
+log = logging.getLogger(__name__)
+Q = events_pb2.QueryEvent
+
+
+class DecisionSettings(BaseSettings):
+    """The per-second speak/silence decision."""
+
+    model_config = SettingsConfigDict(env_prefix="SH_DECISION_", frozen=True, extra="forbid")
+
+    policy: str = Field("rules", pattern="^(rules)$", description="Decision policy: 'rules' (evidence rules with MiniLM matching). The trained policy arrives with Streaming-Train.")
+    consumer_group: str = Field("decision", min_length=1, description="Kafka consumer group of the decision replicas.")
+    refractory_s: float = Field(10.0, ge=0, le=3600, description="A standing instruction does not fire twice within this much media time.")
+    object_similarity: float = Field(0.55, gt=0, le=1, description="MiniLM similarity between an object instruction and a frame label needed to fire.")
+    scene_change: float = Field(0.35, gt=0, le=2, description="Frame-embedding cosine distance from the last reference that counts as a scene change.")
+    min_label_score: float = Field(0.08, ge=0, le=1, description="Classifier labels below this probability are not evidence.")
+
+
+class DecisionService(Service):
+    def __init__(self, settings: DecisionSettings | None = None, kafka: KafkaSettings | None = None,
+                 policy: DecisionPolicy | None = None):
+        self.settings = settings or load_settings(DecisionSettings)
+        self.kafka = kafka or load_settings(KafkaSettings)
+        self.policy = policy
+        self.states: dict[str, StreamState] = {}
+        self.producer: EventProducer | None = None
+        self.consumer: EventConsumer | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def load(self) -> None:
+        if self.policy is None:
+            from streamharness.text_encoder import TextEncoder
+
+            encoder = TextEncoder().load()
+            thresholds = RuleThresholds(
+                object_similarity=self.settings.object_similarity, scene_change=self.settings.scene_change,
+                min_label_score=self.settings.min_label_score, refractory_ms=int(self.settings.refractory_s * 1000),
+            )
+            self.policy = RulePolicy(encoder.encode, thresholds)
+        if self.kafka.create_topics:
+            ensure_topics(self.kafka, topics.PIPELINE)
+        self.producer = EventProducer(self.kafka, client_id="decision")
+        self.consumer = EventConsumer(
+            self.kafka, group_id=self.settings.consumer_group, topics=[topics.QUERIES, topics.EMBEDDINGS],
+            message_type={topics.QUERIES: events_pb2.QueryEvent, topics.EMBEDDINGS: events_pb2.EncodedFrameEvent},
+            handler=self.handle,
+        )
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.consumer.run, args=(self._stop,), name="decision", daemon=True)
+        self._thread.start()
+
+    def ready(self) -> bool:
+        return self.policy is not None and self._thread is not None and self._thread.is_alive()
+
+    def stop(self, deadline: float) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self.producer is not None:
+            self.producer.close(timeout=max(0.0, deadline - time.monotonic()))
+
+    # -- handling ------------------------------------------------------------------------------
+    def _state(self, key: common_pb2.StreamKey, session_id: str) -> StreamState:
+        name = key_str(key)
+        state = self.states.get(name)
+        if state is None or (session_id and state.session_id and state.session_id != session_id):
+            state = StreamState(key=key, session_id=session_id)
+            self.states[name] = state
+        state.session_id = state.session_id or session_id
+        return state
+
+    def handle(self, event: ConsumedEvent) -> None:
+        msg = event.message
+        if isinstance(msg, events_pb2.QueryEvent):
+            self._on_query(msg)
+        else:
+            self._on_frame(msg)
+
+    def _on_query(self, q: events_pb2.QueryEvent) -> None:
+        state = self._state(q.key, q.session_id)
+        if q.reply_to:
+            state.reply_to = q.reply_to
+        if q.kind == Q.KIND_SESSION_START:
+            for inst in q.instructions:
+                self.policy.add_instruction(state, inst.instruction_id, inst.text)
+        elif q.kind == Q.KIND_INSTRUCTION_ADD:
+            self.policy.add_instruction(state, q.instruction_id, q.text)
+        elif q.kind == Q.KIND_INSTRUCTION_REMOVE:
+            state.instructions.pop(q.instruction_id, None)
+        elif q.kind == Q.KIND_QUESTION:
+            state.questions.append(PendingQuestion(q.question_id, q.text, q.media_ts_ms))
+            # Frames already went past the question's time: answer now rather than at the next frame.
+            if state.last is not None and state.last.media_ts_ms >= q.media_ts_ms:
+                self._publish(state, self.policy.answer_pending(state, state.last.media_ts_ms), q.hops)
+        elif q.kind == Q.KIND_SESSION_END:
+            now = max([state.last.media_ts_ms if state.last else 0, *(p.media_ts_ms for p in state.questions)])
+            self._publish(state, self.policy.answer_pending(state, now), q.hops)
+            self.states.pop(key_str(q.key), None)
+
+    def _on_frame(self, f: events_pb2.EncodedFrameEvent) -> None:
+        state = self._state(f.key, f.session_id)
+        if state.last is not None and f.media_ts_ms <= state.last.media_ts_ms:
+            return  # a redelivered or out-of-order frame: that step was already decided
+        evidence = Evidence(
+            media_ts_ms=f.media_ts_ms,
+            embedding=np.asarray(f.embedding, dtype=np.float32),
+            labels=[(label.name, label.score) for label in f.labels],
+            person_count=f.person_count,
+            caption=f.caption,
+        )
+        decisions = self.policy.step(state, evidence)
+        meters.decisions().add(1, {"action": "respond" if decisions else "silent"})
+        self._publish(state, decisions, f.hops)
+
+    def _publish(self, state: StreamState, decisions, hops) -> None:
+        futures = []
+        for d in decisions:
+            event = events_pb2.DecisionEvent(
+                key=state.key, session_id=state.session_id, media_ts_ms=d.media_ts_ms,
+                action=events_pb2.DecisionEvent.ACTION_RESPOND, trigger=d.trigger,
+                question_id=d.trigger_id if d.trigger == common_pb2.TRIGGER_QUESTION else "",
+                instruction_id=d.trigger_id if d.trigger == common_pb2.TRIGGER_INSTRUCTION else "",
+                prompt_text=d.prompt_text, reason=d.reason, score=d.score, policy=self.policy.name,
+                reply_to=state.reply_to,
+                decision_id=f"{key_str(state.key)}/{d.media_ts_ms}/{d.trigger_id}",
+                hops=[*hops, common_pb2.HopStamp(hop="decision", wall_unix_ns=time.time_ns())],
+            )
+            log.info("%s t=%.1fs respond (%s): %s", key_str(state.key), d.media_ts_ms / 1000, d.trigger_id, d.reason)
+            futures.append(self.producer.send(topics.DECISIONS, state.key, event))
+        for fut in futures:
+            fut.get(timeout=30)  # durable before the offset of what caused it is committed

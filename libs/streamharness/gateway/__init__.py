@@ -1,0 +1,1 @@
+"""Gateway: the public bidirectional session API."""

@@ -1,0 +1,338 @@
+"""The gateway: ``SessionService.Stream``, one bidirectional call per live session.
+
+Frames go to ingest over one ``IngestFrames`` call per session; questions, standing instructions
+and session start/end go to the ``queries`` topic; responses come back from the ``responses``
+topic. **Routing**: every replica has an id (``SH_GATEWAY_REPLICA_ID``, the pod name in a
+cluster) that it stamps into ``QueryEvent.reply_to``; decisions and responses carry it forward;
+each replica consumes ``responses`` in a consumer group of its own and keeps only the records
+addressed to it, delivering them to the session by ``session_id``. Chunks are de-duplicated by
+``(response_id, index)`` because delivery is at least once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streamharness import topics
+from streamharness.errors import InvalidInput, QuotaExceeded, Unauthenticated
+from streamharness.kafka import ConsumedEvent, EventConsumer, EventProducer, ensure_topics
+from streamharness.keys import key_str, make_key, validate_name
+from streamharness.runner import Service
+from streamharness.settings import KafkaSettings, load_settings
+from streamharness.telemetry import meters
+from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc, session_pb2, session_pb2_grpc
+
+log = logging.getLogger(__name__)
+Q = events_pb2.QueryEvent
+_DONE = object()
+
+
+def _default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class GatewaySettings(BaseSettings):
+    """The public session API."""
+
+    model_config = SettingsConfigDict(env_prefix="SH_GATEWAY_", frozen=True, extra="forbid")
+
+    replica_id: str = Field(default_factory=_default_replica_id, description="This replica's id for response routing; the chart sets the pod name. Default: host-pid-random.")
+    ingest_address: str = Field("127.0.0.1:50052", description="host:port of the ingest service.")
+    api_keys: SecretStr | None = Field(None, description='JSON object {"<api key>": "<tenant>"}; clients send the key as metadata x-api-key. Unset: no authentication, tenant from x-tenant metadata (default "default").')
+    max_sessions_per_tenant: int = Field(64, ge=1, description="Open sessions a tenant may hold at once (RESOURCE_EXHAUSTED beyond).")
+    max_frame_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest encoded frame accepted from a client.")
+    max_text_chars: int = Field(2000, ge=1, description="Longest question or instruction text.")
+    end_grace_s: float = Field(60.0, ge=0, le=600, description="After SessionEnd, wait this long at most for answers to pending questions before closing.")
+    consumer_poll_timeout_ms: int = Field(50, ge=1, le=5000, description="Poll timeout of the responses consumer (latency of delivery).")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _json_map(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parsed = json.loads(value.get_secret_value())
+            if not isinstance(parsed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()):
+                raise ValueError('must be a JSON object of "<api key>": "<tenant>"')
+        return value
+
+    def tenants_by_key(self) -> dict[str, str] | None:
+        return json.loads(self.api_keys.get_secret_value()) if self.api_keys else None
+
+
+@dataclass
+class _Session:
+    session_id: str
+    key: common_pb2.StreamKey
+    outbound: queue.Queue = field(default_factory=queue.Queue)
+    seen_chunks: set[tuple[str, int]] = field(default_factory=set)
+    open_questions: set[str] = field(default_factory=set)
+    answered: threading.Condition = field(default_factory=threading.Condition)
+
+
+class _SessionApi(session_pb2_grpc.SessionServiceServicer):
+    def __init__(self, gateway: GatewayService):
+        self.g = gateway
+
+    # -- authentication and quotas -------------------------------------------------------------
+    def _tenant(self, context: grpc.ServicerContext) -> str:
+        md = dict(context.invocation_metadata() or ())
+        keys = self.g.tenants_by_key
+        if keys is None:
+            return validate_name("tenant", md.get("x-tenant", "default"))
+        api_key = md.get("x-api-key")
+        if not api_key:
+            raise Unauthenticated("missing x-api-key metadata")
+        tenant = keys.get(api_key)
+        if tenant is None:
+            raise Unauthenticated("unknown API key")
+        return tenant
+
+    def Stream(self, requests: Iterator[session_pb2.ClientMessage], context: grpc.ServicerContext) -> Iterator[session_pb2.ServerMessage]:  # noqa: N802
+        tenant = self._tenant(context)
+        first = next(requests, None)
+        if first is None or first.WhichOneof("message") != "start":
+            raise InvalidInput("the first message of a session must be SessionStart")
+        start = first.start
+        key = make_key(tenant, start.stream_id)
+        fps = start.decision_fps or 1.0
+        if not 0 < fps <= 30:
+            raise InvalidInput(f"decision_fps {start.decision_fps} is out of range (0, 30]")
+        ids = [i.instruction_id for i in start.instructions]
+        if len(set(ids)) != len(ids) or any(not i for i in ids):
+            raise InvalidInput("standing instructions need unique, non-empty instruction_id values")
+        for inst in start.instructions:
+            self._check_text("instruction", inst.text)
+        session = self.g.open_session(key)
+        context.add_callback(lambda: self.g.close_session(session))
+        log.info("session %s opened for %s (%d instructions)", session.session_id, key_str(key), len(ids))
+        self.g.publish_query(Q(key=key, session_id=session.session_id, kind=Q.KIND_SESSION_START,
+                               decision_fps=fps, instructions=start.instructions))
+        yield session_pb2.ServerMessage(accepted=session_pb2.SessionAccepted(session_id=session.session_id, key=key, decision_fps=fps))
+
+        ingest_q: queue.Queue = queue.Queue(maxsize=256)
+        results = self.g.ingest.IngestFrames(iter(ingest_q.get, _DONE))
+        pump = threading.Thread(target=self._pump_ingest, args=(results, session), daemon=True, name=f"ingest-{session.session_id[:8]}")
+        pump.start()
+        reader = threading.Thread(target=self._read, args=(requests, session, ingest_q, fps), daemon=True, name=f"read-{session.session_id[:8]}")
+        reader.start()
+        try:
+            while True:
+                item = session.outbound.get()
+                if item is _DONE:
+                    break
+                yield item
+        finally:
+            ingest_q.put(_DONE)
+            results.cancel() if not context.is_active() else None
+
+    def _check_text(self, what: str, text: str) -> None:
+        if not text.strip():
+            raise InvalidInput(f"{what} text is empty")
+        if len(text) > self.g.settings.max_text_chars:
+            raise InvalidInput(f"{what} text has {len(text)} characters, above the limit of {self.g.settings.max_text_chars}")
+
+    def _error(self, session: _Session, err: Exception, seq: int = 0, ts: int = 0) -> None:
+        code = getattr(err, "code", grpc.StatusCode.INVALID_ARGUMENT).value[0]
+        session.outbound.put(session_pb2.ServerMessage(error=session_pb2.SessionError(code=code, message=str(err), seq=seq, media_ts_ms=ts)))
+
+    def _read(self, requests, session: _Session, ingest_q: queue.Queue, fps: float) -> None:
+        """Client messages → ingest / queries. A bad message is answered with a non-fatal error."""
+        last_ts = -1
+        ended = False
+        try:
+            for msg in requests:
+                kind = msg.WhichOneof("message")
+                try:
+                    if kind == "frame":
+                        f = msg.frame
+                        if not f.image:
+                            raise InvalidInput(f"frame seq {f.seq} has no image bytes")
+                        if len(f.image) > self.g.settings.max_frame_bytes:
+                            raise InvalidInput(f"frame seq {f.seq} is {len(f.image)} bytes, above the limit of {self.g.settings.max_frame_bytes}")
+                        ingest_q.put(ingest_pb2.IngestFrameRequest(
+                            key=session.key, session_id=session.session_id, media_ts_ms=f.media_ts_ms, image=f.image,
+                            encoding=f.encoding, seq=f.seq, decision_fps=fps,
+                            hops=[common_pb2.HopStamp(hop="gateway", wall_unix_ns=time.time_ns())],
+                        ))
+                        last_ts = max(last_ts, f.media_ts_ms)
+                    elif kind == "question":
+                        qn = msg.question
+                        self._check_text("question", qn.text)
+                        if not qn.question_id:
+                            raise InvalidInput("question_id is empty")
+                        session.open_questions.add(qn.question_id)
+                        self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_QUESTION,
+                                               question_id=qn.question_id, text=qn.text, media_ts_ms=qn.media_ts_ms))
+                        session.outbound.put(session_pb2.ServerMessage(ack=session_pb2.Ack(kind=session_pb2.Ack.KIND_QUESTION, media_ts_ms=qn.media_ts_ms)))
+                    elif kind == "instruction":
+                        upd = msg.instruction
+                        if upd.WhichOneof("change") == "add":
+                            self._check_text("instruction", upd.add.text)
+                            if not upd.add.instruction_id:
+                                raise InvalidInput("instruction_id is empty")
+                            self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_INSTRUCTION_ADD,
+                                                   instruction_id=upd.add.instruction_id, text=upd.add.text, media_ts_ms=upd.media_ts_ms))
+                        elif upd.WhichOneof("change") == "remove_instruction_id":
+                            self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_INSTRUCTION_REMOVE,
+                                                   instruction_id=upd.remove_instruction_id, media_ts_ms=upd.media_ts_ms))
+                        else:
+                            raise InvalidInput("instruction update has neither add nor remove_instruction_id")
+                        session.outbound.put(session_pb2.ServerMessage(ack=session_pb2.Ack(kind=session_pb2.Ack.KIND_INSTRUCTION, media_ts_ms=upd.media_ts_ms)))
+                    elif kind == "end":
+                        ended = True
+                        break
+                    elif kind == "start":
+                        raise InvalidInput("SessionStart may be sent only once, first")
+                    else:
+                        raise InvalidInput("empty ClientMessage")
+                except InvalidInput as err:
+                    self._error(session, err, seq=msg.frame.seq if kind == "frame" else 0)
+        except grpc.RpcError:
+            pass  # the client went away
+        finally:
+            ingest_q.put(_DONE)
+        if ended:
+            self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_SESSION_END, media_ts_ms=max(0, last_ts)))
+            deadline = time.monotonic() + self.g.settings.end_grace_s
+            with session.answered:
+                while session.open_questions and time.monotonic() < deadline:
+                    session.answered.wait(timeout=max(0.0, deadline - time.monotonic()))
+            session.outbound.put(session_pb2.ServerMessage(ack=session_pb2.Ack(kind=session_pb2.Ack.KIND_END, media_ts_ms=max(0, last_ts))))
+        session.outbound.put(_DONE)
+
+    def _pump_ingest(self, results, session: _Session) -> None:
+        try:
+            for r in results:
+                if r.status == ingest_pb2.IngestFrameResult.STATUS_REJECTED:
+                    session.outbound.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
+                        code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=r.error, seq=r.seq, media_ts_ms=r.media_ts_ms)))
+                else:
+                    session.outbound.put(session_pb2.ServerMessage(ack=session_pb2.Ack(
+                        kind=session_pb2.Ack.KIND_FRAME, seq=r.seq, media_ts_ms=r.media_ts_ms,
+                        sampled=r.status == ingest_pb2.IngestFrameResult.STATUS_PUBLISHED)))
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                log.warning("ingest call of session %s failed: %s", session.session_id, err.details())
+                session.outbound.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
+                    code=err.code().value[0], message=f"ingest unavailable: {err.details()}", fatal=True)))
+                session.outbound.put(_DONE)
+
+
+class GatewayService(Service):
+    grpc_service_names = (session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,)
+
+    def __init__(self, settings: GatewaySettings | None = None, kafka: KafkaSettings | None = None):
+        self.settings = settings or load_settings(GatewaySettings)
+        self.kafka = kafka or load_settings(KafkaSettings)
+        self.tenants_by_key = self.settings.tenants_by_key()
+        self.sessions: dict[str, _Session] = {}
+        self._per_tenant: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.producer: EventProducer | None = None
+        self.consumer: EventConsumer | None = None
+        self._channel: grpc.Channel | None = None
+        self.ingest: ingest_pb2_grpc.IngestServiceStub | None = None
+
+    # -- sessions --------------------------------------------------------------------------------
+    def open_session(self, key: common_pb2.StreamKey) -> _Session:
+        with self._lock:
+            count = self._per_tenant.get(key.tenant, 0)
+            if count >= self.settings.max_sessions_per_tenant:
+                raise QuotaExceeded(f"tenant {key.tenant} already has {count} open sessions (limit {self.settings.max_sessions_per_tenant})")
+            session = _Session(session_id=uuid.uuid4().hex, key=key)
+            self.sessions[session.session_id] = session
+            self._per_tenant[key.tenant] = count + 1
+        meters.sessions_active().add(1, {"tenant": key.tenant})
+        return session
+
+    def close_session(self, session: _Session) -> None:
+        with self._lock:
+            if self.sessions.pop(session.session_id, None) is None:
+                return
+            self._per_tenant[session.key.tenant] -= 1
+        meters.sessions_active().add(-1, {"tenant": session.key.tenant})
+        session.outbound.put(_DONE)
+
+    def publish_query(self, query: events_pb2.QueryEvent) -> None:
+        query.reply_to = self.settings.replica_id
+        query.hops.append(common_pb2.HopStamp(hop="gateway", wall_unix_ns=time.time_ns()))
+        self.producer.send(topics.QUERIES, query.key, query).get(timeout=10)
+
+    def deliver(self, event: ConsumedEvent) -> None:
+        r: events_pb2.ResponseEvent = event.message
+        if r.reply_to != self.settings.replica_id:
+            return  # another replica's session
+        session = self.sessions.get(r.session_id)
+        if session is None:
+            return  # the session ended; nobody to tell
+        if (r.response_id, r.index) in session.seen_chunks:
+            return  # redelivered
+        session.seen_chunks.add((r.response_id, r.index))
+        if r.index == 0:
+            meters.record_hops(r.hops, "gateway_first_token", time.time_ns())
+        session.outbound.put(session_pb2.ServerMessage(response=session_pb2.ResponseChunk(
+            response_id=r.response_id, index=r.index, text=r.text, final=r.final, trigger=r.trigger,
+            question_id=r.question_id, instruction_id=r.instruction_id, media_ts_ms=r.media_ts_ms)))
+        if r.final and r.question_id:
+            with session.answered:
+                session.open_questions.discard(r.question_id)
+                session.answered.notify_all()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def load(self) -> None:
+        if self.kafka.create_topics:
+            ensure_topics(self.kafka, topics.PIPELINE)
+        self.producer = EventProducer(self.kafka, client_id="gateway")
+        self.consumer = EventConsumer(
+            self.kafka.model_copy(update={"consumer_poll_timeout_ms": self.settings.consumer_poll_timeout_ms}),
+            group_id=f"gateway-{self.settings.replica_id}", topics=[topics.RESPONSES],
+            message_type=events_pb2.ResponseEvent, handler=self.deliver,
+            # 'latest': a replica's group is new at every start and only its own live sessions'
+            # responses matter; replaying the topic's history would deliver nothing useful.
+            auto_offset_reset="latest",
+        )
+        self._channel = grpc.insecure_channel(self.settings.ingest_address, options=[
+            ("grpc.max_send_message_length", self.settings.max_frame_bytes + 65536),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+        ])
+        self.ingest = ingest_pb2_grpc.IngestServiceStub(self._channel)
+
+    def register(self, server: grpc.Server) -> None:
+        session_pb2_grpc.add_SessionServiceServicer_to_server(_SessionApi(self), server)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.consumer.run, args=(self._stop,), name="responses", daemon=True)
+        self._thread.start()
+
+    def ready(self) -> bool:
+        if self._thread is None or not self._thread.is_alive() or not self.consumer.assigned():
+            return False
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=1)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
+    def stop(self, deadline: float) -> None:
+        # The runner already stopped taking calls; open sessions end when their clients do.
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self.producer is not None:
+            self.producer.close(timeout=max(0.0, deadline - time.monotonic()))
+        if self._channel is not None:
+            self._channel.close()
