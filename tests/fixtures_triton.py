@@ -19,7 +19,7 @@ MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "model-repository"
 
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    server = TritonServer(MODEL_REPOSITORY, tmp_path_factory.mktemp("triton"))
+    server = TritonServer(MODEL_REPOSITORY, tmp_path_factory.mktemp("triton"), wait_for_models=("frame_encoder", "people_detector"))
     server.start()
     try:
         yield server

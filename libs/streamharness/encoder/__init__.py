@@ -1,0 +1,6 @@
+"""The encoder service: micro-batches frames of all streams through Triton's frame encoder and
+people detector, and publishes what it saw to ``embeddings``. See ``service.py``."""
+
+from streamharness.encoder.service import EncoderService, EncoderSettings, EncoderStats, build_caption
+
+__all__ = ["EncoderService", "EncoderSettings", "EncoderStats", "build_caption"]

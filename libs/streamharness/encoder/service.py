@@ -1,0 +1,398 @@
+"""The encoder service: ``frames`` → Triton (frame encoder + people detector) → ``embeddings``.
+
+Frames of all streams are micro-batched: the consumer fetches with a bounded wait (the broker holds
+a fetch until about ``max_batch`` frames are there or ``max_wait_ms`` has passed, whichever comes
+first), each polled batch of at most ``max_batch`` records is decoded record by record (the
+handler), then encoded in one Triton request while the people detector runs on every frame of the
+batch concurrently, and the results are published — all before the batch's offsets are committed
+(``EventConsumer``'s ``on_batch_end`` hook). Per-stream order is kept: one stream's frames are in one
+partition, a batch keeps their order, and batches are published one after the other.
+
+Failures:
+
+* a frame whose JPEG does not decode is dead-lettered (by the consumer: the handler raises
+  ``InvalidInput``) and counted; the stream goes on;
+* Triton unreachable (``DependencyUnavailable`` after ``SH_KAFKA_HANDLER_RETRIES`` attempts): the
+  flush raises, nothing is committed and the consumer redelivers the batch — frames wait for Triton
+  instead of being lost, and ``ready()`` is false meanwhile;
+* any other failure of one frame (the model rejects it, a malformed answer) dead-letters that frame
+  only: a bad frame never stops a stream.
+
+``tritonclient.grpc`` is imported in ``load()``, not at module level, so that importing this module
+(e.g. for ``build_caption``) never loads protos that clash with kserve's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import cv2
+import numpy as np
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from streamharness import topics
+from streamharness.errors import DependencyUnavailable, InvalidInput
+from streamharness.kafka import (
+    DLQ_ERROR,
+    DLQ_GROUP,
+    DLQ_REASON,
+    DLQ_SOURCE_OFFSET,
+    DLQ_SOURCE_PARTITION,
+    DLQ_SOURCE_TOPIC,
+    ConsumedEvent,
+    EventConsumer,
+    EventProducer,
+    ensure_topics,
+)
+from streamharness.keys import parse_key
+from streamharness.runner import Service
+from streamharness.settings import KafkaSettings, TritonSettings, load_settings
+from streamharness.telemetry import meters
+from streamharness.v1 import common_pb2, events_pb2
+
+if TYPE_CHECKING:
+    from streamharness.people_client import PeopleDetection, PeopleDetectorClient
+    from streamharness.triton_client import FrameEncoderClient, FrameEncoding
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PERSON_LABEL = "person"
+HOP = "encoder"
+# Pause before a batch is redelivered while Triton is unreachable: doubles from MIN up to MAX.
+OUTAGE_PAUSE_MIN_S = 0.5
+OUTAGE_PAUSE_MAX_S = 10.0
+
+
+class EncoderSettings(BaseSettings):
+    """Micro-batching and what the encoder adds to each frame (Triton itself: ``SH_TRITON_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SH_ENCODER_", frozen=True, extra="forbid", case_sensitive=False)
+
+    consumer_group: str = Field("encoder", min_length=1, description="Kafka consumer group of the encoder replicas (SH_KAFKA_TOPIC_PREFIX is put in front).")
+    max_batch: int = Field(16, ge=1, le=256, description="Most frames, of all streams together, encoded in one Triton request (also the records taken per poll).")
+    max_wait_ms: int = Field(20, ge=0, le=1000, description="Longest the broker holds a fetch to fill a batch; a frame waits at most this long for others. 0 = take what is there at once.")
+    frame_bytes_hint: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024, description="Typical size of a frame's JPEG: a fetch returns early once max_batch times this many bytes are there.")
+    detect_people: bool = Field(True, description="Count people in every frame with the people detector model.")
+    people_model: str = Field("people_detector", min_length=1, description="Triton model name of the people detector.")
+    people_model_version: str = Field("", description="Version of the people detector; empty = the server's latest.")
+    detect_concurrency: int = Field(4, ge=1, le=64, description="People-detector requests in flight at once (the model takes one frame per request).")
+    caption_labels: int = Field(3, ge=0, le=50, description="Classifier labels named in a frame's caption (at most SH_TRITON_TOP_K).")
+    publish_timeout_s: float = Field(30.0, gt=0, le=600, description="How long to wait for the broker to acknowledge a batch's embeddings before the batch is retried.")
+
+
+# -- captions ------------------------------------------------------------------------------------
+def first_synonym(label: str) -> str:
+    """ImageNet names list synonyms: ``"street sign"`` of ``"street sign"``, ``"tabby"`` of ``"tabby, tabby cat"``."""
+    return label.split(",")[0].strip()
+
+
+def people_phrase(count: int) -> str:
+    if count <= 0:
+        return "no people"
+    return "1 person" if count == 1 else f"{count} people"
+
+
+def build_caption(labels: Sequence[str | tuple[str, float]], person_count: int | None, max_labels: int = 3) -> str:
+    """A short caption from the classifier's labels (best first) and the people count.
+
+    ``build_caption([("street sign", .3), ("trolleybus, trolley coach", .2)], 2)`` →
+    ``"2 people; street sign, trolleybus"``. ``person_count`` None (people not counted) leaves the
+    people out; labels are named by their first synonym, without repeats, at most ``max_labels``.
+    """
+    names: list[str] = []
+    for label in labels:
+        if len(names) >= max_labels:
+            break
+        name = first_synonym(label[0] if isinstance(label, tuple) else label)
+        if name and name not in names:
+            names.append(name)
+    parts = [people_phrase(person_count)] if person_count is not None else []
+    if names:
+        parts.append(", ".join(names))
+    return "; ".join(parts)
+
+
+# -- frames --------------------------------------------------------------------------------------
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of a frame's JPEG; ``InvalidInput`` when the bytes are not an image."""
+    if not data:
+        raise InvalidInput("the frame has no image bytes")
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        raise InvalidInput(f"the frame's {len(data)} bytes do not decode as a JPEG image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+@dataclass
+class _Frame:
+    event: ConsumedEvent[events_pb2.FrameEvent]
+    rgb: np.ndarray
+
+
+@dataclass
+class EncoderStats:
+    """Counts since start (read by tests and people; written by the consumer thread only)."""
+
+    frames_encoded: int = 0
+    frames_undecodable: int = 0
+    frames_failed: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+
+
+class _Failed:
+    """A per-frame failure, kept beside the results of the frames that worked."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class EncoderService(Service):
+    """Consumes ``frames``, publishes ``embeddings``. Settings default to the environment."""
+
+    def __init__(
+        self,
+        settings: EncoderSettings | None = None,
+        kafka: KafkaSettings | None = None,
+        triton: TritonSettings | None = None,
+    ) -> None:
+        self.settings = settings or load_settings(EncoderSettings)
+        self.kafka = kafka or load_settings(KafkaSettings)
+        self.triton = triton or load_settings(TritonSettings)
+        self.stats = EncoderStats()
+        self.encoder: FrameEncoderClient | None = None
+        self.people: PeopleDetectorClient | None = None
+        self.producer: EventProducer | None = None
+        self.consumer: EventConsumer[events_pb2.FrameEvent] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._batch: list[_Frame] = []
+        self._stop = threading.Event()
+        self._stopped = False
+        self._outage_pause_s = OUTAGE_PAUSE_MIN_S
+        self._thread: threading.Thread | None = None
+        self._frames_topic = self.kafka.topic(topics.FRAMES)
+        self._dlq_topic = self.kafka.topic(self.kafka.dead_letter_topic)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def load(self) -> None:
+        from streamharness.people_client import PeopleDetectorClient
+        from streamharness.triton_client import FrameEncoderClient
+
+        self.encoder = FrameEncoderClient(self.triton)
+        if self.settings.detect_people:
+            self.people = PeopleDetectorClient(self.triton, self.settings.people_model, self.settings.people_model_version)
+        if self.kafka.create_topics:
+            ensure_topics(self.kafka, [topics.FRAMES, topics.EMBEDDINGS])
+        self.producer = EventProducer(self.kafka, client_id="encoder")
+        # One worker for the batch's encoder request, the others for people detection.
+        self._pool = ThreadPoolExecutor(max_workers=self.settings.detect_concurrency + 1, thread_name_prefix="encoder-triton")
+
+    def start(self) -> None:
+        if self.producer is None:
+            raise RuntimeError("EncoderService.start() before load()")
+        s = self.settings
+        # A poll takes at most one batch; the flush runs before the batch's offsets are committed.
+        consumer_settings = self.kafka.model_copy(update={"consumer_max_records": s.max_batch})
+        fetch: dict[str, Any] = {}
+        if s.max_wait_ms > 0:
+            # The bounded micro-batch wait is Kafka's own: the broker answers a fetch once
+            # fetch_min_bytes are there or after fetch_max_wait_ms, whichever comes first. Under
+            # load batches fill at once; with a few streams at 1 FPS a frame waits <= max_wait_ms.
+            fetch = {"fetch_min_bytes": s.max_batch * s.frame_bytes_hint, "fetch_max_wait_ms": s.max_wait_ms}
+        self.consumer = EventConsumer(
+            consumer_settings,
+            group_id=s.consumer_group,
+            topics=[topics.FRAMES],
+            message_type=events_pb2.FrameEvent,
+            handler=self._accept,
+            on_batch_end=self._flush,
+            client_id="encoder",
+            **fetch,
+        )
+        self._thread = threading.Thread(target=self._consume, name="encoder-consumer", daemon=True)
+        self._thread.start()
+
+    def _consume(self) -> None:
+        try:
+            self.consumer.run(self._stop)
+        except Exception:  # noqa: BLE001 - reported through ready(); the runner's probe sees it
+            log.exception("the encoder's consumer stopped on an error; the service is not ready any more")
+
+    def ready(self) -> bool:
+        if self._stop.is_set():  # stopping or stopped (the Triton channels are closed then)
+            return False
+        if self.encoder is None or not self.encoder.ready():
+            return False
+        if self.settings.detect_people and (self.people is None or not self.people.ready()):
+            return False
+        # The consumer thread ends only on stop() or on an error it could not get past.
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, deadline: float) -> None:
+        """Stop polling, flush and publish the batch in hand, commit, close (before ``deadline``)."""
+        if self._stopped:
+            return
+        self._stop.set()
+        if self.consumer is not None:
+            self.consumer.stop()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                raise RuntimeError("the encoder's consumer did not finish its batch before the shutdown deadline")
+        if self.producer is not None:
+            self.producer.close(timeout=max(0.0, deadline - time.monotonic()))
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        for client in (self.encoder, self.people):
+            if client is not None:
+                client.close()
+        self._stopped = True
+
+    # -- consuming -----------------------------------------------------------------------------
+    def _accept(self, event: ConsumedEvent[events_pb2.FrameEvent]) -> None:
+        """The per-record handler: decode and keep for the batch (the flush does the rest)."""
+        try:
+            rgb = decode_jpeg(event.message.jpeg)
+        except InvalidInput as err:
+            # Raised on: the consumer dead-letters the record (InvalidInput is not retried).
+            self.stats.frames_undecodable += 1
+            meters.records_dead_lettered().add(1, {"topic": event.topic, "reason": "undecodable-jpeg"})
+            raise InvalidInput(f"{event.key} seq {event.message.seq} at {event.message.media_ts_ms} ms: {err}") from None
+        self._batch.append(_Frame(event, rgb))
+
+    def _flush(self) -> None:
+        """``on_batch_end``: encode, detect and publish the batch; raising makes the consumer redeliver it."""
+        frames, self._batch = self._batch, []
+        for start in range(0, len(frames), self.settings.max_batch):
+            self._process(frames[start:start + self.settings.max_batch])
+
+    def _process(self, frames: list[_Frame]) -> None:
+        if not frames:
+            return
+        images = [f.rgb for f in frames]
+        encoded = self._pool.submit(self._encode, images)
+        detected = [self._pool.submit(self._retrying, self.people.detect, image) for image in images] if self.people else []
+        encodings = encoded.result()
+        detections: list[PeopleDetection | _Failed | None] = [None] * len(frames)
+        for i, future in enumerate(detected):
+            try:
+                detections[i] = future.result()
+            except Exception as err:  # noqa: BLE001 - sorted below
+                detections[i] = _Failed(err)
+        for result in [*encodings, *detections]:
+            if isinstance(result, _Failed) and isinstance(result.error, DependencyUnavailable):
+                # Triton is not there: fail the batch, so that it is redelivered rather than lost,
+                # after a pause that grows while the outage lasts (stop() cuts it short).
+                self._stop.wait(self._outage_pause_s)
+                self._outage_pause_s = min(OUTAGE_PAUSE_MAX_S, self._outage_pause_s * 2)
+                raise result.error
+        self._outage_pause_s = OUTAGE_PAUSE_MIN_S
+
+        sends = []
+        for frame, encoding, detection in zip(frames, encodings, detections):
+            failed = encoding if isinstance(encoding, _Failed) else detection if isinstance(detection, _Failed) else None
+            if failed is not None:
+                self._dead_letter(frame, failed.error)
+                continue
+            message = self._encoded_event(frame, encoding, detection)
+            sends.append((frame, message, self.producer.send(topics.EMBEDDINGS, frame.event.key, message)))
+        # Durable before the consumer commits the batch's offsets (a KafkaError here: redelivered).
+        for _, _, sent in sends:
+            sent.get(timeout=self.settings.publish_timeout_s)
+
+        now_ns = time.time_ns()
+        for frame, message, _ in sends:
+            if frame.event.message.hops:
+                meters.hop_latency().record(max(0, now_ns - frame.event.message.hops[0].wall_unix_ns) / 1e9, {"hop": HOP})
+        if sends:
+            meters.records_processed().add(len(sends), {"topic": self._frames_topic})
+        self.stats.frames_encoded += len(sends)
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(frames))
+
+    def _encode(self, images: list[np.ndarray]) -> list[FrameEncoding | _Failed]:
+        """The batch in one request; when the batch fails for another reason than Triton being
+        away, frame by frame, so that one bad frame fails alone."""
+        try:
+            return list(self._retrying(self.encoder.encode, images))
+        except DependencyUnavailable as err:
+            return [_Failed(err)] * len(images)
+        except Exception as err:  # noqa: BLE001
+            if len(images) == 1:
+                return [_Failed(err)]
+            log.warning("encoding a batch of %d frames failed (%r); encoding them one by one", len(images), err)
+        results: list[FrameEncoding | _Failed] = []
+        for image in images:
+            try:
+                results += self._retrying(self.encoder.encode, [image])
+            except Exception as err:  # noqa: BLE001
+                results.append(_Failed(err))
+        return results
+
+    def _retrying(self, call: Callable[..., T], *args: Any) -> T:
+        """``call`` with the consumer's retry budget; only an absent dependency is worth retrying."""
+        for attempt in Retrying(
+            stop=stop_after_attempt(max(1, self.kafka.handler_retries)),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            retry=retry_if_exception_type(DependencyUnavailable),
+            reraise=True,
+        ):
+            with attempt:
+                return call(*args)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _encoded_event(
+        self, frame: _Frame, encoding: FrameEncoding, people: PeopleDetection | None
+    ) -> events_pb2.EncodedFrameEvent:
+        src = frame.event.message
+        key = src.key if src.HasField("key") else parse_key(frame.event.key)
+        detections = []
+        if people is not None:
+            detections = [
+                events_pb2.Detection(label=PERSON_LABEL, score=float(score), x=float(x), y=float(y), width=float(w), height=float(h))
+                for (x, y, w, h), score in zip(people.boxes.tolist(), people.scores.tolist())
+            ]
+        return events_pb2.EncodedFrameEvent(
+            key=key,
+            session_id=src.session_id,
+            media_ts_ms=src.media_ts_ms,
+            seq=src.seq,
+            embedding=encoding.embedding.tolist(),
+            embedding_model=self.triton.frame_encoder_model,
+            labels=[events_pb2.Label(name=name, score=score) for name, score in encoding.labels],
+            detections=detections,
+            person_count=people.count if people is not None else 0,
+            caption=build_caption(encoding.labels, people.count if people is not None else None, self.settings.caption_labels),
+            hops=[*src.hops, common_pb2.HopStamp(hop=HOP, wall_unix_ns=time.time_ns())],
+        )
+
+    def _dead_letter(self, frame: _Frame, error: BaseException) -> None:
+        """The same dead letter the consumer writes for a failed handler, for a frame that failed in the batch."""
+        event = frame.event
+        log.warning("dead-lettering %s[%d]@%d (%s seq %d): %r", event.topic, event.partition, event.offset,
+                    event.key, event.message.seq, error)
+        headers = [
+            *event.headers,
+            (DLQ_REASON, b"handler-failed"),
+            (DLQ_ERROR, repr(error)[:2000].encode("utf-8", "replace")),
+            (DLQ_SOURCE_TOPIC, event.topic.encode()),
+            (DLQ_SOURCE_PARTITION, str(event.partition).encode()),
+            (DLQ_SOURCE_OFFSET, str(event.offset).encode()),
+            (DLQ_GROUP, self.consumer.group_id.encode()),
+        ]
+        # ConsumedEvent keeps the decoded message, not the record's bytes: re-serialised (the same
+        # fields; unknown fields of a newer producer are kept by protobuf).
+        self.producer.send_raw(self._dlq_topic, event.key.encode(), event.message.SerializeToString(), headers).get(
+            timeout=self.settings.publish_timeout_s
+        )
+        self.stats.frames_failed += 1
+        meters.records_dead_lettered().add(1, {"topic": event.topic, "reason": "handler-failed"})
