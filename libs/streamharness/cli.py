@@ -1,6 +1,7 @@
 """The ``streamharness`` command.
 
-    streamharness up                    # Kafka + Triton locally, a real video through them
+    streamharness up                    # the whole pipeline locally, a real video through it
+    streamharness stream VIDEO          # play a video through a running gateway
     streamharness dev kafka run|fetch   # development Kafka broker
     streamharness dev triton run|export # development tritonserver / ONNX export
 """
@@ -16,22 +17,79 @@ app.add_typer(dev_app, name="dev")
 
 def _mount_dev_apps() -> None:
     # Imported here, not at module top, so `import streamharness.cli` stays cheap.
-    from streamharness.devinfra import kafka_cli, triton_cli
+    from streamharness.devinfra import kafka_cli, text_encoder_cli, triton_cli
 
     dev_app.add_typer(kafka_cli.app, name="kafka", help="Development Kafka broker (KRaft, single node, 127.0.0.1).")
     dev_app.add_typer(triton_cli.app, name="triton", help="Development tritonserver serving model-repository/.")
+    dev_app.add_typer(text_encoder_cli.app, name="text-encoder", help="MiniLM text encoder export (ONNX).")
 
 
 @app.command()
 def up(
     video: str = typer.Option("vtest.avi", help="A video file, or the name of an opencv-doc sample."),
-    fps: float = typer.Option(1.0, min=0.1, max=30.0, help="Decision rate: frames kept per media second."),
-    speed: float = typer.Option(4.0, min=0.0, help="Playback speed on media time (1 = real time, 0 = as fast as possible)."),
+    ask: list[str] = typer.Option(["20:How many people are in the street?"], help="SECONDS:QUESTION; repeatable."),
+    watch_for: list[str] = typer.Option(["tell me when someone walks in"], help="A standing instruction; repeatable."),
+    speed: float = typer.Option(2.0, min=0.0, help="Playback speed on media time (1 = real time, 0 = as fast as possible)."),
+    limit_s: float = typer.Option(40.0, min=1.0, help="Media seconds of the video to play."),
+    keep_running: bool = typer.Option(False, help="Leave the stack running after the video (Ctrl-C stops it)."),
+) -> None:
+    """Start Kafka, Triton, the generator and all six services locally, stream a real video with a
+    question and a standing instruction through the gateway, and print the responses."""
+    import asyncio
+    import signal
+    import threading
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from streamharness.devinfra.stack import LocalStack
+    from streamharness.media import sample_path
+    from streamharness.player import TimedQuestion, play
+
+    console = Console()
+    questions = [TimedQuestion.parse(spec) for spec in ask]
+    path = Path(video) if Path(video).exists() else sample_path(video)
+    with console.status("starting Kafka, Triton, the generator and six services (about a minute on 2 cores)…"):
+        stack = LocalStack().start()
+    try:
+        console.print(f"gateway on [bold]{stack.gateway_addresses[0]}[/]; logs in {stack.work_dir}")
+        for q in questions:
+            console.print(f"  will ask at t={q.at_ms / 1000:.0f}s: {q.text}")
+        for w in watch_for:
+            console.print(f"  standing instruction: {w}")
+
+        def show(r) -> None:
+            who = f"[magenta]proactive[/]" if r.proactive else "[cyan]answer[/]"
+            console.print(f"[bold]t={r.media_ts_ms / 1000:6.1f}s[/] {who}: {r.text.strip()}")
+
+        result = asyncio.run(play(stack.gateway_addresses[0], path, questions=questions, watch_for=watch_for,
+                                  speed=speed, send_fps=2.0, limit_s=limit_s, on_response=show))
+        console.print(f"{result.frames_sent} frames sent, {result.frames_sampled} decided on, "
+                      f"{len(result.responses)} responses")
+        if keep_running:
+            console.print(f"stack running; stream more with: streamharness stream VIDEO --gateway {stack.gateway_addresses[0]}")
+            stop = threading.Event()
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            stop.wait()
+    finally:
+        with console.status("stopping…"):
+            codes = stack.stop()
+        bad = {name: code for name, code in codes.items() if code != 0}
+        if bad:
+            console.print(f"[red]services that did not stop cleanly: {bad}")
+
+
+@dev_app.command("encode-video")
+def encode_video(
+    video: str = typer.Option("vtest.avi", help="A video file, or the name of an opencv-doc sample."),
+    fps: float = typer.Option(1.0, min=0.1, max=30.0, help="Frames kept per media second."),
+    speed: float = typer.Option(4.0, min=0.0, help="Playback speed on media time (0 = as fast as possible)."),
     tenant: str = typer.Option("demo", help="Tenant of the stream key."),
     stream: str = typer.Option("cam-1", help="Stream id of the stream key."),
     limit_s: float = typer.Option(0.0, min=0.0, help="Stop after this much media time (0 = the whole video)."),
 ) -> None:
-    """Start Kafka and Triton, play a real video through them, print what the encoder sees."""
+    """Infrastructure check: Kafka + Triton only, a real video through the frame encoder."""
     from streamharness.local_run import run_foundation_demo
 
     raise typer.Exit(run_foundation_demo(video=video, fps=fps, speed=speed, tenant=tenant, stream=stream, limit_s=limit_s))

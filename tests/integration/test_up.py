@@ -1,5 +1,4 @@
-"""The README's main job: `streamharness up` starts Kafka and Triton, plays a real video through
-them and reports what the encoder saw."""
+"""`streamharness dev encode-video`: Kafka and Triton alone, a real video through the frame encoder."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 def test_up_plays_a_real_video_through_kafka_and_triton():
     proc = subprocess.run(
-        [sys.executable, "-m", "streamharness.cli", "up", "--limit-s", "6", "--speed", "0"],
+        [sys.executable, "-m", "streamharness.cli", "dev", "encode-video", "--limit-s", "6", "--speed", "0"],
         capture_output=True, text=True, timeout=300,
     )
     out = proc.stdout + proc.stderr
