@@ -67,7 +67,7 @@ def test_pods_are_non_root_read_only_with_grace_above_drain(tmp_path):
         assert pod["securityContext"]["runAsNonRoot"] is True
         for c in pod["containers"]:
             assert c["securityContext"]["readOnlyRootFilesystem"] is True
-            env = {e["name"]: e["value"] for e in c["env"]}
+            env = {e["name"]: e.get("value") for e in c["env"]}
             assert pod["terminationGracePeriodSeconds"] > float(env["SH_SHUTDOWN_GRACE_S"])
 
 
@@ -118,3 +118,15 @@ def test_same_setting_names_as_local_runs(tmp_path):
             for e in c["env"]:
                 if e["name"].startswith("SH_"):
                     assert e["name"] in known, f"chart sets {e['name']}, which no settings class reads"
+
+
+def test_services_probe_grpc_health_and_gateways_know_their_pod(tmp_path):
+    deployments = {d["metadata"]["name"].removeprefix("sh-"): d for d in render(tmp_path) if d["kind"] == "Deployment"}
+    assert {"gateway", "ingest", "encoder", "decision", "memory", "responder", "generator", "triton"} <= set(deployments)
+    for name in ("gateway", "ingest", "encoder", "decision", "memory", "responder"):
+        container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        assert container["readinessProbe"]["grpc"]["port"] == 50051
+        assert container["command"] == ["python", f"services/{name}/main.py"]
+    gateway_env = {e["name"]: e for e in deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert gateway_env["SH_GATEWAY_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert gateway_env["SH_GATEWAY_INGEST_ADDRESS"]["value"] == "sh-ingest:50051"
