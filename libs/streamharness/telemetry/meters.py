@@ -54,6 +54,16 @@ def sessions_active() -> metrics.UpDownCounter:
     return _meter().create_up_down_counter("sh.gateway.sessions", description="Open gateway sessions, by tenant.")
 
 
+@cache
+def memory_degraded() -> metrics.Counter:
+    return _meter().create_counter("sh.responder.memory_degraded", description="Responses built without (some) memory, by call and reason.")
+
+
+@cache
+def responses_failed() -> metrics.Counter:
+    return _meter().create_counter("sh.responder.responses_failed", description="Responses that could not be generated, by error type.")
+
+
 def record_hops(hops, final_hop: str, now_ns: int) -> None:
     """Record wall time from the first hop (the gateway's arrival stamp) to each later hop and to now."""
     if not hops:

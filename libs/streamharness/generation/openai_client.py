@@ -1,0 +1,128 @@
+"""A :class:`ResponseGenerator` that calls any OpenAI-compatible ``/chat/completions`` endpoint with
+``stream=true`` and reads the server-sent events: our KServe generator, vLLM, SGLang, hosted APIs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from streamharness.generation.base import GenerationError, GenerationRejected, Prompt, ResponseGenerator
+from streamharness.generation.settings import GenerationSettings
+
+log = logging.getLogger(__name__)
+
+# Retrying these later can work; any other 4xx means the request itself is wrong.
+_TRANSIENT_STATUS = {408, 409, 425, 429}
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The server's own words for an error: OpenAI's {"error": {"message"}}, KServe's {"error": "..."}."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    if error:
+        return str(error)
+    return json.dumps(body)[:500]
+
+
+def iter_sse_data(lines: Iterator[str]) -> Iterator[str]:
+    """The ``data`` payloads of a server-sent-event stream (multi-line data joined by newlines)."""
+    data: list[str] = []
+    for line in lines:
+        if not line:  # a blank line ends an event
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        if line.startswith(":"):  # comment / keep-alive
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield "\n".join(data)
+
+
+class OpenAICompatibleGenerator(ResponseGenerator):
+    def __init__(self, settings: GenerationSettings, *, transport: httpx.BaseTransport | None = None) -> None:
+        self._settings = settings
+        httpx_log = logging.getLogger("httpx")
+        if httpx_log.level == logging.NOTSET:
+            # httpx logs every request at INFO: the readiness probe alone would flood the logs.
+            httpx_log.setLevel(logging.WARNING)
+        headers = {"Accept": "text/event-stream"}
+        if settings.api_key is not None:
+            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+        self._client = httpx.Client(
+            base_url=settings.base_url + "/",
+            headers=headers,
+            timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),
+            transport=transport,
+        )
+
+    def _payload(self, prompt: Prompt) -> dict[str, Any]:
+        s = self._settings
+        max_tokens = min(prompt.max_new_tokens or s.max_new_tokens, s.max_new_tokens)
+        return {
+            "model": s.model,
+            "messages": prompt.messages(),
+            "stream": True,
+            "max_tokens": max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+        }
+
+    def stream(self, prompt: Prompt) -> Iterator[str]:
+        return self.stream_request(self._payload(prompt))
+
+    def stream_request(self, payload: dict[str, Any]) -> Iterator[str]:
+        """Stream a raw chat-completions request body (``stream`` is forced on)."""
+        payload = {**payload, "stream": True}
+        try:
+            with self._client.stream("POST", "chat/completions", json=payload) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    message = f"{self._settings.base_url}/chat/completions -> HTTP {response.status_code}: {_error_message(response)}"
+                    if response.status_code < 500 and response.status_code not in _TRANSIENT_STATUS:
+                        raise GenerationRejected(message)
+                    raise GenerationError(message)
+                for data in iter_sse_data(response.iter_lines()):
+                    if data.strip() == "[DONE]":
+                        return
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise GenerationError(f"backend sent an event that is not JSON: {data[:200]!r}") from None
+                    if "error" in chunk:
+                        raise GenerationError(f"backend failed mid-stream: {chunk['error']}")
+                    for choice in chunk.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                        if text:
+                            yield text
+        except httpx.TransportError as err:
+            raise GenerationError(f"cannot reach the generation backend at {self._settings.base_url}: {err!r}") from err
+
+    def ready(self) -> bool:
+        try:
+            response = self._client.get("models", timeout=self._settings.ready_timeout_s)
+        except httpx.TransportError as err:
+            log.debug("generation backend not reachable: %r", err)
+            return False
+        if response.status_code != 200:
+            return False
+        try:
+            ids = {m.get("id") for m in response.json().get("data") or ()}
+        except (ValueError, AttributeError):
+            return False
+        return self._settings.model in ids
+
+    def close(self) -> None:
+        self._client.close()
