@@ -167,8 +167,13 @@ class EventProducer:
         return self._producer.send(full_topic, key=key, value=value, headers=headers)
 
     def connected(self) -> bool:
-        """True when the producer reaches a bootstrap broker (readiness probes)."""
-        return bool(self._producer.bootstrap_connected())
+        """True once the producer holds cluster metadata from a live broker (readiness probes).
+        kafka-python 3 keeps no bootstrap connection open, so ``bootstrap_connected()`` is no use."""
+        return bool(self._producer._metadata.brokers())  # noqa: SLF001 - no public accessor
+
+    def fetch_metadata(self, topic: str) -> None:
+        """Block until the broker answered with ``topic``'s partitions (raises KafkaTimeoutError)."""
+        self._producer.partitions_for(self._settings.topic(topic))
 
     def flush(self, timeout: float | None = None) -> None:
         self._producer.flush(timeout=timeout)

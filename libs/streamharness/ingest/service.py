@@ -100,6 +100,7 @@ class IngestService(Service):
         if self.kafka.create_topics:
             ensure_topics(self.kafka, topics.PIPELINE)
         self.producer = EventProducer(self.kafka, client_id="ingest")
+        self.producer.fetch_metadata(topics.FRAMES)
 
     def register(self, server: grpc.Server) -> None:
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(_Ingest(self.settings, self.producer, self._intake_open), server)
