@@ -125,7 +125,7 @@ class _SessionApi(session_pb2_grpc.SessionServiceServicer):
         results = self.g.ingest.IngestFrames(iter(ingest_q.get, _DONE))
         pump = threading.Thread(target=self._pump_ingest, args=(results, session), daemon=True, name=f"ingest-{session.session_id[:8]}")
         pump.start()
-        reader = threading.Thread(target=self._read, args=(requests, session, ingest_q, fps), daemon=True, name=f"read-{session.session_id[:8]}")
+        reader = threading.Thread(target=self._read, args=(requests, session, ingest_q, fps, pump), daemon=True, name=f"read-{session.session_id[:8]}")
         reader.start()
         try:
             while True:
@@ -147,7 +147,7 @@ class _SessionApi(session_pb2_grpc.SessionServiceServicer):
         code = getattr(err, "code", grpc.StatusCode.INVALID_ARGUMENT).value[0]
         session.outbound.put(session_pb2.ServerMessage(error=session_pb2.SessionError(code=code, message=str(err), seq=seq, media_ts_ms=ts)))
 
-    def _read(self, requests, session: _Session, ingest_q: queue.Queue, fps: float) -> None:
+    def _read(self, requests, session: _Session, ingest_q: queue.Queue, fps: float, pump: threading.Thread) -> None:
         """Client messages → ingest / queries. A bad message is answered with a non-fatal error."""
         last_ts = -1
         ended = False
@@ -204,6 +204,8 @@ class _SessionApi(session_pb2_grpc.SessionServiceServicer):
         finally:
             ingest_q.put(_DONE)
         if ended:
+            # Every frame sent before SessionEnd gets its ack or error before the session closes.
+            pump.join(timeout=self.g.settings.end_grace_s)
             self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_SESSION_END, media_ts_ms=max(0, last_ts)))
             deadline = time.monotonic() + self.g.settings.end_grace_s
             with session.answered:
