@@ -1,0 +1,202 @@
+"""The whole pipeline on one machine: a real Kafka broker, a real tritonserver, the generation
+server (KServe), and the six services as separate processes, each started from its
+``services/<name>/main.py`` with the same ``SH_*`` settings the chart sets. Used by
+``streamharness up`` and the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from streamharness.devinfra.kafka_broker import KafkaBroker
+from streamharness.devinfra.triton_server import TritonServer
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class LocalStack:
+    """Start with ``start()`` (or ``with``); ``gateways`` > 1 runs several gateway replicas."""
+
+    def __init__(self, work_dir: Path | None = None, *, gateways: int = 1, partitions: int = 3,
+                 extra_env: dict[str, str] | None = None, start_timeout_s: float = 240.0):
+        self._tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="streamharness-stack-")
+        self.work_dir = Path(work_dir or self._tmp.name)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.gateways = gateways
+        self.partitions = partitions
+        self.extra_env = dict(extra_env or {})
+        self.start_timeout_s = start_timeout_s
+        self.broker: KafkaBroker | None = None
+        self.triton: TritonServer | None = None
+        self.procs: list[Proc] = []
+
+    # -- addresses ------------------------------------------------------------------------------
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    @property
+    def gateway_addresses(self) -> list[str]:
+        return [p.address for p in self.procs if p.name.startswith("gateway")]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _env(self, name: str, port: int) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "SH_SERVICE_NAME": name,
+            "SH_GRPC_HOST": "127.0.0.1",
+            "SH_GRPC_PORT": str(port),
+            "SH_READINESS_INTERVAL_S": "0.5",
+            "SH_SHUTDOWN_GRACE_S": "10",
+            "SH_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
+            "SH_KAFKA_PARTITIONS": str(self.partitions),
+            "SH_TRITON_URL": self.triton.grpc_url,
+            "SH_MEMORY_DATA_DIR": str(self.work_dir / "memory"),
+            "SH_TELEMETRY_LOG_LEVEL": os.environ.get("SH_TELEMETRY_LOG_LEVEL", "INFO"),
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+        return env
+
+    def _spawn(self, name: str, script: str, env_extra: dict[str, str] | None = None, args: list[str] | None = None,
+               port: int | None = None) -> Proc:
+        port = port or free_port()
+        log_path = self.work_dir / f"{name}.log"
+        env = {**self._env(name, port), **(env_extra or {})}
+        with open(log_path, "wb") as out:
+            popen = subprocess.Popen([sys.executable, str(ROOT / script), *(args or [])], cwd=ROOT, env=env,
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = Proc(name, popen, port, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def _wait_serving(self, proc: Proc, deadline: float) -> None:
+        channel = grpc.insecure_channel(proc.address)
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            while time.monotonic() < deadline:
+                if proc.popen.poll() is not None:
+                    raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.25)
+            raise TimeoutError(f"{proc.name} not SERVING after {self.start_timeout_s:.0f}s:\n{proc.log_tail()}")
+        finally:
+            channel.close()
+
+    def _wait_http(self, proc: Proc, path: str, deadline: float) -> None:
+        import httpx
+
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+            try:
+                if httpx.get(f"http://{proc.address}{path}", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{proc.name} not ready after {self.start_timeout_s:.0f}s:\n{proc.log_tail()}")
+
+    def start(self) -> LocalStack:
+        try:
+            self.broker = KafkaBroker(self.work_dir / "kafka", show_progress=False).start()
+            self.triton = TritonServer(work_dir=self.work_dir / "triton",
+                                       wait_for_models=("frame_encoder", "people_detector")).start()
+            deadline = time.monotonic() + self.start_timeout_s
+            gen_port = free_port()
+            generator = self._spawn("generator", "services/generator/main.py", port=gen_port,
+                                    args=["--model_name", "smollm2", "--http_port", str(gen_port), "--host", "127.0.0.1"])
+            memory = self._spawn("memory", "services/memory/main.py")
+            self._wait_serving(memory, deadline)
+            self._wait_http(generator, "/v2/health/ready", deadline)
+            waiting = [
+                self._spawn("responder", "services/responder/main.py", {
+                    "SH_RESPONDER_MEMORY_ADDRESS": memory.address,
+                    "SH_GENERATION_BACKEND": "openai",
+                    "SH_GENERATION_BASE_URL": f"http://{generator.address}/openai/v1",
+                }),
+                self._spawn("encoder", "services/encoder/main.py"),
+                self._spawn("decision", "services/decision/main.py"),
+            ]
+            ingest = self._spawn("ingest", "services/ingest/main.py")
+            self._wait_serving(ingest, deadline)
+            for i in range(self.gateways):
+                waiting.append(self._spawn(f"gateway-{i + 1}", "services/gateway/main.py", {
+                    "SH_GATEWAY_INGEST_ADDRESS": ingest.address,
+                    "SH_GATEWAY_REPLICA_ID": f"gateway-{i + 1}",
+                }))
+            for proc in waiting:
+                self._wait_serving(proc, deadline)
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> dict[str, int | None]:
+        """SIGTERM every service (gateways first, memory last), then the servers. Returns exit codes."""
+        codes: dict[str, int | None] = {}
+        for proc in reversed(self.procs):
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                codes[proc.name] = proc.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                codes[proc.name] = proc.popen.wait()
+        self.procs.clear()
+        if self.triton is not None:
+            self.triton.stop()
+            self.triton = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+        return codes
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()

@@ -1,0 +1,119 @@
+"""End to end: real videos through the running services (Kafka broker, tritonserver, KServe
+generator, gateway ×2, ingest, encoder, decision, memory, responder as separate processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import cv2
+import pytest
+from kafka import KafkaConsumer
+
+from streamharness.devinfra.stack import LocalStack
+from streamharness.media import read_video, sample_path
+from streamharness.player import TimedQuestion, play
+from streamharness.v1 import common_pb2, events_pb2
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    # Short answers keep a CPU-only run bounded; the platform's behaviour does not depend on length.
+    with LocalStack(tmp_path_factory.mktemp("stack"), gateways=2,
+                    extra_env={"SH_GENERATION_MAX_NEW_TOKENS": "16", "SH_DECISION_REFRACTORY_S": "30"}) as s:
+        yield s
+
+
+def encoded_frames(stack: LocalStack, key: str, expect: int, timeout_s: float = 180) -> list[events_pb2.EncodedFrameEvent]:
+    """The encoder's output for one stream, once it has caught up (the people detector is the
+    slowest hop on a CPU; a question can be answered at session end before every frame is encoded)."""
+    consumer = KafkaConsumer("embeddings", bootstrap_servers=stack.broker.bootstrap_servers,
+                             auto_offset_reset="earliest", enable_auto_commit=False)
+    out: dict[int, events_pb2.EncodedFrameEvent] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < expect and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=1000).values():
+                for r in records:
+                    if r.key.decode() == key:
+                        e = events_pb2.EncodedFrameEvent.FromString(r.value)
+                        out[e.media_ts_ms] = e
+    finally:
+        consumer.close()
+    return [out[t] for t in sorted(out)]
+
+
+def test_proactive_alert_and_answer_on_vtest(stack):
+    question = TimedQuestion(20_000, "How many people do you see?")
+    result = asyncio.run(play(stack.gateway_addresses[0], sample_path("vtest.avi"), stream_id="vtest-e2e",
+                              questions=[question], watch_for=["tell me when someone walks in"],
+                              speed=4.0, send_fps=2.0, limit_s=30))
+    assert result.frames_sent >= 55 and 28 <= result.frames_sampled <= 32  # resampled to 1 per media second
+    frames = encoded_frames(stack, "default/vtest-e2e", expect=result.frames_sampled)
+    assert len(frames) == result.frames_sampled
+    first_person = next(f.media_ts_ms for f in frames if f.person_count > 0)
+
+    alerts = [r for r in result.responses if r.proactive]
+    assert alerts, "no proactive response"
+    assert all(r.media_ts_ms >= first_person for r in alerts), "alerted before anyone was detected"
+    assert alerts[0].media_ts_ms <= first_person + 2000, "alert came too late after the first person"
+    assert alerts[0].text.strip()
+
+    (qid,) = result.question_ids
+    answers = [r for r in result.responses if r.question_id == qid]
+    assert len(answers) == 1 and answers[0].text.strip()
+    assert answers[0].media_ts_ms >= question.at_ms, "answered before it was asked (media time)"
+    assert answers[0].first_chunk_wall > result.asked_wall[qid], "first token before the question was sent"
+
+
+def test_damaged_frames_are_reported_and_the_stream_goes_on(stack, tmp_path):
+    # Corrupt every 7th JPEG of a real video (truncated, as a broken camera upload would be).
+    async def run():
+        from streamharness.client import Session
+
+        errors, acked = [], []
+        async with Session(stack.gateway_addresses[1], stream_id="damaged") as s:
+            for i, frame in enumerate(read_video(sample_path("vtest.avi"), fps=1.0)):
+                if i >= 12:
+                    break
+                jpeg = cv2.imencode(".jpg", cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+                await s.send_frame(frame.media_ts_ms, jpeg[: len(jpeg) // 3] if i % 7 == 3 else jpeg)
+            await s.end()
+            async for msg in s:
+                if msg.WhichOneof("message") == "error":
+                    errors.append(msg.error)
+                elif msg.WhichOneof("message") == "ack" and msg.ack.kind == msg.ack.KIND_FRAME:
+                    acked.append(msg.ack.seq)
+        return errors, acked
+
+    errors, acked = asyncio.run(run())
+    assert sorted(e.seq for e in errors) == [4, 11]  # seq is 1-based
+    assert all(not e.fatal and e.code == 3 and "cannot decode JPEG" in e.message for e in errors)
+    assert set(acked) == set(range(1, 13)) - {4, 11}
+
+
+def test_damaged_video_file_streams_to_the_end(stack):
+    result = asyncio.run(play(stack.gateway_addresses[0], sample_path("Megamind_bugy.avi"), stream_id="bugy",
+                              speed=0, send_fps=1.0))
+    # OpenCV decodes the file up to its damage (9 of Megamind.avi's 12 seconds); every decoded frame
+    # goes through, and the session ends normally.
+    good = sum(1 for _ in read_video(sample_path("Megamind_bugy.avi"), fps=1.0))
+    assert good >= 5
+    assert result.frames_sent == good == result.frames_sampled
+    assert not result.errors
+
+
+def test_two_gateway_replicas_route_responses_to_their_own_sessions(stack):
+    async def both():
+        return await asyncio.gather(*[
+            play(address, sample_path("vtest.avi"), stream_id=f"replica-{i}", speed=0, send_fps=1.0, limit_s=8,
+                 questions=[TimedQuestion(5_000, f"What is in view, session {i}?")])
+            for i, address in enumerate(stack.gateway_addresses)
+        ])
+
+    results = asyncio.run(both())
+    for res in results:
+        (qid,) = res.question_ids
+        assert [r.question_id for r in res.responses] == [qid], "a session got another session's responses"
