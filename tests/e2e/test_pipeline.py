@@ -117,3 +117,30 @@ def test_two_gateway_replicas_route_responses_to_their_own_sessions(stack):
     for res in results:
         (qid,) = res.question_ids
         assert [r.question_id for r in res.responses] == [qid], "a session got another session's responses"
+
+
+def test_stream_cli_prints_timed_answers(stack):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamharness.cli", "stream", "vtest.avi", "--gateway", stack.gateway_addresses[0],
+         "--speed", "0", "--limit-s", "6", "--stream-id", "cli", "--ask", "3:what do you see?"],
+        capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    import re
+
+    answers = [float(t) for t in re.findall(r"t=\s*([0-9.]+)s answer", out)]
+    assert len(answers) == 1 and answers[0] >= 3.0, out
+    assert "0 rejected frames" in out
+
+
+def test_bad_ask_spec_is_a_usage_error():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "streamharness.cli", "stream", "vtest.avi", "--ask", "soon:hello"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "SECONDS:QUESTION" in proc.stderr
