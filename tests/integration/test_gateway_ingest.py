@@ -157,3 +157,22 @@ def test_responses_reach_only_their_replica_and_session(services, kafka_settings
     got = asyncio.run(run())
     assert got["a"].text == "for a done" and got["a"].chunks == 2
     assert got["b"].text == "for b done" and got["b"].chunks == 2
+
+
+def test_a_client_that_leaves_without_ending_still_ends_its_session(services, kafka_settings):
+    (_, address), _ = services
+
+    async def run():
+        async with Session(address, stream_id="leaver") as s:
+            await s.send_frame(0, vtest_jpegs(1)[0][1])
+            await asyncio.sleep(0.5)
+        return s.session_id  # __aexit__ cancelled the call: no SessionEnd was sent
+
+    session_id = asyncio.run(run())
+    deadline = time.monotonic() + 20
+    kinds = []
+    while time.monotonic() < deadline:
+        kinds = [q.kind for _, q in read_topic(kafka_settings, topics.QUERIES, events_pb2.QueryEvent) if q.session_id == session_id]
+        if events_pb2.QueryEvent.KIND_SESSION_END in kinds:
+            break
+    assert kinds == [events_pb2.QueryEvent.KIND_SESSION_START, events_pb2.QueryEvent.KIND_SESSION_END]

@@ -134,8 +134,12 @@ class _SessionApi(session_pb2_grpc.SessionServiceServicer):
                     break
                 yield item
         finally:
-            ingest_q.put(_DONE)
-            results.cancel() if not context.is_active() else None
+            try:
+                ingest_q.put_nowait(_DONE)
+            except queue.Full:
+                pass  # the reader's own _DONE is queued behind the backlog
+            if not context.is_active():
+                results.cancel()  # the client left: stop the ingest call too
 
     def _check_text(self, what: str, text: str) -> None:
         if not text.strip():
@@ -203,6 +207,13 @@ class _SessionApi(session_pb2_grpc.SessionServiceServicer):
             pass  # the client went away
         finally:
             ingest_q.put(_DONE)
+        if not ended:
+            # The client went away without SessionEnd: still tell the pipeline the session is over,
+            # so per-stream state is released.
+            try:
+                self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_SESSION_END, media_ts_ms=max(0, last_ts)))
+            except Exception:  # noqa: BLE001 - best effort on a broken session
+                log.warning("could not publish the end of abandoned session %s", session.session_id)
         if ended:
             # Every frame sent before SessionEnd gets its ack or error before the session closes.
             pump.join(timeout=self.g.settings.end_grace_s)
