@@ -59,7 +59,7 @@ def up(
             console.print(f"  standing instruction: {w}")
 
         def show(r) -> None:
-            who = f"[magenta]proactive[/]" if r.proactive else "[cyan]answer[/]"
+            who = "[magenta]proactive[/]" if r.proactive else "[cyan]answer[/]"
             console.print(f"[bold]t={r.media_ts_ms / 1000:6.1f}s[/] {who}: {r.text.strip()}")
 
         result = asyncio.run(play(stack.gateway_addresses[0], path, questions=questions, watch_for=watch_for,

@@ -13,7 +13,7 @@ from kafka import KafkaConsumer
 from streamharness.devinfra.stack import LocalStack
 from streamharness.media import read_video, sample_path
 from streamharness.player import TimedQuestion, play
-from streamharness.v1 import common_pb2, events_pb2
+from streamharness.v1 import events_pb2
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

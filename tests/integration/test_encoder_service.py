@@ -221,7 +221,7 @@ def test_encodes_every_frame_of_two_streams_in_order_and_dead_letters_a_corrupt_
 
 def test_frames_wait_for_triton_instead_of_being_lost(kafka_settings: KafkaSettings) -> None:
     """Triton unreachable: nothing is published, dead-lettered or committed; the batch is redelivered."""
-    from streamharness.devinfra.triton_server import free_port
+    from streamharness.devinfra.common import free_port
     from streamharness.encoder import EncoderService, EncoderSettings
 
     away = TritonSettings(url=f"127.0.0.1:{free_port()}", timeout_s=2.0)

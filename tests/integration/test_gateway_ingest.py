@@ -114,7 +114,7 @@ def test_bad_session_start_ends_the_call_with_a_status(services):
     (_, address), _ = services
 
     async def run():
-        async with Session(address, stream_id="bad stream id!") as s:
+        async with Session(address, stream_id="bad stream id!"):
             pass
 
     with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -10,11 +10,11 @@ reads it from there. Needs ``java`` (17+) and ``mvn`` on PATH.
 """
 
 from __future__ import annotations
+from streamharness.devinfra.common import dev_cache_dir as cache_dir, free_port, port_in_use as _port_in_use
 
 import contextlib
 import fcntl
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -42,11 +42,6 @@ _POM_NS = {"m": "http://maven.apache.org/POM/4.0.0"}
 class KafkaBrokerError(RuntimeError):
     """The dev broker could not be prepared, started or stopped. The message says why."""
 
-
-def cache_dir() -> Path:
-    """Base of the dev cache (jars, persistent dev data): ``$SH_DEV_CACHE_DIR`` or ``~/.cache/streamharness``."""
-    env = os.environ.get("SH_DEV_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "streamharness"
 
 
 def kafka_version(pom: Path = DEFAULT_POM) -> str:
@@ -120,21 +115,6 @@ def _progress(message: str, show: bool):
         yield
     console.print(f"[green]✓[/green] {message}")
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def render_server_properties(

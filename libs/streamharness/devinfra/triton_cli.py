@@ -68,7 +68,8 @@ def run(
     log_verbose: Annotated[int, typer.Option(help="tritonserver --log-verbose level.")] = 0,
 ) -> None:
     """Run tritonserver in the foreground until Ctrl-C or SIGTERM (exports the ONNX file first if missing)."""
-    from streamharness.devinfra.triton_server import TritonServer, TritonServerError, dev_cache_dir
+    from streamharness.devinfra.common import dev_cache_dir
+    from streamharness.devinfra.triton_server import TritonServer, TritonServerError
 
     server = TritonServer(
         _repository(model_repository),

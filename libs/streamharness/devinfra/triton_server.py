@@ -17,6 +17,7 @@ official ``nvcr.io/nvidia/tritonserver`` image serves). What it takes to run it 
 """
 
 from __future__ import annotations
+from streamharness.devinfra.common import free_port, port_in_use as _port_in_use
 
 import contextlib
 import json
@@ -24,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -46,11 +46,6 @@ FRAME_ENCODER = "frame_encoder"
 class TritonServerError(RuntimeError):
     """The dev Triton server could not be prepared, started or stopped. The message says why."""
 
-
-def dev_cache_dir() -> Path:
-    """Base of the dev cache: ``$SH_DEV_CACHE_DIR`` or ``~/.cache/streamharness`` (as for the Kafka broker)."""
-    env = os.environ.get("SH_DEV_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "streamharness"
 
 
 def tritonserver_dist() -> Path:
@@ -101,21 +96,6 @@ def server_env(dist: Path | None = None, base: dict[str, str] | None = None) -> 
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     return env
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 class TritonServer:
