@@ -22,6 +22,9 @@ def _mount_dev_apps() -> None:
     dev_app.add_typer(kafka_cli.app, name="kafka", help="Development Kafka broker (KRaft, single node, 127.0.0.1).")
     dev_app.add_typer(triton_cli.app, name="triton", help="Development tritonserver serving model-repository/.")
     dev_app.add_typer(text_encoder_cli.app, name="text-encoder", help="MiniLM text encoder export (ONNX).")
+    from streamharness.eval.cli import app as eval_app
+
+    app.add_typer(eval_app, name="eval", help="Streaming-Eval: replay episodes, score them on time, report.")
 
 
 @app.command()

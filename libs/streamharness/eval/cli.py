@@ -1,0 +1,115 @@
+"""``streamharness eval …``: the entry points a Kubernetes Job runs (eval-jobs/job.yaml)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Streaming-Eval: replay episodes, score them on time, report.", no_args_is_help=True)
+
+
+@app.command()
+def run(
+    episodes: Path = typer.Option(..., exists=True, help="Episode file (.json/.jsonl) or folder of them."),
+    gateway: str = typer.Option(None, envvar="SH_EVAL_GATEWAY", help="Gateway host:port of a deployed pipeline."),
+    baseline: str = typer.Option(None, help="Instead of a pipeline: silent, always or every-k."),
+    k: int = typer.Option(5, min=1, help="k of the every-k baseline (seconds)."),
+    local: bool = typer.Option(False, help="Start the whole pipeline locally for the run (streamharness up's stack)."),
+    speed: float = typer.Option(0.0, min=0.0, help="Replay speed on media time (1 = real time, 0 = as fast as it goes)."),
+    concurrency: int = typer.Option(2, min=1, max=64, help="Episodes replayed at once."),
+    system: str = typer.Option("pipeline", help="Name of the system under test in the result."),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="MiniLM similarity for a free-text answer to match."),
+    api_key: str = typer.Option(None, envvar="SH_CLIENT_API_KEY", help="Tenant API key for the gateway."),
+    out: Path = typer.Option(Path("eval-result.json"), help="JSON result."),
+    runs_out: Path = typer.Option(None, help="Also save the raw responses (JSONL of runs)."),
+    report: Path = typer.Option(None, help="Self-contained HTML report."),
+) -> None:
+    """Replay episodes through a pipeline (or a baseline) and score them."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from streamharness.eval.episode import load_episodes, save_runs
+    from streamharness.eval.runner import BASELINES, run_baseline, run_many_via_gateway
+    from streamharness.eval.scoring import AnswerMatcher, MiniLMMatcher, save_result, score_run
+
+    console = Console()
+    eps = load_episodes(episodes)
+    base_dir = episodes if episodes.is_dir() else episodes.parent
+    if sum(bool(x) for x in (gateway, baseline, local)) != 1:
+        raise typer.BadParameter("give exactly one of --gateway, --baseline or --local")
+    if baseline:
+        if baseline not in BASELINES:
+            raise typer.BadParameter(f"--baseline must be one of {', '.join(BASELINES)}")
+        runs = [run_baseline(ep, baseline, k=k) for ep in eps]
+        system = runs[0].system if runs else f"baseline:{baseline}"
+    else:
+        stack = None
+        if local:
+            from streamharness.devinfra.stack import LocalStack
+
+            with console.status("starting the local pipeline…"):
+                stack = LocalStack().start()
+            gateway = stack.gateway_addresses[0]
+        try:
+            with Progress(console=console) as progress:
+                task = progress.add_task(f"replaying {len(eps)} episodes", total=len(eps))
+                runs = asyncio.run(run_many_via_gateway(
+                    gateway, eps, concurrency=concurrency, speed=speed, system=system, base_dir=base_dir,
+                    api_key=api_key, progress=lambda _ep: progress.advance(task)))
+        finally:
+            if stack is not None:
+                stack.stop()
+    if runs_out:
+        save_runs(runs, runs_out)
+    score = score_run(eps, runs, AnswerMatcher(MiniLMMatcher(threshold=threshold)), system=system)
+    save_result(score, out)
+    console.print(f"{system}: SW-F1 {_fmt(score.total.sw_f1)} (TP {score.total.tp}, FP {score.total.fp}, FN {score.total.fn}) → {out}")
+    if report:
+        from streamharness.eval.report import write_report
+
+        write_report(report, score)
+        console.print(f"report → {report}")
+
+
+@app.command()
+def compare(
+    baseline: Path = typer.Argument(..., exists=True, help="Result JSON of the reference system."),
+    candidate: Path = typer.Argument(..., exists=True, help="Result JSON of the system under test."),
+    tolerance: float = typer.Option(0.02, min=0.0, help="SW-F1 drop that counts as a regression."),
+    report: Path = typer.Option(None, help="Write an HTML report of the candidate with the comparison."),
+) -> None:
+    """Regression table of two results; exits 1 when the candidate regressed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from streamharness.eval.scoring import compare as compare_scores
+    from streamharness.eval.scoring import has_regression, load_result
+
+    a, b = load_result(baseline), load_result(candidate)
+    rows = compare_scores(a, b, tolerance=tolerance)
+    table = Table(title=f"{a.system} → {b.system}")
+    for col in ("scope", "metric", "baseline", "candidate", "delta", ""):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.scope, r.metric, _fmt(r.a), _fmt(r.b), _fmt(r.delta), "[red]regression[/]" if r.regression else "")
+    Console().print(table)
+    if report:
+        from streamharness.eval.report import write_report
+
+        write_report(report, b, baseline=a)
+    raise typer.Exit(1 if has_regression(rows) else 0)
+
+
+@app.command("build-episodes")
+def build_episodes(out: Path = typer.Option(Path("eval-jobs/episodes"), help="Where to write the shipped episode set.")) -> None:
+    """Write the shipped episode set (hand-annotated opencv-doc episodes + synthetic ones)."""
+    from streamharness.eval.episodes_builtin import build_builtin_set
+
+    for path in build_builtin_set(out):
+        typer.echo(path)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)

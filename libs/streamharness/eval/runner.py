@@ -1,0 +1,159 @@
+"""Replay episodes and record what a system said: through a deployed pipeline (the gateway), or
+with a built-in baseline policy that needs no pipeline.
+
+Replays run on media time: ``speed`` 1 is real time, N is N× faster, 0 as fast as the pipeline
+takes frames. Questions are asked at their ``ask_at_s``, instructions given at ``given_at_s``
+(those at 0 go into SessionStart). Several episodes run concurrently (``concurrency``).
+
+Baselines (the floor any system must beat):
+
+* ``silent``: never says anything;
+* ``always``: answers every question and fires every instruction at every decision step;
+* ``every-k``: the same, every k seconds.
+
+Baseline text: the first choice for multiple-choice questions, else the question or instruction
+itself (which a free-text matcher will rarely accept: a baseline's score is timing, not content).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from streamharness.eval.episode import Episode, EpisodeRun, InstructionEvent, QuestionEvent, ResponseRecord
+from streamharness.media import read_video, sample_path
+
+BASELINES = ("silent", "always", "every-k")
+_FRAME_NAME = re.compile(r"^(\d+)\.(jpe?g|png)$", re.IGNORECASE)
+
+
+def resolve_video(episode: Episode, base_dir: Path | None = None) -> Path:
+    """``opencv-doc:<name>`` names an opencv-doc sample; anything else is a path (relative to the
+    episode file's folder)."""
+    if episode.video.startswith("opencv-doc:"):
+        return sample_path(episode.video.split(":", 1)[1])
+    return episode.video_path(base_dir)
+
+
+@dataclass(frozen=True)
+class _Frame:
+    media_ts_ms: int
+    jpeg: bytes
+
+
+def iter_frames(video: Path, fps: float | None, limit_s: float) -> Iterator[_Frame]:
+    """Frames of a video file (decoded, re-encoded as JPEG) or of a folder of ``<ms>.jpg`` frames
+    (sent as they are), up to ``limit_s`` of media time."""
+    if video.is_dir():
+        frames = sorted((int(m.group(1)), p) for p in video.iterdir() if (m := _FRAME_NAME.match(p.name)))
+        next_ms = 0.0
+        for ts, path in frames:
+            if ts > limit_s * 1000:
+                return
+            if fps and ts < next_ms:
+                continue
+            next_ms = ts + 1000.0 / fps if fps else 0.0
+            yield _Frame(ts, path.read_bytes())
+        return
+    for frame in read_video(video, fps=fps):
+        if frame.media_ts_ms > limit_s * 1000:
+            return
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        yield _Frame(frame.media_ts_ms, buf.tobytes())
+
+
+async def run_episode_via_gateway(address: str, episode: Episode, *, speed: float = 0.0, send_fps: float = 2.0,
+                                  decision_fps: float = 1.0, system: str = "pipeline", base_dir: Path | None = None,
+                                  api_key: str | None = None) -> EpisodeRun:
+    """Play one episode through a gateway and record every response with its client-side latencies."""
+    from streamharness.client import Session
+
+    video = resolve_video(episode, base_dir)
+    initial = {e.event_id: e.text for e in episode.instructions if e.given_at_s == 0}
+    timeline: list[tuple[float, QuestionEvent | InstructionEvent]] = sorted(
+        [(q.ask_at_s, q) for q in episode.questions] + [(i.given_at_s, i) for i in episode.instructions if i.given_at_s > 0],
+        key=lambda item: item[0],
+    )
+    sent_wall: dict[str, float] = {}
+    records: list[ResponseRecord] = []
+    async with Session(address, stream_id=f"eval-{episode.episode_id}"[:128].replace("/", "-"), decision_fps=decision_fps,
+                       instructions=initial, api_key=api_key) as session:
+        async def receive() -> None:
+            async for r in session.responses():
+                event_id = r.question_id or r.instruction_id or None
+                asked = sent_wall.get(r.question_id) if r.question_id else None
+                records.append(ResponseRecord(
+                    event_id=event_id, media_ts_s=r.media_ts_ms / 1000, text=r.text.strip(),
+                    ttft_ms=(r.first_chunk_wall - asked) * 1000 if asked else None,
+                    e2e_ms=(r.final_wall - asked) * 1000 if asked else None,
+                ))
+
+        receiver = asyncio.create_task(receive())
+        start = time.monotonic()
+        frames = await asyncio.to_thread(lambda: list(iter_frames(video, send_fps, episode.duration_s)))
+        for frame in frames:
+            while timeline and timeline[0][0] * 1000 <= frame.media_ts_ms:
+                _, event = timeline.pop(0)
+                await _send_event(session, event, sent_wall)
+            if speed > 0:
+                await asyncio.sleep(max(0.0, start + frame.media_ts_ms / 1000 / speed - time.monotonic()))
+            await session.send_frame(frame.media_ts_ms, frame.jpeg)
+        for _, event in timeline:
+            await _send_event(session, event, sent_wall)
+        await session.end()
+        await receiver
+    return EpisodeRun(episode_id=episode.episode_id, system=system, responses=records,
+                      metadata={"speed": speed, "frames": len(frames)})
+
+
+async def _send_event(session, event: QuestionEvent | InstructionEvent, sent_wall: dict[str, float]) -> None:
+    if isinstance(event, QuestionEvent):
+        text = event.text
+        if event.choices:
+            text += " Options: " + "; ".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(event.choices)) + ". Answer with the letter."
+        sent_wall[event.event_id] = time.monotonic()
+        await session.ask(text, at_ms=int(event.ask_at_s * 1000), question_id=event.event_id)
+    else:
+        await session.watch_for(event.text, at_ms=int(event.given_at_s * 1000), instruction_id=event.event_id)
+
+
+def run_baseline(episode: Episode, policy: str, k: int = 5, step_s: float = 1.0) -> EpisodeRun:
+    """A baseline run computed from the episode's own timeline (no pipeline, no model)."""
+    if policy not in BASELINES:
+        raise ValueError(f"unknown baseline {policy!r}: choose one of {', '.join(BASELINES)}")
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    responses: list[ResponseRecord] = []
+    if policy != "silent":
+        every = step_s * (k if policy == "every-k" else 1)
+        for t in np.arange(0.0, episode.duration_s + 1e-9, every):
+            for q in episode.questions:
+                if q.ask_at_s <= t:
+                    text = q.choices[0] if q.choices else q.text
+                    responses.append(ResponseRecord(event_id=q.event_id, media_ts_s=float(t), text=text, ttft_ms=0.0, e2e_ms=0.0))
+            for inst in episode.instructions:
+                if inst.given_at_s <= t:
+                    responses.append(ResponseRecord(event_id=inst.event_id, media_ts_s=float(t), text=inst.text))
+    return EpisodeRun(episode_id=episode.episode_id, system=f"baseline:{policy}" + (f"-{k}" if policy == "every-k" else ""),
+                      responses=responses)
+
+
+async def run_many_via_gateway(address: str, episodes: list[Episode], *, concurrency: int = 2, progress=None, **kwargs) -> list[EpisodeRun]:
+    """Several episodes at once (each its own session), at most ``concurrency`` in flight."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(ep: Episode) -> EpisodeRun:
+        async with gate:
+            run = await run_episode_via_gateway(address, ep, **kwargs)
+            if progress is not None:
+                progress(ep)
+            return run
+
+    return list(await asyncio.gather(*(one(ep) for ep in episodes)))

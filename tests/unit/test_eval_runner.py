@@ -1,0 +1,57 @@
+"""Baselines and frame-folder replay of the Streaming-Eval runner."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from streamharness.eval.episode import parse_episode
+from streamharness.eval.runner import iter_frames, resolve_video, run_baseline
+
+
+@pytest.fixture
+def episode():
+    return parse_episode({
+        "episode_id": "e1", "video": "opencv-doc:vtest.avi", "duration_s": 10, "source": "opencv-doc",
+        "events": [
+            {"type": "question", "event_id": "q", "ask_at_s": 4, "text": "How many?", "window": [4, 6],
+             "choices": ["two", "five"], "answer_index": 1, "mode": "punctual", "position": "present"},
+            {"type": "instruction", "event_id": "i", "given_at_s": 0, "text": "tell me when someone walks in",
+             "windows": [[0, 2]], "mode": "proactive", "position": "forward"},
+        ],
+    })
+
+
+def test_silent_says_nothing(episode):
+    assert run_baseline(episode, "silent").responses == []
+
+
+def test_always_responds_every_step_after_each_event_starts(episode):
+    run = run_baseline(episode, "always")
+    by_event = {}
+    for r in run.responses:
+        by_event.setdefault(r.event_id, []).append(r.media_ts_s)
+    assert by_event["i"] == [float(t) for t in range(0, 11)]
+    assert by_event["q"] == [float(t) for t in range(4, 11)]
+    assert {r.text for r in run.responses if r.event_id == "q"} == {"two"}
+    assert run.system == "baseline:always"
+
+
+def test_every_k(episode):
+    run = run_baseline(episode, "every-k", k=5)
+    assert sorted({r.media_ts_s for r in run.responses}) == [0.0, 5.0, 10.0]
+    with pytest.raises(ValueError, match="unknown baseline"):
+        run_baseline(episode, "sometimes")
+
+
+def test_opencv_doc_videos_resolve(episode):
+    assert resolve_video(episode).name == "vtest.avi" and resolve_video(episode).exists()
+
+
+def test_frame_folder_is_replayed_in_media_order_at_the_rate(tmp_path):
+    for ms in (0, 400, 1000, 1500, 2100, 3000):
+        cv2.imwrite(str(tmp_path / f"{ms}.jpg"), np.full((32, 32, 3), ms % 255, np.uint8))
+    (tmp_path / "notes.txt").write_text("ignored")
+    assert [f.media_ts_ms for f in iter_frames(tmp_path, fps=1.0, limit_s=2.5)] == [0, 1000, 2100]
+    assert len(list(iter_frames(tmp_path, fps=None, limit_s=100))) == 6
