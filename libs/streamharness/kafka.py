@@ -331,6 +331,10 @@ class EventConsumer(Generic[M]):
         leaves some idle; a fresh one holds none until its first join completes)."""
         return bool(self._consumer.assignment())
 
+    def assigned_topics(self) -> set[str]:
+        """Full names of the topics this member holds partitions of."""
+        return {tp.topic for tp in self._consumer.assignment()}
+
     def _stopping(self, stop: threading.Event | None) -> bool:
         return self._stop.is_set() or (stop is not None and stop.is_set())
 

@@ -144,3 +144,32 @@ def test_bad_ask_spec_is_a_usage_error():
     proc = subprocess.run([sys.executable, "-m", "streamharness.cli", "stream", "vtest.avi", "--ask", "soon:hello"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "SECONDS:QUESTION" in proc.stderr
+
+
+def test_streaming_eval_replays_an_episode_through_the_services(stack, tmp_path):
+    """Streaming-Eval end to end: an episode on vtest.avi through the running gateway, scored on time."""
+    from streamharness.eval.episode import parse_episode
+    from streamharness.eval.report import write_report
+    from streamharness.eval.runner import run_episode_via_gateway
+    from streamharness.eval.scoring import score_run
+
+    episode = parse_episode({
+        "episode_id": "vtest-short", "video": "opencv-doc:vtest.avi", "duration_s": 10, "source": "opencv-doc",
+        "events": [
+            # The detector counts people from the first second of vtest.avi.
+            {"type": "instruction", "event_id": "walk-in", "given_at_s": 0, "text": "tell me when someone walks in",
+             "windows": [[0, 2]], "mode": "proactive", "position": "forward"},
+            {"type": "question", "event_id": "count", "ask_at_s": 5, "text": "Are there people in the street?",
+             "window": [5, 10], "choices": ["yes", "no"], "answer_index": 0, "mode": "punctual", "position": "present"},
+        ],
+    })
+    run = asyncio.run(run_episode_via_gateway(stack.gateway_addresses[0], episode, speed=0, send_fps=1.0))
+    score = score_run([episode], [run])
+    proactive = score.cell("proactive", "forward")
+    assert (proactive.tp, proactive.fn) == (1, 0), run.responses
+    punctual = score.cell("punctual", "present")
+    assert punctual.tp + punctual.fn == 1  # the question was scored (a 135M model may pick either letter)
+    answers = [r for r in run.responses if r.event_id == "count"]
+    assert len(answers) == 1 and 5 <= answers[0].media_ts_s <= 10 and answers[0].ttft_ms > 0
+    html = write_report(tmp_path / "report.html", score).read_text()
+    assert "proactive" in html and "punctual" in html

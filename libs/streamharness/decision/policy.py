@@ -81,7 +81,10 @@ class StreamState:
     instructions: dict[str, InstructionState] = field(default_factory=dict)
     questions: list[PendingQuestion] = field(default_factory=list)
     last: Evidence | None = None
-    ended: bool = False
+    end_ms: int | None = None  # media time of the session's last published frame, once it ended
+    started: bool = False  # its SessionStart was seen (frames before it are held)
+    held: list = field(default_factory=list)
+    held_since: float = 0.0  # monotonic wall time the oldest held frame arrived
 
 
 @dataclass(frozen=True)

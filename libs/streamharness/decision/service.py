@@ -39,6 +39,16 @@ class DecisionSettings(BaseSettings):
     min_label_score: float = Field(0.08, ge=0, le=1, description="Classifier labels below this probability are not evidence.")
 
 
+def _media_order(msg) -> tuple[int, int]:
+    if isinstance(msg, events_pb2.QueryEvent):
+        if msg.kind == Q.KIND_SESSION_START:
+            return (-1, 0)
+        if msg.kind == Q.KIND_SESSION_END:  # after every frame up to its time; -1 (no frames): last
+            return (msg.media_ts_ms if msg.media_ts_ms >= 0 else 2**62, 3)
+        return (msg.media_ts_ms, 1)
+    return (msg.media_ts_ms, 2)
+
+
 class DecisionService(Service):
     def __init__(self, settings: DecisionSettings | None = None, kafka: KafkaSettings | None = None,
                  policy: DecisionPolicy | None = None):
@@ -46,6 +56,7 @@ class DecisionService(Service):
         self.kafka = kafka or load_settings(KafkaSettings)
         self.policy = policy
         self.states: dict[str, StreamState] = {}
+        self._batch: list = []
         self.producer: EventProducer | None = None
         self.consumer: EventConsumer | None = None
         self._stop = threading.Event()
@@ -68,7 +79,7 @@ class DecisionService(Service):
         self.consumer = EventConsumer(
             self.kafka, group_id=self.settings.consumer_group, topics=[topics.QUERIES, topics.EMBEDDINGS],
             message_type={topics.QUERIES: events_pb2.QueryEvent, topics.EMBEDDINGS: events_pb2.EncodedFrameEvent},
-            handler=self.handle,
+            handler=self.collect, on_batch_end=self.process_batch,
         )
 
     def start(self) -> None:
@@ -76,7 +87,9 @@ class DecisionService(Service):
         self._thread.start()
 
     def ready(self) -> bool:
-        return self.policy is not None and self._thread is not None and self._thread.is_alive()
+        # Both topics must be assigned: with only one, a stream's frames and queries drift apart.
+        return (self.policy is not None and self._thread is not None and self._thread.is_alive()
+                and self.consumer.assigned_topics() >= {self.kafka.topic(topics.QUERIES), self.kafka.topic(topics.EMBEDDINGS)})
 
     def stop(self, deadline: float) -> None:
         self._stop.set()
@@ -95,12 +108,51 @@ class DecisionService(Service):
         state.session_id = state.session_id or session_id
         return state
 
-    def handle(self, event: ConsumedEvent) -> None:
-        msg = event.message
+    # One poll brings records of both topics in partition order, not media-time order (after a
+    # rebalance a whole backlog of frames can come before the session's start). So a polled batch
+    # is collected, then applied in media-time order: session start, then queries and frames by
+    # media time (queries first at equal times), session end last. Frames of a stream whose start
+    # has not been seen yet are held until it arrives, for at most HOLD_S of wall time (after a
+    # restart the start was consumed long ago: then the frames go on without it). Wall time, not
+    # media time: a replay sends minutes of media in seconds while the queries partition may still
+    # be on its way to this member after a rebalance.
+    HOLD_S = 30.0
+
+    def collect(self, event: ConsumedEvent) -> None:
+        self._batch.append(event.message)
+
+    def process_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        batch.sort(key=_media_order)
+        for msg in batch:
+            self.handle(msg)
+
+    def handle(self, msg) -> None:
+        log.debug("%s %s t=%d %s", key_str(msg.key), type(msg).__name__, msg.media_ts_ms,
+                  getattr(msg, "person_count", "") if not isinstance(msg, events_pb2.QueryEvent) else Q.Kind.Name(msg.kind))
         if isinstance(msg, events_pb2.QueryEvent):
             self._on_query(msg)
+            if msg.kind == Q.KIND_SESSION_START:
+                state = self.states.get(key_str(msg.key))
+                if state is not None:
+                    self._release(state)
         else:
+            state = self._state(msg.key, msg.session_id)
+            if not state.started:
+                if not state.held:
+                    state.held_since = time.monotonic()
+                if time.monotonic() - state.held_since < self.HOLD_S:
+                    state.held.append(msg)
+                    return
+                log.warning("%s: no session start after %.0fs; deciding without it", key_str(msg.key), self.HOLD_S)
+                self._release(state)
             self._on_frame(msg)
+
+    def _release(self, state: StreamState) -> None:
+        state.started = True
+        held, state.held = state.held, []
+        for frame in held:
+            self._on_frame(frame)
 
     def _on_query(self, q: events_pb2.QueryEvent) -> None:
         state = self._state(q.key, q.session_id)
@@ -109,6 +161,8 @@ class DecisionService(Service):
         if q.kind == Q.KIND_SESSION_START:
             for inst in q.instructions:
                 self.policy.add_instruction(state, inst.instruction_id, inst.text)
+            log.info("%s session %s started: %s", key_str(q.key), q.session_id,
+                     ", ".join(f"{i.instruction_id} ({i.kind})" for i in state.instructions.values()) or "no instructions")
         elif q.kind == Q.KIND_INSTRUCTION_ADD:
             self.policy.add_instruction(state, q.instruction_id, q.text)
         elif q.kind == Q.KIND_INSTRUCTION_REMOVE:
@@ -119,9 +173,17 @@ class DecisionService(Service):
             if state.last is not None and state.last.media_ts_ms >= q.media_ts_ms:
                 self._publish(state, self.policy.answer_pending(state, state.last.media_ts_ms), q.hops)
         elif q.kind == Q.KIND_SESSION_END:
-            now = max([state.last.media_ts_ms if state.last else 0, *(p.media_ts_ms for p in state.questions)])
-            self._publish(state, self.policy.answer_pending(state, now), q.hops)
-            self.states.pop(key_str(q.key), None)
+            # The end is an event in media time too: its timestamp is the session's last published
+            # frame. Frames reach us through the encoder, later than queries, so the session is
+            # finished only once its last frame has been decided on.
+            state.end_ms = q.media_ts_ms
+            if state.held:
+                self._release(state)  # the end came, so must every frame before it: decide them now
+                if key_str(q.key) not in self.states:
+                    return  # the released frames reached the end and finished the session
+            # media_ts_ms < 0: the session published no frame at all, so nothing is coming.
+            if q.media_ts_ms < 0 or (state.last is not None and state.last.media_ts_ms >= q.media_ts_ms):
+                self._finish(state, q.hops)
 
     def _on_frame(self, f: events_pb2.EncodedFrameEvent) -> None:
         state = self._state(f.key, f.session_id)
@@ -137,6 +199,14 @@ class DecisionService(Service):
         decisions = self.policy.step(state, evidence)
         meters.decisions().add(1, {"action": "respond" if decisions else "silent"})
         self._publish(state, decisions, f.hops)
+        if state.end_ms is not None and f.media_ts_ms >= state.end_ms:
+            self._finish(state, f.hops)
+
+    def _finish(self, state: StreamState, hops) -> None:
+        """Answer what is still pending (questions asked after the last frame) and forget the stream."""
+        now = max([state.last.media_ts_ms if state.last else 0, *(p.media_ts_ms for p in state.questions)])
+        self._publish(state, self.policy.answer_pending(state, now), hops)
+        self.states.pop(key_str(state.key), None)
 
     def _publish(self, state: StreamState, decisions, hops) -> None:
         futures = []

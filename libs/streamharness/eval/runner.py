@@ -28,18 +28,11 @@ import cv2
 import numpy as np
 
 from streamharness.eval.episode import Episode, EpisodeRun, InstructionEvent, QuestionEvent, ResponseRecord
-from streamharness.media import read_video, sample_path
+from streamharness.eval.episodes_builtin import resolve_video
+from streamharness.media import read_video
 
 BASELINES = ("silent", "always", "every-k")
 _FRAME_NAME = re.compile(r"^(\d+)\.(jpe?g|png)$", re.IGNORECASE)
-
-
-def resolve_video(episode: Episode, base_dir: Path | None = None) -> Path:
-    """``opencv-doc:<name>`` names an opencv-doc sample; anything else is a path (relative to the
-    episode file's folder)."""
-    if episode.video.startswith("opencv-doc:"):
-        return sample_path(episode.video.split(":", 1)[1])
-    return episode.video_path(base_dir)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class _Session:
     outbound: queue.Queue = field(default_factory=queue.Queue)
     seen_chunks: set[tuple[str, int]] = field(default_factory=set)
     open_questions: set[str] = field(default_factory=set)
+    last_published_ms: int = -1  # media time of the last frame ingest published; -1: none (SessionEnd carries it)
     answered: threading.Condition = field(default_factory=threading.Condition)
 
 
@@ -211,13 +212,15 @@ class _SessionApi(session_pb2_grpc.SessionServiceServicer):
             # The client went away without SessionEnd: still tell the pipeline the session is over,
             # so per-stream state is released.
             try:
-                self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_SESSION_END, media_ts_ms=max(0, last_ts)))
+                self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_SESSION_END,
+                                       media_ts_ms=session.last_published_ms))
             except Exception:  # noqa: BLE001 - best effort on a broken session
                 log.warning("could not publish the end of abandoned session %s", session.session_id)
         if ended:
             # Every frame sent before SessionEnd gets its ack or error before the session closes.
             pump.join(timeout=self.g.settings.end_grace_s)
-            self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_SESSION_END, media_ts_ms=max(0, last_ts)))
+            self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_SESSION_END,
+                                   media_ts_ms=session.last_published_ms))
             deadline = time.monotonic() + self.g.settings.end_grace_s
             with session.answered:
                 while session.open_questions and time.monotonic() < deadline:
@@ -232,6 +235,8 @@ class _SessionApi(session_pb2_grpc.SessionServiceServicer):
                     session.outbound.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
                         code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=r.error, seq=r.seq, media_ts_ms=r.media_ts_ms)))
                 else:
+                    if r.status == ingest_pb2.IngestFrameResult.STATUS_PUBLISHED:
+                        session.last_published_ms = max(session.last_published_ms, r.media_ts_ms)
                     session.outbound.put(session_pb2.ServerMessage(ack=session_pb2.Ack(
                         kind=session_pb2.Ack.KIND_FRAME, seq=r.seq, media_ts_ms=r.media_ts_ms,
                         sampled=r.status == ingest_pb2.IngestFrameResult.STATUS_PUBLISHED)))
