@@ -130,3 +130,12 @@ def test_services_probe_grpc_health_and_gateways_know_their_pod(tmp_path):
     gateway_env = {e["name"]: e for e in deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert gateway_env["SH_GATEWAY_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert gateway_env["SH_GATEWAY_INGEST_ADDRESS"]["value"] == "sh-ingest:50051"
+
+
+def test_eval_job_manifest_is_valid_and_runs_the_eval_entry_point():
+    job = ROOT / "eval-jobs" / "job.yaml"
+    proc = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", "--quiet", "-k", KUBE_VERSION, str(job)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    spec = yaml.safe_load(job.read_text())["spec"]["template"]["spec"]
+    assert spec["containers"][0]["command"] == ["streamharness", "eval", "run"]
