@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -161,3 +161,14 @@ def run_service(service: Service, settings: ServiceSettings | None = None) -> in
         print(f"error: {err}", flush=True)
         return 2
     return ServiceRunner(service, settings, telemetry).run()
+
+
+def serve_main(factory: Callable[[], Service]) -> int:
+    """A service's ``main``: build it (its own settings load here; a bad one exits 2 naming the
+    variable), then run it until SIGTERM."""
+    try:
+        service = factory()
+    except SettingsError as err:
+        print(f"error: {err}", flush=True)
+        return 2
+    return run_service(service)

@@ -1,21 +1,9 @@
-"""Decision service entry point. Settings: SH_*, SH_KAFKA_*, SH_DECISION_*."""
+"""Decision service entry point. Settings: SH_*, SH_KAFKA_*, SH_DECISION_* (docs/operations.md)."""
 
 import sys
 
-
-def main() -> int:
-    from streamharness.errors import SettingsError
-    from streamharness.decision.service import DecisionService
-
-    try:
-        service = DecisionService()
-    except SettingsError as err:
-        print(f"error: {err}", flush=True)
-        return 2
-    from streamharness.runner import run_service
-
-    return run_service(service)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from streamharness.decision.service import DecisionService
+    from streamharness.runner import serve_main
+
+    sys.exit(serve_main(DecisionService))

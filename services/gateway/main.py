@@ -1,21 +1,9 @@
-"""Gateway service entry point: the public SessionService. Settings: SH_*, SH_KAFKA_*, SH_GATEWAY_*."""
+"""Gateway service entry point. Settings: SH_*, SH_KAFKA_*, SH_GATEWAY_* (docs/operations.md)."""
 
 import sys
 
-
-def main() -> int:
-    from streamharness.errors import SettingsError
-    from streamharness.gateway.service import GatewayService
-
-    try:
-        service = GatewayService()
-    except SettingsError as err:
-        print(f"error: {err}", flush=True)
-        return 2
-    from streamharness.runner import run_service
-
-    return run_service(service)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from streamharness.gateway.service import GatewayService
+    from streamharness.runner import serve_main
+
+    sys.exit(serve_main(GatewayService))
