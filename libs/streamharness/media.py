@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from streamharness.devinfra.common import dev_cache_dir
+
 OPENCV_DOC = Path(os.environ.get("SH_OPENCV_DOC_DIR", "/usr/share/doc/opencv-doc"))
 
 
 def cache_dir() -> Path:
-    base = Path(os.environ.get("SH_DEV_CACHE_DIR", Path.home() / ".cache" / "streamharness"))
+    base = dev_cache_dir()
     base.mkdir(parents=True, exist_ok=True)
     return base
 

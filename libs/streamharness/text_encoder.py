@@ -88,9 +88,9 @@ class TextEncoderSettings(BaseSettings):
 
 def default_model_dir() -> Path:
     """``$SH_DEV_CACHE_DIR/models/minilm``, else ``~/.cache/streamharness/models/minilm``."""
-    env = os.environ.get("SH_DEV_CACHE_DIR")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "streamharness"
-    return base / "models" / "minilm"
+    from streamharness.devinfra.common import dev_cache_dir
+
+    return dev_cache_dir() / "models" / "minilm"
 
 
 def is_exported(model_dir: Path) -> bool:

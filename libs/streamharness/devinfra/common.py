@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def dev_cache_dir() -> Path:
@@ -28,3 +34,30 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def log_tail(path: Path, lines: int = 40, missing: str = "") -> str:
+    """The last ``lines`` lines of a log file, or ``missing`` when it cannot be read."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return missing
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float, name: str, *, kill_group: bool = False) -> int:
+    """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code. ``kill_group``: the process
+    leads its own session (start_new_session) and the kill reaches its children too."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s pid %s ignored SIGTERM for %.0f s; killing it", name, proc.pid, timeout_s)
+            if kill_group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -10,7 +10,7 @@ reads it from there. Needs ``java`` (17+) and ``mvn`` on PATH.
 """
 
 from __future__ import annotations
-from streamharness.devinfra.common import dev_cache_dir as cache_dir, free_port, port_in_use as _port_in_use
+from streamharness.devinfra.common import dev_cache_dir as cache_dir, free_port, log_tail, stop_process, port_in_use as _port_in_use
 
 import contextlib
 import fcntl
@@ -371,26 +371,15 @@ class KafkaBroker:
             ) from None
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no broker log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines, "(no broker log)")
 
     def stop(self) -> int | None:
         """SIGTERM (Kafka's shutdown hook closes logs cleanly), SIGKILL after ``stop_timeout_s``."""
         code = None
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(self.stop_timeout_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("Kafka broker pid %s ignored SIGTERM for %.0f s; killing it", proc.pid, self.stop_timeout_s)
-                    proc.kill()
-                    proc.wait()
-            code = proc.returncode
+            # SIGTERM: Kafka's shutdown hook closes its logs cleanly.
+            code = stop_process(proc, self.stop_timeout_s, "Kafka broker")
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from streamharness.devinfra.common import free_port
+from streamharness.devinfra.common import free_port, log_tail
 from streamharness.devinfra.kafka_broker import KafkaBroker
 from streamharness.devinfra.triton_server import TritonServer
 
@@ -39,10 +39,7 @@ class Proc:
         return f"127.0.0.1:{self.port}"
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
 
 class LocalStack:

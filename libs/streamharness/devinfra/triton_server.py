@@ -17,7 +17,7 @@ official ``nvcr.io/nvidia/tritonserver`` image serves). What it takes to run it 
 """
 
 from __future__ import annotations
-from streamharness.devinfra.common import free_port, port_in_use as _port_in_use
+from streamharness.devinfra.common import free_port, log_tail, stop_process, port_in_use as _port_in_use
 
 import contextlib
 import json
@@ -333,27 +333,18 @@ class TritonServer:
 
     def log_tail(self, lines: int = 40) -> str:
         try:
-            text = self.log_path.read_text(errors="replace")
-        except (OSError, TritonServerError):
+            path = self.log_path
+        except TritonServerError:  # no work dir yet
             return "(no tritonserver log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(path, lines, "(no tritonserver log)")
 
     def stop(self) -> int | None:
         """SIGTERM (Triton unloads models and stops its stubs), SIGKILL after ``stop_timeout_s``."""
         code = None
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(self.stop_timeout_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("tritonserver pid %s ignored SIGTERM for %.0f s; killing it", proc.pid, self.stop_timeout_s)
-                    # The server's own session (start_new_session): this reaches its stubs, nothing else.
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            code = proc.returncode
+            # The server leads its own session (start_new_session): a kill reaches its stubs, nothing else.
+            code = stop_process(proc, self.stop_timeout_s, "tritonserver", kill_group=True)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

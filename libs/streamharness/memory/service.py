@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -49,6 +48,7 @@ import grpc
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streamharness.devinfra.common import dev_cache_dir
 from streamharness import topics
 from streamharness.errors import InvalidInput
 from streamharness.kafka import ConsumedEvent, EventConsumer, ensure_topics
@@ -64,8 +64,7 @@ log = logging.getLogger(__name__)
 
 
 def _default_data_dir() -> Path:
-    env = os.environ.get("SH_DEV_CACHE_DIR")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "streamharness") / "memory"
+    return dev_cache_dir() / "memory"
 
 
 class MemorySettings(BaseSettings):
