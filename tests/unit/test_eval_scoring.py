@@ -22,6 +22,7 @@ from streamharness.eval.episode import (
 )
 from streamharness.eval.scoring import (
     AnswerMatcher,
+    JudgeError,
     MiniLMMatcher,
     OpenAICompatibleJudge,
     compare,
@@ -192,15 +193,109 @@ def test_llm_judge_posts_chat_completion_and_reads_yes_no() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         seen.append((request.url.path, request.headers.get("authorization"), body))
-        said = body["messages"][0]["content"]
+        said = body["messages"][-1]["content"]
         return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": "Yes" if "5 people" in said else "no"}}]})
 
     judge = OpenAICompatibleJudge("http://judge.local/v1/", "m", api_key="k",
-                                  client=httpx.Client(transport=httpx.MockTransport(handler), headers={"Authorization": "Bearer k"}))
+                                  client=httpx.Client(transport=httpx.MockTransport(handler)))
     ep = episode(question())
     assert counts(score_episode(ep, run(("q1", 21.0, "5 people")), AnswerMatcher(judge))) == (1, 0, 0)
     assert counts(score_episode(ep, run(("q1", 21.0, "a cat")), AnswerMatcher(judge))) == (0, 1, 1)
-    assert seen[0][0] == "/v1/chat/completions" and seen[0][2]["model"] == "m"
+    path, auth, body = seen[0]
+    assert path == "/v1/chat/completions" and auth == "Bearer k"
+    assert body["model"] == "m" and body["temperature"] == 0
+    assert "How many people?" in body["messages"][-1]["content"] and "five" in body["messages"][-1]["content"]
+    assert judge.name == "llm-judge:m"
+
+
+def _judge(handler, **kw) -> OpenAICompatibleJudge:
+    return OpenAICompatibleJudge("http://judge.local/v1", "m", retry_wait_s=0, client=httpx.Client(transport=httpx.MockTransport(handler)), **kw)
+
+
+def _reply(content) -> httpx.Response:
+    return httpx.Response(200, json={"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
+
+
+@pytest.mark.parametrize(("content", "verdict"), [
+    ("Yes.", True), (" yes", True), ("YES, it does", True), ("yes", True), ("\n**Yes**", True), ('"Yes"', True),
+    ("No", False), ("no.", False), ("No, yes", False), ("Yesterday", False), ("The answer is yes", False),
+    ("", False), ("   ", False), (None, False),
+])
+def test_llm_judge_verdict_is_the_first_word(content, verdict) -> None:
+    assert OpenAICompatibleJudge.parse_verdict(content) is verdict
+    assert _judge(lambda request: _reply(content)).matches("q", "r", "an answer") is verdict
+
+
+def test_llm_judge_caches_verdicts_per_question_reference_response() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(json.loads(request.content)["messages"][-1]["content"])
+        return _reply("yes")
+
+    judge = _judge(handler)
+    ep, answered = episode(question()), run(("q1", 21.0, "5 people"))
+    for _ in range(3):  # re-scoring the same run asks once
+        assert counts(score_episode(ep, answered, AnswerMatcher(judge))) == (1, 0, 0)
+    assert len(calls) == 1
+    judge.matches("How many people?", "five", "5 people")
+    assert len(calls) == 1
+    judge.matches("How many people?", "five", "five people")  # another response: asked
+    judge.matches("How many cars?", "five", "5 people")  # another question: asked
+    assert len(calls) == 3
+    assert not judge.matches("q", "r", "  ") and len(calls) == 3  # an empty response is "no" without asking
+
+
+def test_llm_judge_retries_5xx_and_connection_errors() -> None:
+    script = [httpx.Response(503, json={"error": {"message": "warming up"}}), "connect", _reply("Yes.")]
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        step = script[len(calls) - 1]
+        if step == "connect":
+            raise httpx.ConnectError("connection refused", request=request)
+        return step
+
+    assert _judge(handler).matches("q", "r", "a") is True
+    assert len(calls) == 3
+
+
+def test_llm_judge_gives_up_after_three_attempts_with_a_clear_error() -> None:
+    calls = []
+
+    def failing(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(500, json={"error": {"message": "out of memory"}})
+
+    with pytest.raises(JudgeError, match=r"http://judge\.local/v1/chat/completions \(model 'm'\).*HTTP 500: out of memory.*3 attempts"):
+        _judge(failing).matches("q", "r", "a")
+    assert len(calls) == 3
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    calls.clear()
+    with pytest.raises(JudgeError, match=r"cannot reach the LLM judge at http://judge\.local/v1/chat/completions"):
+        _judge(unreachable, attempts=2).matches("q", "r", "a")
+    assert len(calls) == 2
+
+
+def test_llm_judge_does_not_retry_a_rejected_request() -> None:
+    calls = []
+
+    def unknown_model(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(404, json={"error": {"message": "model 'm' does not exist", "code": "model_not_found"}})
+
+    with pytest.raises(JudgeError, match=r"\(model 'm'\) rejected the request: HTTP 404: model 'm' does not exist; check the model"):
+        _judge(unknown_model).matches("q", "r", "a")
+    assert len(calls) == 1
+    with pytest.raises(JudgeError, match=r"HTTP 401: bad key; check the API key"):
+        _judge(lambda request: httpx.Response(401, json={"error": {"message": "bad key"}})).matches("q", "r", "a")
+    with pytest.raises(JudgeError, match=r"without a chat completion"):
+        _judge(lambda request: httpx.Response(200, json={"object": "list"})).matches("q", "r", "a")
 
 
 # -- aggregation, latency, results, comparison ---------------------------------------------------------

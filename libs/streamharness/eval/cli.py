@@ -9,6 +9,13 @@ import typer
 
 app = typer.Typer(help="Streaming-Eval: replay episodes, score them on time, report.", no_args_is_help=True)
 
+# Options of `run` and `score`: an LLM judge for free-text answers (see _answer_matcher).
+_JUDGE_URL = typer.Option(None, envvar="SH_EVAL_JUDGE_URL",
+                          help="OpenAI-compatible API base (…/v1) of an LLM judge for free-text answers, instead of MiniLM.")
+_JUDGE_MODEL = typer.Option(None, envvar="SH_EVAL_JUDGE_MODEL", help="Model the LLM judge asks (needed with --judge-url).")
+_JUDGE_API_KEY = typer.Option(None, envvar="SH_EVAL_JUDGE_API_KEY", help="Bearer key for the LLM judge's endpoint.")
+
+
 
 @app.command()
 def run(
@@ -21,6 +28,9 @@ def run(
     concurrency: int = typer.Option(2, min=1, max=64, help="Episodes replayed at once."),
     system: str = typer.Option("pipeline", help="Name of the system under test in the result."),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="MiniLM similarity for a free-text answer to match."),
+    judge_url: str = _JUDGE_URL,
+    judge_model: str = _JUDGE_MODEL,
+    judge_api_key: str = _JUDGE_API_KEY,
     api_key: str = typer.Option(None, envvar="SH_CLIENT_API_KEY", help="Tenant API key for the gateway."),
     out: Path = typer.Option(Path("eval-result.json"), help="JSON result."),
     runs_out: Path = typer.Option(None, help="Also save the raw responses (JSONL of runs)."),
@@ -32,8 +42,9 @@ def run(
 
     from streamharness.eval.episode import load_episodes, save_runs
     from streamharness.eval.runner import BASELINES, run_baseline, run_many_via_gateway
-    from streamharness.eval.scoring import AnswerMatcher, MiniLMMatcher, save_result, score_run
+    from streamharness.eval.scoring import save_result
 
+    matcher = _answer_matcher(threshold, judge_url, judge_model, judge_api_key)  # bad judge options fail before replaying
     console = Console()
     eps = load_episodes(episodes)
     base_dir = episodes if episodes.is_dir() else episodes.parent
@@ -63,7 +74,7 @@ def run(
                 stack.stop()
     if runs_out:
         save_runs(runs, runs_out)
-    score = score_run(eps, runs, AnswerMatcher(MiniLMMatcher(threshold=threshold)), system=system)
+    score = _score(eps, runs, matcher, system)
     save_result(score, out)
     console.print(f"{system}: SW-F1 {_fmt(score.total.sw_f1)} (TP {score.total.tp}, FP {score.total.fp}, FN {score.total.fn}) → {out}")
     if report:
@@ -102,6 +113,41 @@ def compare(
     raise typer.Exit(1 if has_regression(rows) else 0)
 
 
+@app.command()
+def score(
+    episodes: Path = typer.Option(..., exists=True, help="Episode file (.json/.jsonl) or folder of them."),
+    runs: Path = typer.Option(..., exists=True, dir_okay=False, help="Saved runs: the JSONL that `eval run --runs-out` writes."),
+    system: str = typer.Option(None, help="Name of the system in the result (default: the runs' own)."),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="MiniLM similarity for a free-text answer to match."),
+    judge_url: str = _JUDGE_URL,
+    judge_model: str = _JUDGE_MODEL,
+    judge_api_key: str = _JUDGE_API_KEY,
+    out: Path = typer.Option(Path("eval-result.json"), help="JSON result."),
+    report: Path = typer.Option(None, help="Self-contained HTML report."),
+) -> None:
+    """Score saved runs again without replaying (another threshold, or an LLM judge)."""
+    from rich.console import Console
+
+    from streamharness.eval.episode import EpisodeFormatError, load_episodes, load_runs
+    from streamharness.eval.scoring import save_result
+
+    matcher = _answer_matcher(threshold, judge_url, judge_model, judge_api_key)
+    try:
+        eps, saved = load_episodes(episodes), load_runs(runs)
+    except EpisodeFormatError as err:
+        raise typer.BadParameter(str(err)) from None
+    result = _score(eps, saved, matcher, system)
+    save_result(result, out)
+    console = Console()
+    console.print(f"{result.system}: SW-F1 {_fmt(result.total.sw_f1)} (TP {result.total.tp}, FP {result.total.fp}, "
+                  f"FN {result.total.fn}; {result.matcher}) → {out}")
+    if report:
+        from streamharness.eval.report import write_report
+
+        write_report(report, result)
+        console.print(f"report → {report}")
+
+
 @app.command("build-episodes")
 def build_episodes(out: Path = typer.Option(Path("eval-jobs/episodes"), help="Where to write the shipped episode set.")) -> None:
     """Write the shipped episode set (hand-annotated opencv-doc episodes + synthetic ones)."""
@@ -113,3 +159,33 @@ def build_episodes(out: Path = typer.Option(Path("eval-jobs/episodes"), help="Wh
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _answer_matcher(threshold: float, judge_url: str | None, judge_model: str | None, judge_api_key: str | None):
+    """How `run` and `score` match answers: free text by the LLM judge when --judge-url is given,
+    else by MiniLM at ``threshold``; choices always by letter or text."""
+    from streamharness.eval.scoring import AnswerMatcher, MiniLMMatcher, OpenAICompatibleJudge
+
+    if judge_url and not judge_model:
+        raise typer.BadParameter("--judge-url needs the model to ask: --judge-model (or SH_EVAL_JUDGE_MODEL)",
+                                 param_hint="'--judge-model'")
+    if judge_model and not judge_url:
+        raise typer.BadParameter("--judge-model needs the judge's endpoint: --judge-url (or SH_EVAL_JUDGE_URL)",
+                                 param_hint="'--judge-url'")
+    if not judge_url:
+        return AnswerMatcher(MiniLMMatcher(threshold=threshold))
+    if not judge_url.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{judge_url!r} is not an http(s) URL (e.g. http://127.0.0.1:8080/openai/v1)",
+                                 param_hint="'--judge-url'")
+    return AnswerMatcher(OpenAICompatibleJudge(judge_url, judge_model, judge_api_key))
+
+
+def _score(episodes, runs, matcher, system: str | None):
+    """score_run, with a judge that gives no verdict (or runs that fit no episode) as one clear error line."""
+    from streamharness.eval.scoring import JudgeError, score_run
+
+    try:
+        return score_run(episodes, runs, matcher, system=system)
+    except (JudgeError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None

@@ -117,39 +117,113 @@ class LLMJudge(Matcher, Protocol):
     """A :class:`Matcher` that asks a language model (for users with an endpoint)."""
 
 
-class OpenAICompatibleJudge:
-    """Asks any OpenAI-compatible ``POST {base_url}/chat/completions`` whether the response answers
-    the question as the reference does; matches when the reply starts with "yes"."""
+class JudgeError(RuntimeError):
+    """The LLM judge gave no verdict: unreachable, rejected the request (unknown model, bad key, wrong
+    URL), or answered something that is not a chat completion. The message names URL and model."""
 
+
+class _TransientJudgeError(JudgeError):
+    """A connection error, a timeout, a 5xx, 408 or 429: worth another attempt."""
+
+
+_RETRY_STATUS = {408, 429}
+_VERDICT = re.compile(r"^[\W_]*(yes|no)\b", re.IGNORECASE)
+
+
+class OpenAICompatibleJudge:
+    """Asks any OpenAI-compatible ``POST {base_url}/chat/completions`` whether the response agrees
+    with the reference (greedy, ``temperature`` 0, a few tokens); matches when the reply says "yes".
+
+    * Verdict (:meth:`parse_verdict`): the reply's first word, ignoring case, leading spaces and
+      punctuation, is "yes" (``"Yes."``, ``" yes"``, ``"YES, it does"``); anything else, an empty
+      reply or ``content: null`` included, is "no".
+    * Retries: a connection error, a timeout, HTTP 5xx, 408 or 429 is retried, ``attempts`` tries
+      in all (exponential wait from ``retry_wait_s``); then, and on any other 4xx (unknown model,
+      bad key, wrong URL) at once, :class:`JudgeError` names the URL, the model and the server's words.
+    * Cache: one verdict per (question, reference, response) per instance, so re-scoring the same
+      runs does not ask again.
+    """
+
+    SYSTEM = ("You grade the answers of a video assistant against a reference answer. "
+              "Reply with exactly one word: yes or no.")
     PROMPT = (
-        "You grade answers of a video assistant. Question: {question}\nReference answer: {reference}\n"
-        "Assistant's answer: {response}\nDoes the assistant's answer agree with the reference answer? "
-        "Reply with exactly one word: yes or no."
+        "Question: {question}\nReference answer: {reference}\nAssistant's answer: {response}\n"
+        "Does the assistant's answer agree with the reference answer? Reply yes or no."
     )
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout_s: float = 30.0,
-                 client: Any = None) -> None:
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout_s: float = 60.0,
+                 attempts: int = 3, retry_wait_s: float = 0.5, client: Any = None) -> None:
         import httpx
 
         self.base_url = base_url.rstrip("/")
+        self.url = f"{self.base_url}/chat/completions"
         self.model = model
         self.name = f"llm-judge:{model}"
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = client or httpx.Client(timeout=timeout_s, headers=headers)
+        self.attempts = max(1, attempts)
+        self.retry_wait_s = retry_wait_s
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._owns_client = client is None
+        self._client = client or httpx.Client(timeout=timeout_s)
+        self._verdicts: dict[tuple[str, str, str], bool] = {}
+
+    @staticmethod
+    def parse_verdict(content: str | None) -> bool:
+        match = _VERDICT.match(content or "")
+        return bool(match) and match.group(1).lower() == "yes"
 
     def matches(self, question: str, reference: str, response: str) -> bool:
         if not response.strip():
             return False
+        key = (question, reference, response)
+        if key not in self._verdicts:
+            self._verdicts[key] = self.parse_verdict(self.ask(question, reference, response))
+        return self._verdicts[key]
+
+    def ask(self, question: str, reference: str, response: str) -> str | None:
+        """One verdict request (no cache): the reply's ``content`` as the server sent it."""
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
         body = {
             "model": self.model,
             "temperature": 0,
             "max_tokens": 3,
-            "messages": [{"role": "user", "content": self.PROMPT.format(question=question, reference=reference, response=response)}],
+            "messages": [
+                {"role": "system", "content": self.SYSTEM},
+                {"role": "user", "content": self.PROMPT.format(question=question, reference=reference, response=response)},
+            ],
         }
-        reply = self._client.post(f"{self.base_url}/chat/completions", json=body)
-        reply.raise_for_status()
-        content = reply.json()["choices"][0]["message"]["content"] or ""
-        return content.strip().lower().startswith("yes")
+        retrying = Retrying(retry=retry_if_exception_type(_TransientJudgeError), stop=stop_after_attempt(self.attempts),
+                            wait=wait_exponential(multiplier=self.retry_wait_s, max=10), reraise=True)
+        try:
+            return retrying(self._post, body)
+        except _TransientJudgeError as err:
+            raise JudgeError(f"{err} (gave up after {self.attempts} attempts)") from err.__cause__
+
+    def _post(self, body: dict[str, Any]) -> str | None:
+        import httpx
+
+        from streamharness.generation.openai_client import _error_message
+
+        where = f"LLM judge at {self.url} (model {self.model!r})"
+        try:
+            reply = self._client.post(self.url, json=body, headers=self._headers)
+        except httpx.TransportError as err:
+            raise _TransientJudgeError(f"cannot reach the {where}: {err!r}") from err
+        if reply.status_code >= 500 or reply.status_code in _RETRY_STATUS:
+            raise _TransientJudgeError(f"{where} failed: HTTP {reply.status_code}: {_error_message(reply)}")
+        if reply.status_code >= 400:
+            hint = {401: "; check the API key", 403: "; check the API key",
+                    404: "; check the model name, and that the URL is the API base (…/v1, without /chat/completions)"}
+            raise JudgeError(f"{where} rejected the request: HTTP {reply.status_code}: {_error_message(reply)}"
+                             f"{hint.get(reply.status_code, '')}")
+        try:
+            return reply.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeError(f"{where} answered HTTP {reply.status_code} without a chat completion: {reply.text[:300]!r}") from None
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
 
 
 _WHOLE_LETTER = re.compile(r"^\s*\(?([A-Z])\)?[.:]?\s*$")
