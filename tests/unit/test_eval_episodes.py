@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import cv2
+import numpy as np
 import pytest
 
 from streamharness.eval.episode import MODES, POSITIONS, Episode, load_episode
@@ -46,6 +47,66 @@ def test_shipped_set_covers_the_interaction_modes():
     walk_in = vtest.event("walks-in")
     assert walk_in.mode == "proactive" and walk_in.windows[0][0] == 0.0  # people are in view from the start
     assert vtest.event("seen-30s-ago").position == "backward"
+
+
+def test_shipped_set_covers_all_nine_cells_at_least_twice():
+    per_cell = Counter((e.mode, e.position) for ep in shipped_episodes() for e in ep.events)
+    assert set(per_cell) == ALL_CELLS, sorted(ALL_CELLS - set(per_cell))
+    assert min(per_cell.values()) >= 2, per_cell
+    # every episode has events in more than one cell, not one clip per cell
+    assert all(len({(e.mode, e.position) for e in ep.events}) >= 3 for ep in shipped_episodes())
+
+
+def test_docs_table_of_shipped_cells_is_current():
+    doc = (SHIPPED_DIR.parents[1] / "docs" / "eval.md").read_text(encoding="utf-8")
+    header = next(line for line in doc.splitlines() if line.startswith("| cell |"))
+    episodes = ["opencv-doc-" + name.strip() for name in header.strip("|").split("|")[1:]]
+    table = {}
+    for line in doc.splitlines():
+        cols = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cols) == len(episodes) + 1 and " × " in cols[0]:
+            mode, position = cols[0].split(" × ")
+            for ep_id, ids in zip(episodes, cols[1:]):
+                table[(ep_id, mode, position)] = sorted(i.strip(" `") for i in ids.split(",") if i.strip())
+    shipped = {ep.episode_id: ep for ep in shipped_episodes()}
+    assert sorted(episodes) == sorted(shipped)
+    for ep_id in episodes:
+        for m, p in ALL_CELLS:
+            want = sorted(e.event_id for e in shipped[ep_id].events if (e.mode, e.position) == (m, p))
+            assert table.get((ep_id, m, p)) == want, (ep_id, m, p)
+
+
+def test_shipped_windows_follow_their_position():
+    """present: the answer is due from the moment of the ask; forward: only once what was asked about
+    has happened (a punctual forward question's window opens after it is asked); backward: answered
+    from the ask on, about what came before."""
+    for ep in shipped_episodes():
+        for e in ep.events:
+            starts = [t0 for t0, _ in e.windows]
+            assert starts and min(starts) >= e.at_s, (ep.episode_id, e.event_id)
+            if e.position == "present":
+                assert starts[0] == e.at_s, (ep.episode_id, e.event_id)
+            if e.position == "forward" and e.type == "question":
+                assert starts[0] > e.at_s, (ep.episode_id, e.event_id)
+            if e.type == "question" and e.position == "backward":
+                assert starts[0] == e.at_s, (ep.episode_id, e.event_id)
+
+
+def test_tree_hand_events_are_annotated_from_the_video():
+    ep = next(ep for ep in shipped_episodes() if ep.episode_id == "opencv-doc-tree")
+    frames = list(read_video(resolve_video(ep)))
+    grey = [cv2.cvtColor(f.rgb, cv2.COLOR_RGB2GRAY).astype(float) for f in frames]
+    still = np.median([g for f, g in zip(frames, grey) if f.media_ts_ms < 20000], axis=0)
+
+    def changed(g):  # fraction of pixels far from the still view
+        return float((abs(g - still) > 40).mean())
+
+    appears = ep.event("hand-appears").windows[0][0]
+    before = [changed(g) for f, g in zip(frames, grey) if f.media_ts_ms / 1000.0 <= appears]
+    after = [changed(g) for f, g in zip(frames, grey) if f.media_ts_ms / 1000.0 > appears + 0.5]
+    assert before and after and max(before) < 0.08 < 0.1 < min(after)  # the view changes only when the hand comes in
+    assert ep.event("hand-10s-ago").ask_at_s - 10.0 < appears  # ten seconds before the ask, no hand yet
+    assert ep.event("hand-now").given_at_s > appears and ep.event("hand-still").ask_at_s > appears
 
 
 def test_megamind_black_first_frame_is_annotated_from_the_video():
