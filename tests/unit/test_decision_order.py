@@ -116,3 +116,14 @@ def test_an_end_before_its_frames_waits_for_them(service):
     service._batch = [frame(0, 2), frame(1000, 2)]
     service.process_batch()
     assert [d.instruction_id for d in service.producer.sent] == ["p"] and "t/cam" not in service.states
+
+
+def test_a_question_after_the_last_frame_in_the_same_batch_as_the_end_is_answered(service):
+    """The end's media time is its last frame's; a question asked later (media time past it) that
+    comes in the same poll must still be answered, not sorted after the end and forgotten."""
+    question = Q(key=KEY, session_id="s1", kind=Q.KIND_QUESTION, question_id="late", text="what happened?", media_ts_ms=60_000)
+    end = Q(key=KEY, session_id="s1", kind=Q.KIND_SESSION_END, media_ts_ms=1000)
+    service._batch = [start(), frame(0, 0), frame(1000, 0), question, end]
+    service.process_batch()
+    assert [(d.question_id, d.media_ts_ms) for d in service.producer.sent] == [("late", 60_000)]
+    assert "t/cam" not in service.states

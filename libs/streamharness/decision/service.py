@@ -43,21 +43,26 @@ def _media_order(msg) -> tuple[int, int]:
     if isinstance(msg, events_pb2.QueryEvent):
         if msg.kind == Q.KIND_SESSION_START:
             return (-1, 0)
-        if msg.kind == Q.KIND_SESSION_END:  # after every frame up to its time; -1 (no frames): last
-            return (msg.media_ts_ms if msg.media_ts_ms >= 0 else 2**62, 3)
+        if msg.kind == Q.KIND_SESSION_END:
+            # Last of all: the gateway publishes it after every other query of the session, and a
+            # question asked after the last frame (media time past the end's) must not be lost.
+            return (2**62, 3)
         return (msg.media_ts_ms, 1)
     return (msg.media_ts_ms, 2)
 
 
 class DecisionService(Service):
     def __init__(self, settings: DecisionSettings | None = None, kafka: KafkaSettings | None = None,
-                 policy: DecisionPolicy | None = None):
+                 policy: DecisionPolicy | None = None, producer: EventProducer | None = None):
+        """``producer`` given: embedded mode (the in-process pipeline): no Kafka consumer, the caller
+        feeds :meth:`collect` / :meth:`process_batch` and decisions go to that producer."""
         self.settings = settings or load_settings(DecisionSettings)
         self.kafka = kafka or load_settings(KafkaSettings)
         self.policy = policy
         self.states: dict[str, StreamState] = {}
         self._batch: list = []
-        self.producer: EventProducer | None = None
+        self.producer: EventProducer | None = producer
+        self.embedded = producer is not None
         self.consumer: EventConsumer | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -73,6 +78,8 @@ class DecisionService(Service):
                 min_label_score=self.settings.min_label_score, refractory_ms=int(self.settings.refractory_s * 1000),
             )
             self.policy = RulePolicy(encoder.encode, thresholds)
+        if self.embedded:
+            return
         if self.kafka.create_topics:
             ensure_topics(self.kafka, topics.PIPELINE)
         self.producer = EventProducer(self.kafka, client_id="decision")
@@ -83,10 +90,14 @@ class DecisionService(Service):
         )
 
     def start(self) -> None:
+        if self.embedded:
+            return
         self._thread = threading.Thread(target=self.consumer.run, args=(self._stop,), name="decision", daemon=True)
         self._thread.start()
 
     def ready(self) -> bool:
+        if self.embedded:
+            return self.policy is not None
         # Both topics must be assigned: with only one, a stream's frames and queries drift apart.
         return (self.policy is not None and self._thread is not None and self._thread.is_alive()
                 and self.consumer.assigned_topics() >= {self.kafka.topic(topics.QUERIES), self.kafka.topic(topics.EMBEDDINGS)})
@@ -95,7 +106,7 @@ class DecisionService(Service):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self.producer is not None:
+        if self.producer is not None and not self.embedded:
             self.producer.close(timeout=max(0.0, deadline - time.monotonic()))
 
     # -- handling ------------------------------------------------------------------------------

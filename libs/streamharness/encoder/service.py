@@ -164,14 +164,18 @@ class EncoderService(Service):
         settings: EncoderSettings | None = None,
         kafka: KafkaSettings | None = None,
         triton: TritonSettings | None = None,
+        producer: EventProducer | None = None,
     ) -> None:
+        """``producer`` given: embedded mode (the in-process pipeline): no Kafka consumer, the caller
+        hands frames to :meth:`accept` and calls :meth:`flush_batch`; embeddings go to that producer."""
+        self.embedded = producer is not None
         self.settings = settings or load_settings(EncoderSettings)
         self.kafka = kafka or load_settings(KafkaSettings)
         self.triton = triton or load_settings(TritonSettings)
         self.stats = EncoderStats()
         self.encoder: FrameEncoderClient | None = None
         self.people: PeopleDetectorClient | None = None
-        self.producer: EventProducer | None = None
+        self.producer: EventProducer | None = producer
         self.consumer: EventConsumer[events_pb2.FrameEvent] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._batch: list[_Frame] = []
@@ -190,15 +194,18 @@ class EncoderService(Service):
         self.encoder = FrameEncoderClient(self.triton)
         if self.settings.detect_people:
             self.people = PeopleDetectorClient(self.triton, self.settings.people_model, self.settings.people_model_version)
-        if self.kafka.create_topics:
-            ensure_topics(self.kafka, [topics.FRAMES, topics.EMBEDDINGS])
-        self.producer = EventProducer(self.kafka, client_id="encoder")
+        if not self.embedded:
+            if self.kafka.create_topics:
+                ensure_topics(self.kafka, [topics.FRAMES, topics.EMBEDDINGS])
+            self.producer = EventProducer(self.kafka, client_id="encoder")
         # One worker for the batch's encoder request, the others for people detection.
         self._pool = ThreadPoolExecutor(max_workers=self.settings.detect_concurrency + 1, thread_name_prefix="encoder-triton")
 
     def start(self) -> None:
         if self.producer is None:
             raise RuntimeError("EncoderService.start() before load()")
+        if self.embedded:
+            return
         s = self.settings
         # A poll takes at most one batch; the flush runs before the batch's offsets are committed.
         consumer_settings = self.kafka.model_copy(update={"consumer_max_records": s.max_batch})
@@ -213,8 +220,8 @@ class EncoderService(Service):
             group_id=s.consumer_group,
             topics=[topics.FRAMES],
             message_type=events_pb2.FrameEvent,
-            handler=self._accept,
-            on_batch_end=self._flush,
+            handler=self.accept,
+            on_batch_end=self.flush_batch,
             client_id="encoder",
             **fetch,
         )
@@ -234,6 +241,8 @@ class EncoderService(Service):
             return False
         if self.settings.detect_people and (self.people is None or not self.people.ready()):
             return False
+        if self.embedded:
+            return True
         # The consumer thread ends only on stop() or on an error it could not get past.
         return self._thread is not None and self._thread.is_alive()
 
@@ -248,7 +257,7 @@ class EncoderService(Service):
             self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
                 raise RuntimeError("the encoder's consumer did not finish its batch before the shutdown deadline")
-        if self.producer is not None:
+        if self.producer is not None and not self.embedded:
             self.producer.close(timeout=max(0.0, deadline - time.monotonic()))
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -258,7 +267,7 @@ class EncoderService(Service):
         self._stopped = True
 
     # -- consuming -----------------------------------------------------------------------------
-    def _accept(self, event: ConsumedEvent[events_pb2.FrameEvent]) -> None:
+    def accept(self, event: ConsumedEvent[events_pb2.FrameEvent]) -> None:
         """The per-record handler: decode and keep for the batch (the flush does the rest)."""
         try:
             rgb = decode_jpeg(event.message.jpeg)
@@ -269,7 +278,7 @@ class EncoderService(Service):
             raise InvalidInput(f"{event.key} seq {event.message.seq} at {event.message.media_ts_ms} ms: {err}") from None
         self._batch.append(_Frame(event, rgb))
 
-    def _flush(self) -> None:
+    def flush_batch(self) -> None:
         """``on_batch_end``: encode, detect and publish the batch; raising makes the consumer redeliver it."""
         frames, self._batch = self._batch, []
         for start in range(0, len(frames), self.settings.max_batch):
@@ -387,7 +396,7 @@ class EncoderService(Service):
             (DLQ_SOURCE_TOPIC, event.topic.encode()),
             (DLQ_SOURCE_PARTITION, str(event.partition).encode()),
             (DLQ_SOURCE_OFFSET, str(event.offset).encode()),
-            (DLQ_GROUP, self.consumer.group_id.encode()),
+            (DLQ_GROUP, (self.consumer.group_id if self.consumer is not None else "in-process").encode()),
         ]
         # ConsumedEvent keeps the decoded message, not the record's bytes: re-serialised (the same
         # fields; unknown fields of a newer producer are kept by protobuf).

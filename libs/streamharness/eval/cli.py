@@ -16,7 +16,6 @@ _JUDGE_MODEL = typer.Option(None, envvar="SH_EVAL_JUDGE_MODEL", help="Model the 
 _JUDGE_API_KEY = typer.Option(None, envvar="SH_EVAL_JUDGE_API_KEY", help="Bearer key for the LLM judge's endpoint.")
 
 
-
 @app.command()
 def run(
     episodes: Path = typer.Option(..., exists=True, help="Episode file (.json/.jsonl) or folder of them."),
@@ -24,6 +23,12 @@ def run(
     baseline: str = typer.Option(None, help="Instead of a pipeline: silent, always or every-k."),
     k: int = typer.Option(5, min=1, help="k of the every-k baseline (seconds)."),
     local: bool = typer.Option(False, help="Start the whole pipeline locally for the run (streamharness up's stack)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run the services' code in this process without Kafka "
+                                    "(encoder on Triton at SH_TRITON_URL; generation per SH_GENERATION_*)."),
+    start_triton: bool = typer.Option(False, help="With --in-process: start a local tritonserver on the dev model "
+                                      "repository for the run instead of using SH_TRITON_URL."),
+    send_fps: float = typer.Option(2.0, min=0.1, max=30.0, help="Frames per media second sent into the pipeline "
+                                   "(ingest keeps SH_INGEST's decision rate of them)."),
     speed: float = typer.Option(0.0, min=0.0, help="Replay speed on media time (1 = real time, 0 = as fast as it goes)."),
     concurrency: int = typer.Option(2, min=1, max=64, help="Episodes replayed at once."),
     system: str = typer.Option("pipeline", help="Name of the system under test in the result."),
@@ -48,13 +53,17 @@ def run(
     console = Console()
     eps = load_episodes(episodes)
     base_dir = episodes if episodes.is_dir() else episodes.parent
-    if sum(bool(x) for x in (gateway, baseline, local)) != 1:
-        raise typer.BadParameter("give exactly one of --gateway, --baseline or --local")
+    if sum(bool(x) for x in (gateway, baseline, local, in_process)) != 1:
+        raise typer.BadParameter("give exactly one of --gateway, --baseline, --local or --in-process")
+    if start_triton and not in_process:
+        raise typer.BadParameter("--start-triton goes with --in-process")
     if baseline:
         if baseline not in BASELINES:
             raise typer.BadParameter(f"--baseline must be one of {', '.join(BASELINES)}")
         runs = [run_baseline(ep, baseline, k=k) for ep in eps]
         system = runs[0].system if runs else f"baseline:{baseline}"
+    elif in_process:
+        runs = _run_in_process(eps, base_dir, system=system, start_triton=start_triton, send_fps=send_fps, console=console)
     else:
         stack = None
         if local:
@@ -67,7 +76,7 @@ def run(
             with Progress(console=console) as progress:
                 task = progress.add_task(f"replaying {len(eps)} episodes", total=len(eps))
                 runs = asyncio.run(run_many_via_gateway(
-                    gateway, eps, concurrency=concurrency, speed=speed, system=system, base_dir=base_dir,
+                    gateway, eps, concurrency=concurrency, speed=speed, system=system, base_dir=base_dir, send_fps=send_fps,
                     api_key=api_key, progress=lambda _ep: progress.advance(task)))
         finally:
             if stack is not None:
@@ -155,6 +164,46 @@ def build_episodes(out: Path = typer.Option(Path("eval-jobs/episodes"), help="Wh
 
     for path in build_builtin_set(out):
         typer.echo(path)
+
+
+def _run_in_process(eps, base_dir: Path, *, system: str, start_triton: bool, send_fps: float, console) -> list:
+    """Episodes one after another through :class:`~streamharness.inprocess.InProcessPipeline`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from streamharness.eval.runner import run_episode_in_process
+    from streamharness.inprocess import InProcessConfig, InProcessPipeline
+    from streamharness.settings import TritonSettings, load_settings
+
+    triton_server = None
+    triton = load_settings(TritonSettings)
+    if start_triton:
+        from streamharness.devinfra.triton_server import TritonServer
+
+        with console.status("starting tritonserver…"):
+            triton_server = TritonServer().start()
+        triton = triton.model_copy(update={"url": triton_server.grpc_url})
+    pipeline = InProcessPipeline(InProcessConfig(triton=triton))
+    try:
+        with console.status("loading the pipeline's models…"):
+            pipeline.open()
+        if not pipeline.ready():
+            raise typer.BadParameter(f"the in-process pipeline is not ready: is Triton serving the frame encoder at {triton.url}?")
+        runs = []
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("media s"),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console) as progress:
+            for ep in eps:
+                total = int(ep.duration_s)
+                task = progress.add_task(ep.episode_id, total=total)
+                runs.append(run_episode_in_process(
+                    pipeline, ep, send_fps=send_fps, system=system, base_dir=base_dir,
+                    on_frame=lambda ts, task=task, total=total: progress.update(task, completed=min(ts // 1000, total))))
+                progress.update(task, completed=total)
+        return runs
+    finally:
+        pipeline.close()
+        if triton_server is not None:
+            triton_server.stop()
 
 
 def _fmt(value) -> str:

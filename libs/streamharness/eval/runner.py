@@ -1,5 +1,6 @@
-"""Replay episodes and record what a system said: through a deployed pipeline (the gateway), or
-with a built-in baseline policy that needs no pipeline.
+"""Replay episodes and record what a system said: through a deployed pipeline (the gateway), through
+the in-process pipeline (the same services' code without Kafka), or with a built-in baseline
+policy that needs no pipeline.
 
 Replays run on media time: ``speed`` 1 is real time, N is N× faster, 0 as fast as the pipeline
 takes frames. Questions are asked at their ``ask_at_s``, instructions given at ``given_at_s``
@@ -106,15 +107,51 @@ async def run_episode_via_gateway(address: str, episode: Episode, *, speed: floa
                       metadata={"speed": speed, "frames": len(frames)})
 
 
+def question_text(event: QuestionEvent) -> str:
+    """What the system is asked: the question, with lettered options for multiple choice."""
+    text = event.text
+    if event.choices:
+        text += " Options: " + "; ".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(event.choices)) + ". Answer with the letter."
+    return text
+
+
 async def _send_event(session, event: QuestionEvent | InstructionEvent, sent_wall: dict[str, float]) -> None:
     if isinstance(event, QuestionEvent):
-        text = event.text
-        if event.choices:
-            text += " Options: " + "; ".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(event.choices)) + ". Answer with the letter."
+        text = question_text(event)
         sent_wall[event.event_id] = time.monotonic()
         await session.ask(text, at_ms=int(event.ask_at_s * 1000), question_id=event.event_id)
     else:
         await session.watch_for(event.text, at_ms=int(event.given_at_s * 1000), instruction_id=event.event_id)
+
+
+def run_episode_in_process(pipeline, episode: Episode, *, send_fps: float = 2.0, decision_fps: float = 1.0,
+                           system: str = "in-process", base_dir: Path | None = None, on_frame=None) -> EpisodeRun:
+    """Play one episode through an open :class:`~streamharness.inprocess.InProcessPipeline` (the
+    services' own code without Kafka; see that module). Frames go in as fast as the pipeline takes
+    them; a question's TTFT and end-to-end time run from the moment the first frame at or after its
+    ``ask_at_s`` entered ingest to the first and the final chunk of its answer."""
+    from streamharness.inprocess import TimedQuery
+
+    video = resolve_video(episode, base_dir)
+    initial = {e.event_id: e.text for e in episode.instructions if e.given_at_s == 0}
+    queries = [TimedQuery("question", q.event_id, int(q.ask_at_s * 1000), question_text(q)) for q in episode.questions]
+    queries += [TimedQuery("instruction_add", i.event_id, int(i.given_at_s * 1000), i.text)
+                for i in episode.instructions if i.given_at_s > 0]
+    frames = ((f.media_ts_ms, f.jpeg) for f in iter_frames(video, send_fps, episode.duration_s))
+    result = pipeline.run_session("eval", f"eval-{episode.episode_id}"[:128].replace("/", "-"), frames,
+                                  instructions=initial, queries=queries, decision_fps=decision_fps, on_frame=on_frame)
+    records = []
+    for r in result.responses:
+        asked = r.asked_wall if r.question_id else None
+        records.append(ResponseRecord(
+            event_id=r.question_id or r.instruction_id or None, media_ts_s=r.media_ts_ms / 1000, text=r.text.strip(),
+            ttft_ms=(r.first_chunk_wall - asked) * 1000 if asked is not None and r.first_chunk_wall is not None else None,
+            e2e_ms=(r.final_wall - asked) * 1000 if asked is not None and r.final_wall is not None else None,
+        ))
+    return EpisodeRun(episode_id=episode.episode_id, system=system, responses=records,
+                      metadata={"pipeline": "in-process", "frames": result.frames_published,
+                                "frame_errors": len(result.frame_errors), "dead_letters": result.dead_letters,
+                                "wall_s": round(result.wall_s, 3)})
 
 
 def run_baseline(episode: Episode, policy: str, k: int = 5, step_s: float = 1.0) -> EpisodeRun:

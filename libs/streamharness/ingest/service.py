@@ -38,7 +38,9 @@ class IngestSettings(BaseSettings):
     publish_timeout_s: float = Field(10.0, gt=0, description="How long to wait for the broker to acknowledge a frame.")
 
 
-class _Ingest(ingest_pb2_grpc.IngestServiceServicer):
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
+    """``IngestFrames``; :meth:`ingest_one` is the per-frame step (also used by the in-process pipeline)."""
+
     def __init__(self, settings: IngestSettings, producer: EventProducer, intake_open: threading.Event):
         self.settings = settings
         self.producer = producer
@@ -55,9 +57,9 @@ class _Ingest(ingest_pb2_grpc.IngestServiceServicer):
                 resampler = Resampler(req.decision_fps or self.settings.default_decision_fps)
             elif (req.key.tenant, req.key.stream_id) != (key.tenant, key.stream_id):
                 raise InvalidInput(f"one IngestFrames call carries one stream: got {key_str(req.key)} after {key_str(key)}")
-            yield self._one(req, key, resampler)
+            yield self.ingest_one(req, key, resampler)
 
-    def _one(self, req: ingest_pb2.IngestFrameRequest, key: common_pb2.StreamKey, resampler: Resampler) -> ingest_pb2.IngestFrameResult:
+    def ingest_one(self, req: ingest_pb2.IngestFrameRequest, key: common_pb2.StreamKey, resampler: Resampler) -> ingest_pb2.IngestFrameResult:
         result = ingest_pb2.IngestFrameResult(seq=req.seq, media_ts_ms=req.media_ts_ms)
         if not self.intake_open.is_set():
             result.status = ingest_pb2.IngestFrameResult.STATUS_REJECTED
@@ -103,7 +105,7 @@ class IngestService(Service):
         self.producer.fetch_metadata(topics.FRAMES)
 
     def register(self, server: grpc.Server) -> None:
-        ingest_pb2_grpc.add_IngestServiceServicer_to_server(_Ingest(self.settings, self.producer, self._intake_open), server)
+        ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(self.settings, self.producer, self._intake_open), server)
 
     def start(self) -> None:
         self._intake_open.set()

@@ -310,7 +310,10 @@ class MemoryService(Service):
         kafka: KafkaSettings | None = None,
         text_encoder: TextEncoder | None = None,
         store: MemoryStore | None = None,
+        embedded: bool = False,
     ) -> None:
+        """``embedded``: no Kafka consumer (the in-process pipeline calls :meth:`remember` itself)."""
+        self.embedded = embedded
         self.settings = settings
         self.kafka = kafka
         self.text_encoder = text_encoder
@@ -331,6 +334,8 @@ class MemoryService(Service):
         self._digests = _DigestCache(self.settings.digest_cache_chunks)
         if self.store is None:
             self.store = open_store(self.settings)
+        if self.embedded:
+            return
         if self.kafka.create_topics:
             ensure_topics(self.kafka, [topics.EMBEDDINGS])
         self.consumer = EventConsumer(
@@ -338,7 +343,7 @@ class MemoryService(Service):
             group_id=self.settings.consumer_group,
             topics=[topics.EMBEDDINGS],
             message_type=events_pb2.EncodedFrameEvent,
-            handler=self._remember,
+            handler=self.remember,
             # 'earliest': a new memory group must remember the frames produced before it joined
             # (e.g. the first deploy, or a replica that lost its volume replaying the topic);
             # 'latest' would silently leave holes in a stream's history.
@@ -350,6 +355,8 @@ class MemoryService(Service):
         memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self), server)
 
     def start(self) -> None:
+        if self.embedded:
+            return
         assert self.consumer is not None, "load() first"
         self._thread = threading.Thread(target=self._consume, name="memory-consumer", daemon=True)
         self._thread.start()
@@ -401,7 +408,8 @@ class MemoryService(Service):
             log.exception("memory consumer failed")  # ready() turns false: the pod gets restarted
             raise
 
-    def _remember(self, event: ConsumedEvent[events_pb2.EncodedFrameEvent]) -> None:
+    def remember(self, event: ConsumedEvent[events_pb2.EncodedFrameEvent]) -> None:
+        """Keep one encoded frame (the consumer's handler)."""
         assert self.store is not None and self.text_encoder is not None and self._digests is not None and self.settings
         record = record_from_event(event.key, event.message)
         vector = self.text_encoder.encode([frame_text(record)])

@@ -174,7 +174,15 @@ class ResponderService(Service):
         kafka: KafkaSettings | None = None,
         generation: GenerationSettings | None = None,
         generator: ResponseGenerator | None = None,
+        producer: EventProducer | None = None,
+        memory: object | None = None,
     ) -> None:
+        """``producer`` given: embedded mode (the in-process pipeline): no Kafka consumers, the
+        caller hands decisions to :meth:`handle` and responses go to that producer. ``memory``: an
+        object with the ``MemoryServiceStub`` methods ``Context`` and ``Recall`` to use instead of a
+        gRPC channel to ``SH_RESPONDER_MEMORY_ADDRESS``."""
+        self.embedded = producer is not None
+        self._memory_stub = memory
         self._settings = settings
         self._kafka = kafka
         self._generation = generation
@@ -182,7 +190,7 @@ class ResponderService(Service):
         self._owns_generator = generator is None
         self._channel: grpc.Channel | None = None
         self._builder: ResponseBuilder | None = None
-        self._producer: EventProducer | None = None
+        self._producer: EventProducer | None = producer
         self._consumers: list[EventConsumer[events_pb2.DecisionEvent]] = []
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -198,11 +206,13 @@ class ResponderService(Service):
             self._generator = make_generator(self._generation)
         if isinstance(self._generator, LocalSmolLM2Generator):
             self._generator.load()
-        stub = None
-        if self._settings.memory_address:
+        stub = self._memory_stub
+        if stub is None and self._settings.memory_address:
             self._channel = grpc.insecure_channel(self._settings.memory_address)
             stub = memory_pb2_grpc.MemoryServiceStub(self._channel)
         self._builder = ResponseBuilder(self._settings, stub)
+        if self.embedded:
+            return
         if self._kafka.create_topics:
             ensure_topics(self._kafka, [topics.DECISIONS, topics.RESPONSES])
         self._producer = EventProducer(self._kafka, client_id="responder")
@@ -230,6 +240,8 @@ class ResponderService(Service):
             self._threads.append(thread)
 
     def ready(self) -> bool:
+        if self.embedded:
+            return self._generator is not None and self._generator.ready()
         if self._generator is None or not self._threads:
             return False
         return all(t.is_alive() for t in self._threads) and self._generator.ready()
@@ -241,7 +253,7 @@ class ResponderService(Service):
         stuck = [t.name for t in self._threads if t.is_alive()]
         if stuck:
             log.error("responses still generating at the deadline (%s): their decisions will be redelivered", stuck)
-        if self._producer is not None:
+        if self._producer is not None and not self.embedded:
             self._producer.close(timeout=max(0.1, deadline - time.monotonic()))
         if self._channel is not None:
             self._channel.close()
