@@ -139,3 +139,25 @@ def test_eval_job_manifest_is_valid_and_runs_the_eval_entry_point():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     spec = yaml.safe_load(job.read_text())["spec"]["template"]["spec"]
     assert spec["containers"][0]["command"] == ["streamharness", "eval", "run"]
+
+
+def test_in_process_eval_job_manifest_is_valid_and_its_command_parses():
+    job = ROOT / "eval-jobs" / "job-in-process.yaml"
+    proc = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", "--quiet", "-k", KUBE_VERSION, str(job)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    container = yaml.safe_load(job.read_text())["spec"]["template"]["spec"]["containers"][0]
+    script = container["args"][0]
+    assert "eval build-episodes" in script and "eval run" in script and "--in-process" in script
+    # Every option the Job passes exists on the CLI (a renamed option would fail only in the cluster).
+    from typer.main import get_command
+
+    from streamharness.eval.cli import app as eval_app
+
+    eval_group = get_command(eval_app)
+    for sub, part in (("build-episodes", script.split("&&")[0]), ("run", script.split("&&")[1])):
+        known = {opt for p in eval_group.commands[sub].params for opt in p.opts}
+        used = {tok for tok in part.split() if tok.startswith("--")}
+        assert used <= known, (sub, used - known)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["SH_GENERATION_BACKEND"] == "openai" and env["SH_TRITON_URL"].endswith(":8001")

@@ -158,11 +158,17 @@ def score(
 
 
 @app.command("build-episodes")
-def build_episodes(out: Path = typer.Option(Path("eval-jobs/episodes"), help="Where to write the shipped episode set.")) -> None:
-    """Write the shipped episode set (hand-annotated opencv-doc episodes + synthetic ones)."""
+def build_episodes(
+    out: Path = typer.Option(None, help="Where to write the set; default: the cache dir's episodes/ (SH_DEV_CACHE_DIR)."),
+    short_duration_s: int = typer.Option(600, min=0, help="Length of the short synthetic episode (0 = none)."),
+    long_duration_s: int = typer.Option(7200, min=0, help="Length of the multi-hour synthetic episode (0 = none)."),
+    seed: int = typer.Option(0, help="Seed of the synthetic episodes."),
+) -> None:
+    """Write the shipped episode set, ready to run: the hand-annotated opencv-doc episodes with their
+    videos resolved, and the synthetic ones rendered (frames beside each episode file)."""
     from streamharness.eval.episodes_builtin import build_builtin_set
 
-    for path in build_builtin_set(out):
+    for path in build_builtin_set(out, short_duration_s=short_duration_s, long_duration_s=long_duration_s, seed=seed):
         typer.echo(path)
 
 

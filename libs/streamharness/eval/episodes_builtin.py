@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from streamharness.eval.episode import Episode, load_episodes, parse_episode, sa
 from streamharness.media import cache_dir, sample_path
 
 OPENCV_DOC_PREFIX = "opencv-doc:"
-SHIPPED_DIR = Path(__file__).resolve().parents[3] / "eval-jobs" / "episodes"
+# The repository's eval-jobs/episodes; an installed package (the image) says where with SH_EVAL_EPISODES_DIR.
+SHIPPED_DIR = Path(os.environ.get("SH_EVAL_EPISODES_DIR") or Path(__file__).resolve().parents[3] / "eval-jobs" / "episodes")
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40)}
 LABELS = ("ALPHA", "BRAVO", "CEDAR", "DELTA", "EMBER", "FJORD", "GECKO", "HAZEL")
