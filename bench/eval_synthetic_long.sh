@@ -16,6 +16,8 @@ EPISODE_DIR="$($PY -c 'from streamharness.eval.episodes_builtin import episodes_
 mkdir -p "$OUT"
 $PY -m streamharness.cli eval build-episodes --short-duration-s 0 --long-duration-s "$DURATION" >/dev/null
 export SH_GENERATION_BACKEND=local SH_GENERATION_TORCH_THREADS=1
+# Multiple-choice answers need a letter, not a paragraph: shorter answers keep a CPU run bounded.
+export SH_RESPONDER_QUESTION_MAX_NEW_TOKENS=32
 export SH_MEMORY_DATA_DIR="$(mktemp -d)"
 /usr/bin/time -v -o "$OUT/$NAME.time.txt" \
   $PY -m streamharness.cli eval run \

@@ -112,6 +112,11 @@ class Session:
             add=common_pb2.StandingInstruction(instruction_id=iid, text=text), media_ts_ms=at_ms)))
         return iid
 
+    async def stop_watching(self, instruction_id: str, at_ms: int) -> None:
+        """Withdraw a standing instruction from ``at_ms`` of media time on."""
+        await self._out.put(session_pb2.ClientMessage(instruction=session_pb2.InstructionUpdate(
+            remove_instruction_id=instruction_id, media_ts_ms=at_ms)))
+
     async def end(self) -> None:
         await self._out.put(session_pb2.ClientMessage(end=session_pb2.SessionEnd()))
         await self._out.put(_END)

@@ -71,11 +71,10 @@ class LocalBus:
 
     def __init__(self, kafka: KafkaSettings | None = None) -> None:
         self._kafka = kafka or KafkaSettings()
-        self._queues: dict[str, deque[ConsumedEvent]] = defaultdict(deque)
+        self._queues: dict[str, deque[tuple[ConsumedEvent, float]]] = defaultdict(deque)  # (record, monotonic time sent)
         self._offsets: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
         self.dead_letters: list[DeadLetter] = []
-        self.sent_wall: dict[tuple[str, int], float] = {}  # (topic, offset) → monotonic time sent
 
     def send(self, topic: str, key: common_pb2.StreamKey | str, message: Message, headers=None) -> _Delivered:
         full = self._kafka.topic(topic)
@@ -83,10 +82,10 @@ class LocalBus:
         with self._lock:
             offset = self._offsets[full]
             self._offsets[full] += 1
-            self._queues[topic].append(ConsumedEvent(
+            self._queues[topic].append((ConsumedEvent(
                 key=key_str(key) if isinstance(key, common_pb2.StreamKey) else key, message=parsed, topic=full,
-                partition=0, offset=offset, headers=tuple(headers or ()), timestamp_ms=int(time.time() * 1000)))
-            self.sent_wall[(topic, offset)] = time.monotonic()
+                partition=0, offset=offset, headers=tuple(headers or ()), timestamp_ms=int(time.time() * 1000)),
+                time.monotonic()))
         return _Delivered(full, offset)
 
     def send_raw(self, full_topic: str, key: bytes | None, value: bytes | None, headers) -> _Delivered:
@@ -95,12 +94,17 @@ class LocalBus:
             offset = len(self.dead_letters) - 1
         return _Delivered(full_topic, offset)
 
-    def pending(self, topic: str) -> list[ConsumedEvent]:
-        """What :meth:`take` would return, left in place."""
+    def pending(self, topic: str) -> int:
+        """How many records wait on ``topic``."""
         with self._lock:
-            return list(self._queues[topic])
+            return len(self._queues[topic])
 
     def take(self, topic: str) -> list[ConsumedEvent]:
+        """Every record waiting on ``topic``, oldest first; the topic is left empty."""
+        return [event for event, _ in self.take_timed(topic)]
+
+    def take_timed(self, topic: str) -> list[tuple[ConsumedEvent, float]]:
+        """As :meth:`take`, each record with the ``time.monotonic()`` it was sent at."""
         with self._lock:
             queue = self._queues[topic]
             out = list(queue)
@@ -302,14 +306,13 @@ class InProcessPipeline:
         def answer_decisions() -> None:
             for event in self.bus.take(topics.DECISIONS):
                 self.responder.handle(event)
-            for event in self.bus.take(topics.RESPONSES):
+            for event, sent in self.bus.take_timed(topics.RESPONSES):
                 r = event.message
                 resp = assembling.get(r.response_id)
                 if resp is None:
                     resp = assembling[r.response_id] = LocalResponse(
                         r.response_id, r.question_id, r.instruction_id, r.media_ts_ms,
                         asked_wall=asked.get(r.question_id) if r.question_id else None)
-                sent = self.bus.sent_wall.get((topics.RESPONSES, event.offset), time.monotonic())
                 if r.index == 0:
                     resp.first_chunk_wall = sent
                 resp.text += r.text
@@ -361,7 +364,7 @@ class InProcessPipeline:
                 result.frames_skipped += 1
             else:
                 result.frame_errors.append(status.error)
-            if due_now or len(self.bus.pending(topics.FRAMES)) >= self.config.encode_batch:
+            if due_now or self.bus.pending(topics.FRAMES) >= self.config.encode_batch:
                 encode()
         encode()
         for q in queries_until(None):

@@ -173,3 +173,40 @@ def test_streaming_eval_replays_an_episode_through_the_services(stack, tmp_path)
     assert len(answers) == 1 and 5 <= answers[0].media_ts_s <= 10 and answers[0].ttft_ms > 0
     html = write_report(tmp_path / "report.html", score).read_text()
     assert "proactive" in html and "punctual" in html
+
+
+def test_the_in_process_pipeline_decides_as_the_deployed_services_do(stack, tmp_path, monkeypatch):
+    """Same episode through the running services (Kafka, gateway) and through the in-process
+    pipeline (the same classes in embedded mode): the same responses at the same media times."""
+    from streamharness.eval.episode import parse_episode
+    from streamharness.eval.runner import run_episode_in_process, run_episode_via_gateway
+    from streamharness.generation import GenerationSettings, make_generator
+    from streamharness.inprocess import InProcessConfig, InProcessPipeline
+    from streamharness.settings import TritonSettings, load_settings
+
+    episode = parse_episode({
+        "episode_id": "vtest-same", "video": "opencv-doc:vtest.avi", "duration_s": 12, "source": "opencv-doc",
+        "events": [
+            {"type": "instruction", "event_id": "walk-in", "given_at_s": 0, "text": "tell me when someone walks in",
+             "windows": [[0, 2]], "mode": "proactive", "position": "forward"},
+            {"type": "question", "event_id": "q3", "ask_at_s": 3, "text": "What do you see?", "window": [3, 6],
+             "reference": "people walking", "mode": "punctual", "position": "present"},
+            {"type": "question", "event_id": "q9", "ask_at_s": 9.5, "text": "Is it a street?", "window": [9.5, 12],
+             "choices": ["yes", "no"], "answer_index": 0, "mode": "punctual", "position": "present"},
+        ],
+    })
+    deployed = asyncio.run(run_episode_via_gateway(stack.gateway_addresses[0], episode, speed=0, send_fps=1.0))
+    # The stack's services run with these; the in-process stages read the same variables.
+    monkeypatch.setenv("SH_DECISION_REFRACTORY_S", "30")
+    generator = make_generator(load_settings(GenerationSettings, backend="openai", max_new_tokens=16,
+                                             base_url=f"http://{stack.proc('generator').address}/openai/v1"))
+    config = InProcessConfig(triton=load_settings(TritonSettings, url=stack.triton.grpc_url), memory_dir=tmp_path / "memory")
+    with InProcessPipeline(config, generator=generator) as pipeline:
+        local = run_episode_in_process(pipeline, episode, send_fps=1.0)
+    generator.close()
+
+    def steps(run):
+        return sorted((r.event_id, r.media_ts_s) for r in run.responses)
+
+    assert steps(local) == steps(deployed), (local.responses, deployed.responses)
+    assert {e for e, _ in steps(local)} == {"walk-in", "q3", "q9"}

@@ -186,3 +186,24 @@ def test_build_builtin_set_is_resumable(tmp_path):
     again = build_builtin_set(tmp_path, short_duration_s=300, long_duration_s=0)
     assert again == paths and frames[10].stat().st_mtime_ns == mtime
     assert json.loads(paths[-1].read_text())["source"] == "synthetic"
+
+
+def test_withdrawal_must_follow_the_instruction_and_its_windows():
+    from streamharness.eval.episode import EpisodeFormatError, parse_episode
+
+    base = {"episode_id": "w", "video": "v.mp4", "duration_s": 60, "source": "synthetic", "events": [
+        {"type": "instruction", "event_id": "i", "given_at_s": 10, "text": "tell me when a cup appears",
+         "windows": [[20, 25]], "mode": "proactive", "position": "forward", "withdrawn_at_s": 30}]}
+    assert parse_episode(base).instructions[0].withdrawn_at_s == 30
+    for bad, message in ((5, "after given_at_s"), (22, "end after the instruction is withdrawn")):
+        raw = {**base, "events": [{**base["events"][0], "withdrawn_at_s": bad}]}
+        with pytest.raises(EpisodeFormatError, match=message):
+            parse_episode(raw)
+
+
+def test_synthetic_blocks_withdraw_their_instructions_so_few_stand_at_once():
+    _, ep = plan_synthetic(7200, seed=0)
+    assert all(i.withdrawn_at_s is not None for i in ep.instructions)
+    for t in range(0, 7200, 60):
+        standing = [i for i in ep.instructions if i.given_at_s <= t < i.withdrawn_at_s]
+        assert len(standing) <= 8, (t, [i.event_id for i in standing])

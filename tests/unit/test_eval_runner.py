@@ -55,3 +55,29 @@ def test_frame_folder_is_replayed_in_media_order_at_the_rate(tmp_path):
     (tmp_path / "notes.txt").write_text("ignored")
     assert [f.media_ts_ms for f in iter_frames(tmp_path, fps=1.0, limit_s=2.5)] == [0, 1000, 2100]
     assert len(list(iter_frames(tmp_path, fps=None, limit_s=100))) == 6
+
+
+def test_a_withdrawn_instruction_stops_firing_and_the_in_process_runner_sends_the_removal(episode):
+    from streamharness.eval.runner import run_episode_in_process
+
+    raw = episode.model_dump(mode="json")
+    instr = next(e for e in raw["events"] if e["type"] == "instruction")
+    instr["withdrawn_at_s"] = 3
+    raw["events"].append({**instr, "event_id": "late", "given_at_s": 6, "windows": [[6, 8]], "withdrawn_at_s": 8})
+    withdrawn = parse_episode(raw)
+    fired = [r.media_ts_s for r in run_baseline(withdrawn, "always").responses if r.event_id == "i"]
+    assert fired == [0.0, 1.0, 2.0]
+
+    class Recorder:  # what the runner hands the pipeline; the pipeline itself is tested in integration
+        def run_session(self, tenant, stream_id, frames, *, instructions, queries, decision_fps, on_frame):
+            self.instructions, self.queries = instructions, list(queries)
+            list(frames)
+            from streamharness.inprocess import SessionResult
+            return SessionResult()
+
+    rec = Recorder()
+    run_episode_in_process(rec, withdrawn, send_fps=1.0)
+    assert rec.instructions == {"i": "tell me when someone walks in"}
+    assert sorted((q.kind, q.event_id, q.media_ts_ms) for q in rec.queries) == [
+        ("instruction_add", "late", 6000), ("instruction_remove", "i", 3000), ("instruction_remove", "late", 8000),
+        ("question", "q", 4000)]

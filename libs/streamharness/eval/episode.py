@@ -37,7 +37,8 @@ Fields:
 * An **instruction** (``type: "instruction"``) is a standing instruction given at ``given_at_s``;
   each of its ``windows`` expects exactly one proactive response. Windows are sorted and do not
   overlap. An optional ``reference`` describes what the alert should say; without one any
-  non-empty response is a valid alert.
+  non-empty response is a valid alert. An optional ``withdrawn_at_s`` is when the user takes the
+  instruction back (it stands to the end without one); every window ends by then.
 * Every event has a ``mode`` (``proactive``, ``punctual``, ``contextual``) and a ``position``
   (``backward``: about what happened before the ask; ``present``: about now; ``forward``: about
   something that has not happened yet when asked), the two axes of the 3 × 3 score table.
@@ -141,8 +142,19 @@ class InstructionEvent(_Strict):
     text: str = Field(min_length=1)
     windows: list[Window]
     reference: str | None = Field(None, description="What an alert should say; None = any non-empty alert.")
+    withdrawn_at_s: float | None = Field(None, description="When the user takes the instruction back; None = it stands to the end.")
     mode: Mode
     position: Position
+
+    @model_validator(mode="after")
+    def _withdrawn_after_windows(self) -> InstructionEvent:
+        if self.withdrawn_at_s is not None:
+            if self.withdrawn_at_s <= self.given_at_s:
+                raise ValueError(f"withdrawn_at_s ({self.withdrawn_at_s}) must be after given_at_s ({self.given_at_s})")
+            late = [list(w) for w in self.windows if w[1] > self.withdrawn_at_s]
+            if late:
+                raise ValueError(f"windows {late} end after the instruction is withdrawn at {self.withdrawn_at_s}")
+        return self
 
     @field_validator("windows")
     @classmethod

@@ -10,7 +10,7 @@
   *segment*, plus a "next: <shape>" hint — whose ground truth is known by construction. Their
   events cover all nine mode × position cells, repeated in blocks so that long episodes exercise
   memory (a question at 2 h about the first minutes). :func:`plan_synthetic` gives the plan (scene
-  segments and the episode) without drawing a frame. Frames go to the cache dir
+  segments and the episode) without drawing a frame. A block's instructions are withdrawn at its end. Frames go to the cache dir
   (``SH_DEV_CACHE_DIR`` or ``~/.cache/streamharness``)/``episodes/``, never into git.
 """
 
@@ -149,6 +149,12 @@ def _block_events(k: int, b0: float, b1: float, segs: list[Segment], dur: float)
     t = b0 + 200.0
     ev.append(_i(p + "asked-shape-back", t, "Tell me when the shape I asked about earlier comes back.",
                  starts(lambda s: s.shape == asked.shape, t, b1), "contextual", "forward"))
+    # A block's instructions are withdrawn when its windows are over (the last window may open just
+    # before the block ends), so that the instructions in force stay few however long the episode.
+    withdrawn = min(b1 + 3.0, dur)
+    for e in ev:
+        if e is not None and e["type"] == "instruction" and withdrawn > e["given_at_s"]:
+            e["withdrawn_at_s"] = withdrawn
     return [e for e in ev if e is not None and e.get("ask_at_s", e.get("given_at_s", 0)) < dur]
 
 

@@ -4,7 +4,7 @@ policy that needs no pipeline.
 
 Replays run on media time: ``speed`` 1 is real time, N is N× faster, 0 as fast as the pipeline
 takes frames. Questions are asked at their ``ask_at_s``, instructions given at ``given_at_s``
-(those at 0 go into SessionStart). Several episodes run concurrently (``concurrency``).
+(those at 0 go into SessionStart) and taken back at ``withdrawn_at_s``. Several episodes run concurrently (``concurrency``).
 
 Baselines (the floor any system must beat):
 
@@ -71,8 +71,9 @@ async def run_episode_via_gateway(address: str, episode: Episode, *, speed: floa
 
     video = resolve_video(episode, base_dir)
     initial = {e.event_id: e.text for e in episode.instructions if e.given_at_s == 0}
-    timeline: list[tuple[float, QuestionEvent | InstructionEvent]] = sorted(
-        [(q.ask_at_s, q) for q in episode.questions] + [(i.given_at_s, i) for i in episode.instructions if i.given_at_s > 0],
+    timeline: list[tuple[float, QuestionEvent | InstructionEvent | _Withdrawal]] = sorted(
+        [(q.ask_at_s, q) for q in episode.questions] + [(i.given_at_s, i) for i in episode.instructions if i.given_at_s > 0]
+        + [(i.withdrawn_at_s, _Withdrawal(i.event_id)) for i in episode.instructions if i.withdrawn_at_s is not None],
         key=lambda item: item[0],
     )
     sent_wall: dict[str, float] = {}
@@ -94,13 +95,13 @@ async def run_episode_via_gateway(address: str, episode: Episode, *, speed: floa
         frames = await asyncio.to_thread(lambda: list(iter_frames(video, send_fps, episode.duration_s)))
         for frame in frames:
             while timeline and timeline[0][0] * 1000 <= frame.media_ts_ms:
-                _, event = timeline.pop(0)
-                await _send_event(session, event, sent_wall)
+                at_s, event = timeline.pop(0)
+                await _send_event(session, event, sent_wall, at_s)
             if speed > 0:
                 await asyncio.sleep(max(0.0, start + frame.media_ts_ms / 1000 / speed - time.monotonic()))
             await session.send_frame(frame.media_ts_ms, frame.jpeg)
-        for _, event in timeline:
-            await _send_event(session, event, sent_wall)
+        for at_s, event in timeline:
+            await _send_event(session, event, sent_wall, at_s)
         await session.end()
         await receiver
     return EpisodeRun(episode_id=episode.episode_id, system=system, responses=records,
@@ -115,11 +116,19 @@ def question_text(event: QuestionEvent) -> str:
     return text
 
 
-async def _send_event(session, event: QuestionEvent | InstructionEvent, sent_wall: dict[str, float]) -> None:
+@dataclass(frozen=True)
+class _Withdrawal:
+    instruction_id: str
+
+
+async def _send_event(session, event: QuestionEvent | InstructionEvent | _Withdrawal, sent_wall: dict[str, float],
+                      at_s: float = 0.0) -> None:
     if isinstance(event, QuestionEvent):
         text = question_text(event)
         sent_wall[event.event_id] = time.monotonic()
         await session.ask(text, at_ms=int(event.ask_at_s * 1000), question_id=event.event_id)
+    elif isinstance(event, _Withdrawal):
+        await session.stop_watching(event.instruction_id, at_ms=int(at_s * 1000))
     else:
         await session.watch_for(event.text, at_ms=int(event.given_at_s * 1000), instruction_id=event.event_id)
 
@@ -137,6 +146,8 @@ def run_episode_in_process(pipeline, episode: Episode, *, send_fps: float = 2.0,
     queries = [TimedQuery("question", q.event_id, int(q.ask_at_s * 1000), question_text(q)) for q in episode.questions]
     queries += [TimedQuery("instruction_add", i.event_id, int(i.given_at_s * 1000), i.text)
                 for i in episode.instructions if i.given_at_s > 0]
+    queries += [TimedQuery("instruction_remove", i.event_id, int(i.withdrawn_at_s * 1000))
+                for i in episode.instructions if i.withdrawn_at_s is not None]
     frames = ((f.media_ts_ms, f.jpeg) for f in iter_frames(video, send_fps, episode.duration_s))
     result = pipeline.run_session("eval", f"eval-{episode.episode_id}"[:128].replace("/", "-"), frames,
                                   instructions=initial, queries=queries, decision_fps=decision_fps, on_frame=on_frame)
@@ -169,7 +180,7 @@ def run_baseline(episode: Episode, policy: str, k: int = 5, step_s: float = 1.0)
                     text = q.choices[0] if q.choices else q.text
                     responses.append(ResponseRecord(event_id=q.event_id, media_ts_s=float(t), text=text, ttft_ms=0.0, e2e_ms=0.0))
             for inst in episode.instructions:
-                if inst.given_at_s <= t:
+                if inst.given_at_s <= t and (inst.withdrawn_at_s is None or t < inst.withdrawn_at_s):
                     responses.append(ResponseRecord(event_id=inst.event_id, media_ts_s=float(t), text=inst.text))
     return EpisodeRun(episode_id=episode.episode_id, system=f"baseline:{policy}" + (f"-{k}" if policy == "every-k" else ""),
                       responses=responses)
