@@ -85,3 +85,19 @@ def test_write_report_without_baseline_has_no_comparison(tmp_path: Path) -> None
     assert "id='comparison'" not in page and page.count("<svg") == 3
     # TP 3 (q1, q2, first window of i1), FP 2 (q1 repeat, unsolicited), FN 1 (second window): 6 / 8.4
     assert "id='overall-sw-f1'>0.714<" in page
+
+
+def test_a_long_episode_gets_one_timeline_row_per_cell() -> None:
+    from streamharness.eval.episodes_builtin import plan_synthetic
+    from streamharness.eval.report import MAX_EVENT_ROWS, timeline_svg
+    from streamharness.eval.runner import run_baseline
+    from streamharness.eval.scoring import score_run
+
+    _, ep = plan_synthetic(3600, seed=1)
+    assert len(ep.events) > MAX_EVENT_ROWS
+    score = score_run([ep], [run_baseline(ep, "every-k", k=30)])
+    svg = timeline_svg(score.episodes[0])
+    assert svg.count("× ") >= 9 and "punctual × backward" in svg and "contextual × forward" in svg
+    assert "b0-shape-now" not in svg  # event ids are not rows any more
+    short = score_run([ep.model_copy(update={"events": ep.events[:5]})], [run_baseline(ep, "silent")])
+    assert ep.events[0].event_id in timeline_svg(short.episodes[0])

@@ -102,17 +102,24 @@ def latency_svg(score: RunScore) -> str:
     return _svg(fig)
 
 
+MAX_EVENT_ROWS = 40  # more events than this (long episodes): one timeline row per mode × position cell
+
+
 def timeline_svg(episode: EpisodeScore) -> str:
     plt = _pyplot()
-    rows = [e.event_id for e in episode.events]
-    unsolicited = [o for o in episode.outcomes if o.event_id not in set(rows)]
+    by_cell = len(episode.events) > MAX_EVENT_ROWS
+    row_of = {e.event_id: (f"{e.mode} × {e.position}" if by_cell else e.event_id) for e in episode.events}
+    rows = list(dict.fromkeys(row_of[e.event_id] for e in episode.events))
+    if by_cell:
+        rows.sort(key=lambda r: (MODES.index(r.split(" × ")[0]), POSITIONS.index(r.split(" × ")[1])))
+    unsolicited = [o for o in episode.outcomes if o.event_id not in row_of]
     if unsolicited:
         rows.append("(no event)")
     index = {r: i for i, r in enumerate(rows)}
     fig, ax = plt.subplots(figsize=(11, 0.5 + 0.45 * max(1, len(rows))))
     missed = {(o.event_id, tuple(o.window)) for o in episode.outcomes if o.kind == "fn" and o.window}
     for e in episode.events:
-        y = index[e.event_id]
+        y = index[row_of[e.event_id]]
         for w in e.windows:
             miss = (e.event_id, tuple(w)) in missed
             ax.broken_barh([(w[0], max(w[1] - w[0], episode.duration_s / 500))], (y - 0.3, 0.6), facecolors=_WINDOW,
@@ -121,7 +128,7 @@ def timeline_svg(episode: EpisodeScore) -> str:
     for o in episode.outcomes:
         if o.kind == "fn" or o.media_ts_s is None:
             continue
-        y = index.get(o.event_id if o.event_id in index else "(no event)")
+        y = index[row_of.get(o.event_id, "(no event)")]
         ax.plot([o.media_ts_s], [y], marker="o" if o.kind == "tp" else "x", color=_TP if o.kind == "tp" else _FP,
                 markersize=7, linestyle="none")
     ax.set_yticks(range(len(rows)), rows)
