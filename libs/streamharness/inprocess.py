@@ -163,6 +163,7 @@ class SessionResult:
     frames_skipped: int = 0
     frame_errors: list[str] = field(default_factory=list)
     dead_letters: int = 0
+    memory_points: int = 0  # frames memory holds for the stream at the end
     wall_s: float = 0.0
 
 
@@ -170,7 +171,7 @@ class SessionResult:
 class InProcessConfig:
     """Settings of the stages; each defaults to its ``SH_*`` environment like the services do."""
 
-    memory_dir: Path | None = None  # None: a temporary folder, removed at close()
+    memory_dir: Path | None = None  # None: SH_MEMORY_DATA_DIR if set, else a temporary folder removed at close()
     encode_batch: int = 8  # frames per Triton request
     triton: TritonSettings | None = None
 
@@ -190,8 +191,7 @@ class InProcessPipeline:
         self._loaded = False
 
     def open(self) -> InProcessPipeline:
-        from streamharness.decision.policy import RulePolicy, RuleThresholds
-        from streamharness.decision.service import DecisionService, DecisionSettings
+        from streamharness.decision.service import DecisionService, DecisionSettings, make_policy
         from streamharness.encoder.service import EncoderService, EncoderSettings
         from streamharness.ingest.service import IngestServicer, IngestSettings
         from streamharness.memory.service import MemoryService, MemorySettings
@@ -200,17 +200,16 @@ class InProcessPipeline:
 
         kafka = KafkaSettings()  # topic names only: nothing connects to a broker
         self._text_encoder = self._text_encoder or TextEncoder(load_settings(TextEncoderSettings)).load()
-        memory_dir = self.config.memory_dir
+        memory_settings = load_settings(MemorySettings)
+        memory_dir = self.config.memory_dir or memory_settings.data_dir
         if memory_dir is None:
             self._tmp = Path(tempfile.mkdtemp(prefix="sh-inprocess-memory-"))
             memory_dir = self._tmp
-        memory_settings = load_settings(MemorySettings).model_copy(update={"store": "edge", "data_dir": memory_dir})
+        memory_settings = memory_settings.model_copy(update={"store": "edge", "data_dir": memory_dir})
         self.memory = MemoryService(memory_settings, kafka, text_encoder=self._text_encoder, embedded=True)
         self.memory.load()
         decision_settings = load_settings(DecisionSettings)
-        policy = RulePolicy(self._text_encoder.encode, RuleThresholds(
-            object_similarity=decision_settings.object_similarity, scene_change=decision_settings.scene_change,
-            min_label_score=decision_settings.min_label_score, refractory_ms=int(decision_settings.refractory_s * 1000)))
+        policy = make_policy(decision_settings, self._text_encoder.encode)
         self.decision = DecisionService(decision_settings, kafka, policy=policy, producer=self.bus)
         self.decision.load()
         self.responder = ResponderService(load_settings(ResponderSettings), kafka, generator=self._generator,
@@ -376,6 +375,7 @@ class InProcessPipeline:
         if assembling:
             log.warning("%d responses never got their final chunk", len(assembling))
         result.dead_letters = len(self.bus.dead_letters) - dead_before
+        result.memory_points = self.memory.store.count(key_str(key))
         result.wall_s = time.monotonic() - started
         return result
 

@@ -60,6 +60,7 @@ def test_an_episode_scores_into_the_expected_cells(pipeline):
     episode = parse_episode(VTEST_EPISODE)
     run = run_episode_in_process(pipeline, episode, send_fps=1.0)
     assert run.metadata["pipeline"] == "in-process" and run.metadata["frames"] == 11 and run.metadata["frame_errors"] == 0
+    assert run.metadata["memory_points"] == 11
     score = score_run([episode], [run])
     proactive = score.cell("proactive", "forward")
     assert (proactive.tp, proactive.fn) == (1, 0), run.responses
@@ -76,7 +77,7 @@ def test_memory_keeps_every_frame_and_answers_use_it(pipeline):
                                   queries=[TimedQuery("question", "q1", 5000, "What did you see so far?")])
     key = key_str(make_key("acme", "memory-check"))
     assert result.frames_published == len(frames) == 7
-    assert pipeline.memory.store.count(key) == 7
+    assert pipeline.memory.store.count(key) == result.memory_points == 7
     # The same Context call the responder makes: the recent tier holds the frames up to now.
     from streamharness.v1 import memory_pb2
 

@@ -39,6 +39,15 @@ class DecisionSettings(BaseSettings):
     min_label_score: float = Field(0.08, ge=0, le=1, description="Classifier labels below this probability are not evidence.")
 
 
+def make_policy(settings: DecisionSettings, embed) -> DecisionPolicy:
+    """The policy ``SH_DECISION_POLICY`` names, with its thresholds; ``embed`` = MiniLM's encode."""
+    thresholds = RuleThresholds(
+        object_similarity=settings.object_similarity, scene_change=settings.scene_change,
+        min_label_score=settings.min_label_score, refractory_ms=int(settings.refractory_s * 1000),
+    )
+    return RulePolicy(embed, thresholds)
+
+
 def _media_order(msg) -> tuple[int, int]:
     if isinstance(msg, events_pb2.QueryEvent):
         if msg.kind == Q.KIND_SESSION_START:
@@ -72,12 +81,7 @@ class DecisionService(Service):
         if self.policy is None:
             from streamharness.text_encoder import TextEncoder
 
-            encoder = TextEncoder().load()
-            thresholds = RuleThresholds(
-                object_similarity=self.settings.object_similarity, scene_change=self.settings.scene_change,
-                min_label_score=self.settings.min_label_score, refractory_ms=int(self.settings.refractory_s * 1000),
-            )
-            self.policy = RulePolicy(encoder.encode, thresholds)
+            self.policy = make_policy(self.settings, TextEncoder().load().encode)
         if self.embedded:
             return
         if self.kafka.create_topics:

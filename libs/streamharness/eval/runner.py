@@ -162,6 +162,7 @@ def run_episode_in_process(pipeline, episode: Episode, *, send_fps: float = 2.0,
     return EpisodeRun(episode_id=episode.episode_id, system=system, responses=records,
                       metadata={"pipeline": "in-process", "frames": result.frames_published,
                                 "frame_errors": len(result.frame_errors), "dead_letters": result.dead_letters,
+                                "memory_points": result.memory_points,
                                 "wall_s": round(result.wall_s, 3)})
 
 
