@@ -202,7 +202,7 @@ class OpenAICompatibleJudge:
     def _post(self, body: dict[str, Any]) -> str | None:
         import httpx
 
-        from streamharness.generation.openai_client import _error_message
+        from streamharness.generation.openai_client import error_message
 
         where = f"LLM judge at {self.url} (model {self.model!r})"
         try:
@@ -210,11 +210,11 @@ class OpenAICompatibleJudge:
         except httpx.TransportError as err:
             raise _TransientJudgeError(f"cannot reach the {where}: {err!r}") from err
         if reply.status_code >= 500 or reply.status_code in _RETRY_STATUS:
-            raise _TransientJudgeError(f"{where} failed: HTTP {reply.status_code}: {_error_message(reply)}")
+            raise _TransientJudgeError(f"{where} failed: HTTP {reply.status_code}: {error_message(reply)}")
         if reply.status_code >= 400:
             hint = {401: "; check the API key", 403: "; check the API key",
                     404: "; check the model name, and that the URL is the API base (…/v1, without /chat/completions)"}
-            raise JudgeError(f"{where} rejected the request: HTTP {reply.status_code}: {_error_message(reply)}"
+            raise JudgeError(f"{where} rejected the request: HTTP {reply.status_code}: {error_message(reply)}"
                              f"{hint.get(reply.status_code, '')}")
         try:
             return reply.json()["choices"][0]["message"]["content"]

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 _TRANSIENT_STATUS = {408, 409, 425, 429}
 
 
-def _error_message(response: httpx.Response) -> str:
+def error_message(response: httpx.Response) -> str:
     """The server's own words for an error: OpenAI's {"error": {"message"}}, KServe's {"error": "..."}."""
     try:
         body = response.json()
@@ -90,7 +90,7 @@ class OpenAICompatibleGenerator(ResponseGenerator):
             with self._client.stream("POST", "chat/completions", json=payload) as response:
                 if response.status_code >= 400:
                     response.read()
-                    message = f"{self._settings.base_url}/chat/completions -> HTTP {response.status_code}: {_error_message(response)}"
+                    message = f"{self._settings.base_url}/chat/completions -> HTTP {response.status_code}: {error_message(response)}"
                     if response.status_code < 500 and response.status_code not in _TRANSIENT_STATUS:
                         raise GenerationRejected(message)
                     raise GenerationError(message)
