@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from streamharness.eval.episode import MODES, POSITIONS, Episode, load_episode
+from streamharness.eval.episode import MODES, POSITIONS, Episode, load_episode, load_episodes
 from streamharness.eval.episodes_builtin import (
     SHIPPED_DIR,
     build_builtin_set,
@@ -207,3 +207,16 @@ def test_synthetic_blocks_withdraw_their_instructions_so_few_stand_at_once():
     for t in range(0, 7200, 60):
         standing = [i for i in ep.instructions if i.given_at_s <= t < i.withdrawn_at_s]
         assert len(standing) <= 8, (t, [i.event_id for i in standing])
+
+
+def test_a_built_set_loads_from_its_folder_and_every_video_resolves(tmp_path):
+    """What the in-process Job does: build the set into a folder, then run the folder."""
+    build_builtin_set(tmp_path / "set", short_duration_s=300, long_duration_s=0, seed=3)
+    eps = load_episodes(tmp_path / "set")  # nested: opencv-doc/*.json and synthetic-300s-seed3/episode.json
+    ids = {e.episode_id for e in eps}
+    assert "synthetic-300s-seed3" in ids and {e.episode_id for e in shipped_episodes()} <= ids
+    for ep in eps:
+        # The caller's base_dir (the set's top folder) must not win over the episode file's own folder.
+        assert resolve_video(ep, tmp_path / "set").exists(), ep.episode_id
+    synthetic = next(e for e in eps if e.source == "synthetic")
+    assert resolve_video(synthetic, tmp_path) == tmp_path / "set" / "synthetic-300s-seed3" / "frames"

@@ -60,7 +60,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 FORMAT_VERSION = 1
 MODES: tuple[str, ...] = ("proactive", "punctual", "contextual")
@@ -205,10 +205,20 @@ class Episode(_Strict):
                 return e
         raise KeyError(event_id)
 
+    _source_dir: Path | None = PrivateAttr(default=None)  # folder of the file it was read from
+
+    def __eq__(self, other: object) -> bool:
+        # Equal content is equal, wherever the episode was read from.
+        return isinstance(other, Episode) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like any pydantic model
+
     def video_path(self, base_dir: Path | str | None = None) -> Path:
-        """The video as a path; a relative ``video`` resolves against ``base_dir`` (the episode file's folder)."""
+        """The video as a path. A relative ``video`` resolves against the folder of the file the
+        episode was read from (:func:`load_episodes` remembers it), else against ``base_dir``."""
         p = Path(self.video).expanduser()
-        return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
+        base = self._source_dir or base_dir
+        return p if p.is_absolute() or base is None else Path(base) / p
 
     @property
     def questions(self) -> list[QuestionEvent]:
@@ -277,18 +287,23 @@ def parse_episode(raw: dict[str, Any] | str, where: str = "<episode>") -> Episod
 def load_episode(path: Path | str) -> Episode:
     """Read one episode from a ``.json`` file."""
     path = Path(path)
-    return parse_episode(path.read_text(encoding="utf-8"), str(path))
+    episode = parse_episode(path.read_text(encoding="utf-8"), str(path))
+    episode._source_dir = path.resolve().parent
+    return episode
 
 
 def load_episodes(path: Path | str) -> list[Episode]:
     """Read a set of episodes: a ``.jsonl`` file (one per line), a ``.json`` file (one episode or a
-    list of them), or a folder of ``*.json`` / ``*.jsonl`` files (sorted by name). Episode ids must be
-    unique across the set."""
+    list of them), or a folder of ``*.json`` / ``*.jsonl`` files and of such folders (sorted by name,
+    recursively; ``frames`` folders are skipped). Each episode remembers the folder of its file, so a
+    relative ``video`` resolves next to it. Episode ids must be unique across the set."""
     path = Path(path)
     episodes: list[Episode] = []
     if path.is_dir():
         for child in sorted(path.iterdir()):
-            if child.suffix in (".json", ".jsonl"):
+            if child.is_dir() and child.name != "frames":
+                episodes.extend(load_episodes(child))
+            elif child.is_file() and child.suffix in (".json", ".jsonl"):
                 episodes.extend(load_episodes(child))
     elif path.suffix == ".jsonl":
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -298,6 +313,9 @@ def load_episodes(path: Path | str) -> list[Episode]:
         raw = _json(path.read_text(encoding="utf-8"), str(path))
         items = raw if isinstance(raw, list) else [raw]
         episodes.extend(parse_episode(item, f"{path}[{i}]" if isinstance(raw, list) else str(path)) for i, item in enumerate(items))
+    if not path.is_dir():
+        for episode in episodes:
+            episode._source_dir = path.resolve().parent
     ids = [e.episode_id for e in episodes]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
