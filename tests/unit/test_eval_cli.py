@@ -53,6 +53,12 @@ def test_exactly_one_system(tmp_path):
     assert bad.returncode == 2 and "exactly one of" in bad.stderr
 
 
+def test_an_empty_episode_folder_is_an_error_not_an_empty_result(tmp_path):
+    (tmp_path / "empty").mkdir()
+    bad = invoke("run", "--episodes", str(tmp_path / "empty"), "--baseline", "silent", "--out", str(tmp_path / "r.json"))
+    assert bad.exit_code == 2 and "no episodes in" in bad.output and not (tmp_path / "r.json").exists()
+
+
 # -- `eval score` (saved runs, no replay) and the LLM judge options -------------------------------------
 FREE_TEXT = {
     "episode_id": "free", "video": "opencv-doc:vtest.avi", "duration_s": 30, "source": "opencv-doc",

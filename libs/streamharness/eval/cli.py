@@ -52,6 +52,8 @@ def run(
     matcher = _answer_matcher(threshold, judge_url, judge_model, judge_api_key)  # bad judge options fail before replaying
     console = Console()
     eps = load_episodes(episodes)
+    if not eps:
+        raise typer.BadParameter(f"no episodes in {episodes} (.json / .jsonl files, searched recursively)")
     base_dir = episodes if episodes.is_dir() else episodes.parent
     if sum(bool(x) for x in (gateway, baseline, local, in_process)) != 1:
         raise typer.BadParameter("give exactly one of --gateway, --baseline, --local or --in-process")
