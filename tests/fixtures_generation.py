@@ -7,18 +7,15 @@ Loading the model takes ~30 s of CPU: every test that needs generation shares th
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
+from streamharness.devinfra.common import free_port, stop_process, wait_http_ok
 from streamharness.generation import GenerationSettings
 from streamharness.settings import load_settings
 
@@ -44,17 +41,11 @@ class GeneratorServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def generator_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GeneratorServer]:
     workdir = tmp_path_factory.mktemp("generator")
     log_path = workdir / "server.log"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SH_GENERATION_")}
     env["SH_GENERATION_TORCH_THREADS"] = "1"  # CPU is shared: one thread is fastest for a 135M model
     with log_path.open("w") as log:
@@ -65,29 +56,13 @@ def generator_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gener
         )
     server = GeneratorServer(port=port, process=process, log_path=log_path)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"generator server exited with {process.returncode}:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.root}/v2/models/{MODEL_NAME}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"generator server not ready after {START_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
-            time.sleep(0.5)
+        wait_http_ok(f"{server.root}/v2/models/{MODEL_NAME}/ready", process, START_TIMEOUT_S, "generator server",
+                     server.log_tail)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                raise RuntimeError(f"generator server ignored SIGTERM:\n{server.log_tail()}") from None
-        # A SIGTERM'd server must exit cleanly (KServe drains, then exits 0); -15 would mean it died.
+        stop_process(process, 30, "generator server")
+        # A SIGTERM'd server must exit cleanly (KServe drains, then exits 0); -15 would mean it died,
+        # -9 that it ignored SIGTERM and was killed.
         if process.returncode != 0:
             raise RuntimeError(f"generator server exited with {process.returncode} on SIGTERM:\n{server.log_tail()}")
 

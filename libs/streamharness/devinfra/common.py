@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def wait_http_ok(url: str, process: subprocess.Popen, timeout_s: float, name: str, tail: Callable[[], str]) -> None:
+    """Poll ``url`` until it answers 200 while ``process`` runs; RuntimeError (with ``tail()``, the
+    end of its log) if it exits, TimeoutError if ``timeout_s`` passes first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{name} not ready after {timeout_s:.0f}s:\n{tail()}")
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from streamharness.devinfra.common import free_port, log_tail
+from streamharness.devinfra.common import free_port, log_tail, wait_http_ok
 from streamharness.devinfra.kafka_broker import KafkaBroker
 from streamharness.devinfra.triton_server import TritonServer
 
@@ -114,20 +114,6 @@ class LocalStack:
         finally:
             channel.close()
 
-    def _wait_http(self, proc: Proc, path: str, deadline: float) -> None:
-        import httpx
-
-        while time.monotonic() < deadline:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
-            try:
-                if httpx.get(f"http://{proc.address}{path}", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{proc.name} not ready after {self.start_timeout_s:.0f}s:\n{proc.log_tail()}")
-
     def start(self) -> LocalStack:
         try:
             self.broker = KafkaBroker(self.work_dir / "kafka", show_progress=False).start()
@@ -139,7 +125,8 @@ class LocalStack:
                                     args=["--model_name", "smollm2", "--http_port", str(gen_port), "--host", "127.0.0.1"])
             memory = self._spawn("memory", "services/memory/main.py")
             self._wait_serving(memory, deadline)
-            self._wait_http(generator, "/v2/health/ready", deadline)
+            wait_http_ok(f"http://{generator.address}/v2/health/ready", generator.popen, deadline - time.monotonic(),
+                         generator.name, generator.log_tail)
             waiting = [
                 self._spawn("responder", "services/responder/main.py", {
                     "SH_RESPONDER_MEMORY_ADDRESS": memory.address,
