@@ -283,24 +283,28 @@ class InProcessPipeline:
 
         start = Q(key=key, session_id=session_id, kind=Q.KIND_SESSION_START, decision_fps=decision_fps,
                   instructions=[common_pb2.StandingInstruction(instruction_id=i, text=t) for i, t in (instructions or {}).items()])
-        self.decision.collect(_local_event(start, key))
-        self.decision.process_batch()
+        self.bus.send(topics.QUERIES, key, start)
 
-        def queries_until(ts_ms: int | None) -> list[events_pb2.QueryEvent]:
-            due = []
+        def publish_queries(ts_ms: int | None) -> None:
+            """Queries due at or before ``ts_ms`` (None: all that are left) onto the queries topic."""
             while pending and (ts_ms is None or pending[0].media_ts_ms <= ts_ms):
                 q = pending.pop(0)
+                common = {"key": key, "session_id": session_id, "media_ts_ms": q.media_ts_ms}
                 if q.kind == "question":
                     asked.setdefault(q.event_id, time.monotonic())
-                    due.append(Q(key=key, session_id=session_id, kind=Q.KIND_QUESTION, question_id=q.event_id,
-                                 text=q.text, media_ts_ms=q.media_ts_ms))
+                    query = Q(kind=Q.KIND_QUESTION, question_id=q.event_id, text=q.text, **common)
                 elif q.kind == "instruction_add":
-                    due.append(Q(key=key, session_id=session_id, kind=Q.KIND_INSTRUCTION_ADD, instruction_id=q.event_id,
-                                 text=q.text, media_ts_ms=q.media_ts_ms))
+                    query = Q(kind=Q.KIND_INSTRUCTION_ADD, instruction_id=q.event_id, text=q.text, **common)
                 else:
-                    due.append(Q(key=key, session_id=session_id, kind=Q.KIND_INSTRUCTION_REMOVE,
-                                 instruction_id=q.event_id, media_ts_ms=q.media_ts_ms))
-            return due
+                    query = Q(kind=Q.KIND_INSTRUCTION_REMOVE, instruction_id=q.event_id, **common)
+                self.bus.send(topics.QUERIES, key, query)
+
+        def decide_batch(*frames: ConsumedEvent) -> None:
+            """One decision batch, as one poll of both topics: the queries waiting, then ``frames``."""
+            for event in [*self.bus.take(topics.QUERIES), *frames]:
+                self.decision.collect(event)
+            self.decision.process_batch()
+            answer_decisions()
 
         def answer_decisions() -> None:
             for event in self.bus.take(topics.DECISIONS):
@@ -322,11 +326,8 @@ class InProcessPipeline:
         def decide(frames_in_order: list[ConsumedEvent]) -> None:
             for event in frames_in_order:
                 self.memory.remember(event)
-                for q in queries_until(event.message.media_ts_ms):
-                    self.decision.collect(_local_event(q, key))
-                self.decision.collect(event)
-                self.decision.process_batch()
-                answer_decisions()
+                publish_queries(event.message.media_ts_ms)
+                decide_batch(event)
                 if on_frame is not None:
                     on_frame(event.message.media_ts_ms)
 
@@ -366,12 +367,10 @@ class InProcessPipeline:
             if due_now or self.bus.pending(topics.FRAMES) >= self.config.encode_batch:
                 encode()
         encode()
-        for q in queries_until(None):
-            self.decision.collect(_local_event(q, key))
-        self.decision.collect(_local_event(Q(key=key, session_id=session_id, kind=Q.KIND_SESSION_END,
-                                             media_ts_ms=last_published), key))
-        self.decision.process_batch()
-        answer_decisions()
+        publish_queries(None)
+        self.bus.send(topics.QUERIES, key, Q(key=key, session_id=session_id, kind=Q.KIND_SESSION_END,
+                                             media_ts_ms=last_published))
+        decide_batch()
         if assembling:
             log.warning("%d responses never got their final chunk", len(assembling))
         result.dead_letters = len(self.bus.dead_letters) - dead_before
@@ -383,10 +382,6 @@ class InProcessPipeline:
 def image_encoding(image: bytes) -> int:
     """The wire encoding of a frame's bytes by their signature (PNG, else JPEG; ingest checks it)."""
     return common_pb2.IMAGE_ENCODING_PNG if image[:8] == b"\x89PNG\r\n\x1a\n" else common_pb2.IMAGE_ENCODING_JPEG
-
-
-def _local_event(message: Message, key: common_pb2.StreamKey) -> ConsumedEvent:
-    return ConsumedEvent(key=key_str(key), message=message, topic="local", partition=0, offset=0, headers=(), timestamp_ms=0)
 
 
 __all__ = ["InProcessConfig", "InProcessPipeline", "LocalBus", "LocalMemoryStub", "LocalResponse", "SessionResult", "TimedQuery"]
