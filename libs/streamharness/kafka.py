@@ -1,6 +1,6 @@
 """Kafka producer and consumer used by every service (kafka-python).
 
-Conventions they enforce (see docs and ``shared/conventions.md``):
+Conventions they enforce (docs/architecture.md):
 
 - every record is keyed by ``tenant/stream``, so one stream's events stay ordered in one partition;
 - the value is one protobuf message; header ``sh-type`` names its full type, and the W3C trace
@@ -10,7 +10,8 @@ Conventions they enforce (see docs and ``shared/conventions.md``):
   never share a group;
 - a consumer commits offsets only after the handler's effect is done, synchronously, once per
   polled batch; a record that cannot be decoded or processed goes to the dead-letter topic (sent
-  synchronously before its offset is committed) and the consumer goes on.
+  synchronously before its offset is committed) and the consumer goes on. What happens to one record
+  (decode, retries, dead letter) is :mod:`streamharness.records`, shared with the local host.
 """
 
 from __future__ import annotations
@@ -18,37 +19,40 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata, TopicPartition
-from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
-from streamharness.errors import InvalidInput, SettingsError
+from streamharness.errors import SettingsError
 from streamharness.keys import key_str, parse_key
+from streamharness.records import (  # noqa: F401 - re-exported: the record vocabulary of both hosts
+    DLQ_ERROR,
+    DLQ_GROUP,
+    DLQ_REASON,
+    DLQ_SOURCE_OFFSET,
+    DLQ_SOURCE_PARTITION,
+    DLQ_SOURCE_TOPIC,
+    TYPE_HEADER,
+    ConsumedEvent,
+    Headers,
+    dead_letter_headers,
+    message_headers,
+    process_record,
+)
 from streamharness.settings import KafkaSettings
 from streamharness.v1.common_pb2 import StreamKey
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("streamharness.kafka")
 
-Headers = list[tuple[str, bytes]]
 M = TypeVar("M", bound=Message)
-
-TYPE_HEADER = "sh-type"
-# Dead-letter records keep the original key, value and headers and add these.
-DLQ_REASON = "sh-dlq-reason"  # one word: missing-type, wrong-type, undecodable, bad-key, handler-failed
-DLQ_ERROR = "sh-dlq-error"  # the exception text, for people
-DLQ_SOURCE_TOPIC = "sh-dlq-source-topic"
-DLQ_SOURCE_PARTITION = "sh-dlq-source-partition"
-DLQ_SOURCE_OFFSET = "sh-dlq-source-offset"
-DLQ_GROUP = "sh-dlq-group"
 
 _MIB = 1024 * 1024
 
@@ -155,11 +159,7 @@ class EventProducer:
             kind=SpanKind.PRODUCER,
             attributes={"messaging.system": "kafka", "messaging.destination.name": full, "messaging.operation.type": "send"},
         ):
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
-            all_headers: Headers = [(k, v.encode()) for k, v in carrier.items()]
-            all_headers.append((TYPE_HEADER, message.DESCRIPTOR.full_name.encode()))
-            all_headers.extend(headers or [])
+            all_headers = message_headers(message, headers)
             return self._producer.send(full, key=_key_bytes(key), value=message.SerializeToString(), headers=all_headers)
 
     def send_raw(self, full_topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> FutureRecordMetadata:
@@ -188,35 +188,6 @@ class EventProducer:
         self.close()
 
 
-@dataclass(frozen=True)
-class ConsumedEvent(Generic[M]):
-    """One decoded record, as the handler sees it. ``topic`` is the full (prefixed) topic name."""
-
-    key: str
-    message: M
-    topic: str
-    partition: int
-    offset: int
-    headers: tuple[tuple[str, bytes], ...]
-    timestamp_ms: int
-
-    def header(self, name: str) -> bytes | None:
-        """The last value of header ``name``, or None."""
-        found = None
-        for k, v in self.headers:
-            if k == name:
-                found = v
-        return found
-
-
-class _Rejected(Exception):
-    """A record that cannot be handed to the handler; ``reason`` is the dead-letter reason."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
 class EventConsumer(Generic[M]):
     """A consumer-group member that decodes ``message_type`` records and calls ``handler`` on each.
 
@@ -239,13 +210,15 @@ class EventConsumer(Generic[M]):
         client_id: str | None = None,
         on_processed: Callable[[ConsumedEvent[M]], None] | None = None,
         on_batch_end: Callable[[], None] | None = None,
+        on_give_up: Callable[[ConsumedEvent[M], BaseException], None] | None = None,
         **overrides: Any,
     ) -> None:
         """``message_type`` is one type for all ``topics``, or a mapping of logical topic name to
         type when one consumer reads co-partitioned topics of different payloads (the decision
         service reads queries and embeddings of the same streams in one group). ``on_batch_end``
         runs after each polled batch is handed to the handler and before its offsets are
-        committed: a handler that accumulates (micro-batching) flushes there."""
+        committed: a handler that accumulates (micro-batching) flushes there. ``on_give_up(event,
+        error)`` runs when a handler failed for the last time, just before the dead letter."""
         self._settings = settings
         self.group_id = settings.topic(group_id)
         self.topics = [settings.topic(t) for t in topics]
@@ -260,6 +233,7 @@ class EventConsumer(Generic[M]):
         self._on_batch_end = on_batch_end
         self._handler = handler
         self._on_processed = on_processed
+        self._on_give_up = on_give_up
         self._client_id = client_id or f"{group_id}-consumer"
         self._dlq_topic = settings.topic(settings.dead_letter_topic)
         self._dlq_producer: EventProducer | None = None
@@ -279,6 +253,11 @@ class EventConsumer(Generic[M]):
             # renamed group) must not skip the events produced before it joined; 'latest' would
             # silently drop them. Committed offsets win over this once the group has any.
             "auto_offset_reset": auto_offset_reset,
+            # The range assignor, set here rather than left to the client's default list: it gives one
+            # member the same partition numbers of every topic it subscribes to, which is what makes
+            # co-partitioned topics (the decision stage's queries + embeddings, keyed alike with equal
+            # partition counts) arrive at one member per stream.
+            "partition_assignment_strategy": (RangePartitionAssignor,),
             "max_poll_records": settings.consumer_max_records,
             # Frames are up to max_request_bytes: one record must fit into one partition fetch.
             "max_partition_fetch_bytes": max(_MIB, settings.max_request_bytes),
@@ -339,101 +318,20 @@ class EventConsumer(Generic[M]):
         return self._stop.is_set() or (stop is not None and stop.is_set())
 
     def _process(self, record: Any) -> None:
-        headers = tuple((k, v if v is not None else b"") for k, v in (record.headers or ()))
-        try:
-            event = self._decode(record, headers)
-        except _Rejected as rej:
-            log.warning("dead-lettering %s[%d]@%d: %s: %s", record.topic, record.partition, record.offset, rej.reason, rej)
-            self._dead_letter(record, headers, rej.reason, str(rej))
-        else:
-            carrier = {k: v.decode("latin-1") for k, v in headers if k != TYPE_HEADER}
-            ctx = propagate.extract(carrier)
-            with _tracer.start_as_current_span(
-                f"consume {record.topic}",
-                context=ctx,
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.destination.name": record.topic,
-                    "messaging.consumer.group.name": self.group_id,
-                    "messaging.destination.partition.id": str(record.partition),
-                    "messaging.kafka.offset": record.offset,
-                    "messaging.kafka.message.key": event.key,
-                },
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span:
-                try:
-                    self._call_handler(event)
-                except Exception as err:  # noqa: BLE001 - any handler failure is dead-lettered
-                    span.record_exception(err)
-                    span.set_status(Status(StatusCode.ERROR, str(err)))
-                    log.warning(
-                        "dead-lettering %s[%d]@%d after handler failure: %r",
-                        record.topic, record.partition, record.offset, err,
-                    )
-                    self._dead_letter(record, headers, "handler-failed", repr(err))
-                else:
-                    self.processed += 1
-                    if self._on_processed is not None:
-                        self._on_processed(event)
-        self._pending[TopicPartition(record.topic, record.partition)] = OffsetAndMetadata(record.offset + 1, "", -1)
-
-    def _decode(self, record: Any, headers: tuple[tuple[str, bytes], ...]) -> ConsumedEvent[M]:
-        message_type = self._types[record.topic]
-        type_name = message_type.DESCRIPTOR.full_name
-        type_names = [v for k, v in headers if k == TYPE_HEADER]
-        if not type_names:
-            # Protobuf parses many foreign payloads "successfully" into garbage; the type header is
-            # the check that the bytes are what this topic is meant to carry.
-            raise _Rejected("missing-type", f"no {TYPE_HEADER} header (expected {type_name})")
-        got = type_names[-1].decode("utf-8", "replace")
-        if got != type_name:
-            raise _Rejected("wrong-type", f"{TYPE_HEADER}={got}, expected {type_name}")
-        if record.value is None:
-            raise _Rejected("undecodable", "record has no value")
-        try:
-            message = message_type.FromString(record.value)
-        except DecodeError as err:
-            raise _Rejected("undecodable", f"not a valid {type_name}: {err}") from None
-        try:
-            key = key_str(parse_key(record.key or b""))
-        except (InvalidInput, UnicodeDecodeError) as err:
-            raise _Rejected("bad-key", str(err)) from None
-        return ConsumedEvent(
-            key=key,
-            message=message,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            headers=headers,
-            timestamp_ms=record.timestamp,
+        event = process_record(
+            record, self._types, self._handler, attempts=self._settings.handler_retries, group=self.group_id,
+            dead_letter=self._dead_letter, on_give_up=self._on_give_up,
         )
-
-    def _call_handler(self, event: ConsumedEvent[M]) -> None:
-        attempts = max(1, self._settings.handler_retries)
-        for attempt in Retrying(
-            stop=stop_after_attempt(attempts),
-            wait=wait_exponential(multiplier=0.05, max=2.0),
-            # Bad input does not get better by retrying.
-            retry=retry_if_not_exception_type(InvalidInput),
-            reraise=True,
-        ):
-            with attempt:
-                self._handler(event)
+        if event is not None:
+            self.processed += 1
+            if self._on_processed is not None:
+                self._on_processed(event)
+        self._pending[TopicPartition(record.topic, record.partition)] = OffsetAndMetadata(record.offset + 1, "", -1)
 
     def _dead_letter(self, record: Any, headers: tuple[tuple[str, bytes], ...], reason: str, detail: str) -> None:
         if self._dlq_producer is None:
             self._dlq_producer = EventProducer(self._settings, f"{self._client_id}-dlq")
-        dlq_headers: Headers = [
-            *headers,
-            (DLQ_REASON, reason.encode()),
-            (DLQ_ERROR, detail[:2000].encode("utf-8", "replace")),
-            (DLQ_SOURCE_TOPIC, record.topic.encode()),
-            (DLQ_SOURCE_PARTITION, str(record.partition).encode()),
-            (DLQ_SOURCE_OFFSET, str(record.offset).encode()),
-            (DLQ_GROUP, self.group_id.encode()),
-        ]
+        dlq_headers = dead_letter_headers(headers, reason, detail, record.topic, record.partition, record.offset, self.group_id)
         # Synchronous: the dead letter must be durable before the source offset is committed. If
         # this raises, nothing is committed and the record comes back after a restart.
         self._dlq_producer.send_raw(self._dlq_topic, record.key, record.value, dlq_headers).get(timeout=30)

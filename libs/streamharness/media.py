@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from streamharness.devinfra.common import dev_cache_dir
+from streamharness import paths
 
 OPENCV_DOC = Path(os.environ.get("SH_OPENCV_DOC_DIR", "/usr/share/doc/opencv-doc"))
 
 
 def cache_dir() -> Path:
-    base = dev_cache_dir()
+    base = paths.cache_dir()
     base.mkdir(parents=True, exist_ok=True)
     return base
 

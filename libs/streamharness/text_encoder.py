@@ -38,6 +38,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness.errors import DependencyUnavailable
+from streamharness.paths import cache_dir
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 ONNX_FILENAME = "model.onnx"
@@ -88,9 +89,7 @@ class TextEncoderSettings(BaseSettings):
 
 def default_model_dir() -> Path:
     """``$SH_DEV_CACHE_DIR/models/minilm``, else ``~/.cache/streamharness/models/minilm``."""
-    from streamharness.devinfra.common import dev_cache_dir
-
-    return dev_cache_dir() / "models" / "minilm"
+    return cache_dir() / "models" / "minilm"
 
 
 def is_exported(model_dir: Path) -> bool:

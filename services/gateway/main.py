@@ -1,9 +1,13 @@
-"""Gateway service entry point. Settings: SH_*, SH_KAFKA_*, SH_GATEWAY_* (docs/operations.md)."""
+"""The gateway service: the ``gateway`` stage of streamharness.topology on the Kafka host.
+
+    python services/gateway/main.py      # settings: SH_*, SH_KAFKA_* and the stage's own (docs/operations.md)
+
+A missing or invalid setting exits 2 with a message naming the variable.
+"""
 
 import sys
 
 if __name__ == "__main__":
-    from streamharness.gateway.service import GatewayService
-    from streamharness.runner import serve_main
+    from streamharness.hosts.kafka import serve
 
-    sys.exit(serve_main(GatewayService))
+    sys.exit(serve("gateway"))

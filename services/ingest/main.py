@@ -1,9 +1,13 @@
-"""Ingest service entry point. Settings: SH_*, SH_KAFKA_*, SH_INGEST_* (docs/operations.md)."""
+"""The ingest service: the ``ingest`` stage of streamharness.topology on the Kafka host.
+
+    python services/ingest/main.py      # settings: SH_*, SH_KAFKA_* and the stage's own (docs/operations.md)
+
+A missing or invalid setting exits 2 with a message naming the variable.
+"""
 
 import sys
 
 if __name__ == "__main__":
-    from streamharness.ingest.service import IngestService
-    from streamharness.runner import serve_main
+    from streamharness.hosts.kafka import serve
 
-    sys.exit(serve_main(IngestService))
+    sys.exit(serve("ingest"))

@@ -1,19 +1,13 @@
-"""The memory service: remembers every encoded frame, answers Recall and Context (gRPC).
+"""The memory service: the ``memory`` stage of streamharness.topology on the Kafka host.
 
-    python services/memory/main.py      # settings from SH_*, SH_KAFKA_*, SH_MEMORY_*, SH_TEXT_ENCODER_*
+    python services/memory/main.py      # settings: SH_*, SH_KAFKA_* and the stage's own (docs/operations.md)
+
+A missing or invalid setting exits 2 with a message naming the variable.
 """
-
-from __future__ import annotations
 
 import sys
 
-
-def main() -> int:
-    from streamharness.memory.service import MemoryService
-    from streamharness.runner import run_service
-
-    return run_service(MemoryService())
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from streamharness.hosts.kafka import serve
+
+    sys.exit(serve("memory"))

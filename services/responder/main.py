@@ -1,22 +1,13 @@
-"""The responder service: consumes ``decisions``, streams generated responses to ``responses``.
+"""The responder service: the ``responder`` stage of streamharness.topology on the Kafka host.
 
-    SH_SERVICE_NAME=responder SH_GRPC_PORT=50056 python services/responder/main.py
+    python services/responder/main.py      # settings: SH_*, SH_KAFKA_* and the stage's own (docs/operations.md)
 
-Settings: ``SH_RESPONDER_*`` (memory address, workers, prompt budget), ``SH_GENERATION_*`` (which
-backend writes the text), ``SH_KAFKA_*``, and the common ``SH_*`` service settings.
+A missing or invalid setting exits 2 with a message naming the variable.
 """
-
-from __future__ import annotations
 
 import sys
 
-
-def main() -> int:
-    from streamharness.responder import ResponderService
-    from streamharness.runner import run_service
-
-    return run_service(ResponderService())
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from streamharness.hosts.kafka import serve
+
+    sys.exit(serve("responder"))

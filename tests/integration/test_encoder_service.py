@@ -21,6 +21,8 @@ from kafka.structs import TopicPartition
 from streamharness import topics
 from streamharness.devinfra.triton_server import TritonServer
 from streamharness.errors import InvalidInput
+from streamharness.hosts.kafka import KafkaHost
+from streamharness.topology import TOPOLOGY
 from streamharness.kafka import DLQ_ERROR, DLQ_REASON, DLQ_SOURCE_OFFSET, ConsumedEvent, EventConsumer, EventProducer, client_config, ensure_topics
 from streamharness.keys import key_str, make_key
 from streamharness.media import read_video, sample_path
@@ -119,13 +121,11 @@ def committed_offsets(kafka: KafkaSettings, group: str, topic: str) -> tuple[dic
 
 @pytest.fixture
 def encoder_service(kafka_settings: KafkaSettings, triton_settings: TritonSettings, both_models: TritonServer) -> Iterator:
-    from streamharness.encoder import EncoderService, EncoderSettings
+    from streamharness.encoder import EncoderSettings, EncoderStage
 
-    service = EncoderService(
-        EncoderSettings(max_batch=4, max_wait_ms=50, detect_concurrency=2, consumer_group="encoder"),
-        kafka_settings,
-        triton_settings,
-    )
+    service = KafkaHost(EncoderStage(
+        EncoderSettings(max_batch=4, max_wait_ms=50, detect_concurrency=2, consumer_group="encoder"), triton_settings,
+    ), TOPOLOGY["encoder"], kafka_settings)
     yield service
     service.stop(time.monotonic() + 30)  # idempotent when the test stopped it already
 
@@ -178,8 +178,8 @@ def test_encodes_every_frame_of_two_streams_in_order_and_dead_letters_a_corrupt_
     assert per_key[key_str(STREAM_A)] == [s for s in range(len(SECONDS_A)) if s != CORRUPT_SEQ]
     assert per_key[key_str(STREAM_B)] == list(range(len(SECONDS_B)))
     # Frames of both streams shared Triton requests.
-    assert encoder_service.stats.largest_batch > 1
-    assert encoder_service.stats.largest_batch <= 4
+    assert encoder_service.stage.stats.largest_batch > 1
+    assert encoder_service.stage.stats.largest_batch <= 4
 
     for e in got:
         out: events_pb2.EncodedFrameEvent = e.message
@@ -210,8 +210,8 @@ def test_encodes_every_frame_of_two_streams_in_order_and_dead_letters_a_corrupt_
     assert letter.header(DLQ_REASON) == b"handler-failed"
     assert b"JPEG" in (letter.header(DLQ_ERROR) or b"")
     assert letter.header(DLQ_SOURCE_OFFSET) is not None
-    assert encoder_service.stats.frames_undecodable == 1
-    assert encoder_service.stats.frames_encoded == len(expected)
+    assert encoder_service.stage.stats.frames_undecodable == 1
+    assert encoder_service.stage.stats.frames_encoded == len(expected)
 
     # stop() drained and committed: the group has nothing left to read.
     committed, ends = committed_offsets(kafka_settings, "encoder", topics.FRAMES)
@@ -222,10 +222,10 @@ def test_encodes_every_frame_of_two_streams_in_order_and_dead_letters_a_corrupt_
 def test_frames_wait_for_triton_instead_of_being_lost(kafka_settings: KafkaSettings) -> None:
     """Triton unreachable: nothing is published, dead-lettered or committed; the batch is redelivered."""
     from streamharness.devinfra.common import free_port
-    from streamharness.encoder import EncoderService, EncoderSettings
+    from streamharness.encoder import EncoderSettings, EncoderStage
 
     away = TritonSettings(url=f"127.0.0.1:{free_port()}", timeout_s=2.0)
-    service = EncoderService(EncoderSettings(max_batch=4, max_wait_ms=0), kafka_settings, away)
+    service = KafkaHost(EncoderStage(EncoderSettings(max_batch=4, max_wait_ms=0), away), TOPOLOGY["encoder"], kafka_settings)
     rgb = np.full((96, 128, 3), 90, np.uint8)
     frames = [frame_event(STREAM_A, seq, seq * 1000, jpeg(rgb), rgb.shape[:2]) for seq in range(3)]
     try:
@@ -237,14 +237,14 @@ def test_frames_wait_for_triton_instead_of_being_lost(kafka_settings: KafkaSetti
         service.start()
         deadline = time.monotonic() + 60
         # Each delivery decodes the 3 frames again: 6 means the failed batch came back.
-        while service.consumer.processed < 2 * len(frames):
-            assert time.monotonic() < deadline, f"the batch was not redelivered ({service.consumer.processed} handled)"
+        while service.processed < 2 * len(frames):
+            assert time.monotonic() < deadline, f"the batch was not redelivered ({service.processed} handled)"
             time.sleep(0.2)
         assert not service.ready()
     finally:
         service.stop(time.monotonic() + 30)
-    assert service.stats.frames_encoded == 0 and service.stats.frames_failed == 0
-    assert service.consumer.dead_lettered == 0
+    assert service.stage.stats.frames_encoded == 0 and service.stage.stats.frames_failed == 0
+    assert service.dead_lettered == 0
     committed, ends = committed_offsets(kafka_settings, "encoder", topics.FRAMES)
     assert sum(ends.values()) == len(frames) and sum(committed.values()) == 0, "nothing may be committed"
 

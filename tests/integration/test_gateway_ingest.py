@@ -14,8 +14,10 @@ from kafka import KafkaConsumer
 
 from streamharness import topics
 from streamharness.client import Session
-from streamharness.gateway.service import GatewayService, GatewaySettings
-from streamharness.ingest.service import IngestService, IngestSettings
+from streamharness.gateway.service import GatewaySettings, GatewayStage
+from streamharness.hosts.kafka import KafkaHost
+from streamharness.topology import TOPOLOGY
+from streamharness.ingest.service import IngestSettings, IngestStage
 from streamharness.kafka import EventProducer, ensure_topics
 from streamharness.media import read_video, sample_path
 from streamharness.runner import ServiceRunner
@@ -36,10 +38,11 @@ def services(kafka_settings):
         runners.append(runner)
         return runner
 
-    ingest = serve(IngestService(IngestSettings(max_pixels=320 * 240), kafka_settings), "ingest")
+    ingest = serve(KafkaHost(IngestStage(IngestSettings(max_pixels=320 * 240)), TOPOLOGY["ingest"], kafka_settings), "ingest")
     gateways = []
     for replica in ("gw-a", "gw-b"):
-        service = GatewayService(GatewaySettings(replica_id=replica, ingest_address=f"127.0.0.1:{ingest.port}", end_grace_s=10), kafka_settings)
+        service = KafkaHost(GatewayStage(GatewaySettings(replica_id=replica, ingest_address=f"127.0.0.1:{ingest.port}", end_grace_s=10)),
+                            TOPOLOGY["gateway"], kafka_settings)
         runner = serve(service, replica)
         deadline = time.monotonic() + 30
         while not service.ready():

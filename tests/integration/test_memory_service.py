@@ -23,7 +23,9 @@ from streamharness import topics
 from streamharness.devinfra.kafka_broker import KafkaBroker
 from streamharness.kafka import TYPE_HEADER, EventProducer, client_config, ensure_topics
 from streamharness.keys import make_key
-from streamharness.memory.service import MemoryService, MemorySettings
+from streamharness.hosts.kafka import KafkaHost
+from streamharness.memory.service import MemorySettings, MemoryStage
+from streamharness.topology import TOPOLOGY
 from streamharness.runner import ServiceRunner
 from streamharness.settings import KafkaSettings, ServiceSettings, load_settings
 from streamharness.text_encoder import TextEncoder, default_model_dir, export_text_encoder, is_exported
@@ -68,7 +70,7 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 90.0
 
 @dataclass
 class Running:
-    service: MemoryService
+    service: KafkaHost
     runner: ServiceRunner
     stub: memory_pb2_grpc.MemoryServiceStub
     kafka: KafkaSettings
@@ -104,7 +106,7 @@ def running_memory(kafka_settings: KafkaSettings, text_encoder: TextEncoder, dat
     settings = MemorySettings(
         data_dir=data_dir, recent_window_s=WINDOW_S, chunk_s=WINDOW_S, edge_search_threads=1, flush_interval_s=1.0
     )
-    service = MemoryService(settings, kafka_settings, text_encoder)
+    service = KafkaHost(MemoryStage(settings, text_encoder=text_encoder), TOPOLOGY["memory"], kafka_settings)
     runner = ServiceRunner(service, load_settings(ServiceSettings, grpc_port=0, service_name="memory-test", shutdown_grace_s=15))
     runner.serve()
     channel = grpc.insecure_channel(f"127.0.0.1:{runner.port}")
@@ -133,9 +135,9 @@ def memory(kafka_broker: KafkaBroker, text_encoder: TextEncoder, tmp_path_factor
 
 def remembered(m: Running) -> None:
     """Every record handled: 90 frames + 3 redelivered ones stored, 3 malformed ones dead-lettered."""
-    consumer = m.service.consumer
-    wait_until(lambda: consumer.processed >= 93 and consumer.dead_lettered >= 3, "all 96 records handled")
-    assert m.service.store.count(f"{TENANT}/{STREAM}") == 90
+    host = m.service
+    wait_until(lambda: host.processed >= 93 and host.dead_lettered >= 3, "all 96 records handled")
+    assert m.service.stage.store.count(f"{TENANT}/{STREAM}") == 90
 
 
 def test_recall_finds_what_was_seen_at_the_right_time(memory: Running) -> None:
@@ -160,7 +162,7 @@ def test_recall_finds_what_was_seen_at_the_right_time(memory: Running) -> None:
     assert memory.stub.Recall(memory_pb2.RecallRequest(key=KEY, query="a dog", limit=1)).items[0].text == "a dog on the pavement"
 
     # Redelivered frames overwrote themselves; an unknown stream has no memory (not an error).
-    assert memory.service.store.count(f"{TENANT}/{STREAM}") == 90
+    assert memory.service.stage.store.count(f"{TENANT}/{STREAM}") == 90
     unknown = memory.stub.Recall(memory_pb2.RecallRequest(key=make_key(TENANT, "cam-9"), query="a bus"))
     assert list(unknown.items) == []
 
@@ -217,7 +219,7 @@ def test_stop_commits_what_was_remembered(kafka_settings: KafkaSettings, text_en
         remembered(memory)
         memory.runner.request_stop()
         assert memory.runner.shutdown()
-        assert not memory.service.store.is_open and not memory.service.ready()
+        assert not memory.service.stage.store.is_open and not memory.service.ready()
 
     settings = memory.kafka
     topic = settings.topic(topics.EMBEDDINGS)
@@ -243,7 +245,7 @@ def test_a_late_frame_in_a_completed_chunk_updates_the_prefix(kafka_settings: Ka
         late.media_ts_ms, late.caption = 10_500, "a cyclist"
         with EventProducer(kafka_settings, client_id="test-late") as producer:
             producer.send(topics.EMBEDDINGS, KEY, late).get(timeout=30)
-        wait_until(lambda: memory.service.store.count(f"{TENANT}/{STREAM}") == 91, "the late frame stored")
+        wait_until(lambda: memory.service.stage.store.count(f"{TENANT}/{STREAM}") == 91, "the late frame stored")
         after = memory.stub.Context(memory_pb2.ContextRequest(key=KEY, now_ms=60_000))
         assert "a cyclist (1x)" in after.summaries[0].text and after.summaries[1].text == before.summaries[1].text
         assert after.prefix_version != before.prefix_version

@@ -24,7 +24,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from streamharness import topics
 from streamharness.kafka import DLQ_REASON, TYPE_HEADER, EventProducer, ensure_topics
 from streamharness.keys import make_key
-from streamharness.responder import ResponderService, ResponderSettings
+from streamharness.hosts.kafka import KafkaHost
+from streamharness.responder import ResponderSettings, ResponderStage
+from streamharness.topology import TOPOLOGY
 from streamharness.responder.service import HOP_FINAL, HOP_FIRST_TOKEN
 from streamharness.settings import KafkaSettings
 from streamharness.v1 import common_pb2, events_pb2, memory_pb2, memory_pb2_grpc
@@ -84,12 +86,12 @@ def closed_port_address() -> str:
 
 
 @contextmanager
-def running_responder(kafka_settings: KafkaSettings, generation_settings, memory_address: str) -> Iterator[ResponderService]:
+def running_responder(kafka_settings: KafkaSettings, generation_settings, memory_address: str) -> Iterator[KafkaHost]:
     settings = ResponderSettings(
         memory_address=memory_address, workers=2, question_max_new_tokens=20, alert_max_new_tokens=16,
         memory_timeout_s=1.0,
     )
-    service = ResponderService(settings=settings, kafka=kafka_settings, generation=generation_settings)
+    service = KafkaHost(ResponderStage(settings, generation_settings), TOPOLOGY["responder"], kafka_settings)
     service.load()
     service.start()
     try:

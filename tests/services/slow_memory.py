@@ -1,5 +1,6 @@
-"""A small real service for runner tests: MemoryService whose Recall takes as long as asked
-("sleep:<seconds>"), optionally consuming a Kafka topic and committing what it processed.
+"""A small real service for runner tests: a MemoryService API whose Recall takes as long as asked
+("sleep:<seconds>"); with TEST_CONSUME_TOPIC, a stage on the Kafka host that consumes that topic
+slowly and commits what it processed (the host's SIGTERM drain under test).
 
     python -m tests.services.slow_memory        # reads SH_* settings from the environment
 """
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 
 import grpc
 
 from streamharness.errors import InvalidInput
 from streamharness.runner import Service, run_service
+from streamharness.stage import Stage, StageSpec
 from streamharness.v1 import memory_pb2, memory_pb2_grpc
 
 
@@ -31,55 +32,55 @@ class SlowMemory(memory_pb2_grpc.MemoryServiceServicer):
 
 
 class SlowMemoryService(Service):
+    """The runner-only service (no Kafka): the API above, and readiness from a file's absence."""
+
     grpc_service_names = (memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,)
-
-    def __init__(self) -> None:
-        self._loaded = False
-        self._consumer = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    def load(self) -> None:
-        topic = os.environ.get("TEST_CONSUME_TOPIC")
-        if topic:
-            from streamharness.kafka import EventConsumer, EventProducer, ensure_topics
-            from streamharness.settings import KafkaSettings, load_settings
-            from streamharness.v1 import events_pb2
-
-            settings = load_settings(KafkaSettings)
-            ensure_topics(settings, [topic, f"{topic}-out"], partitions=1)
-            producer = EventProducer(settings, client_id="slow-memory")
-            delay = float(os.environ.get("TEST_PER_RECORD_DELAY_S", "0.05"))
-
-            def handle(event) -> None:
-                time.sleep(delay)  # real work takes time: this is what SIGTERM must let finish
-                producer.send(f"{topic}-out", event.key, event.message).get(timeout=10)
-
-            self._producer = producer
-            self._consumer = EventConsumer(
-                settings, group_id="slow-memory", topics=[topic], message_type=events_pb2.FrameEvent, handler=handle
-            )
-        self._loaded = True
 
     def register(self, server: grpc.Server) -> None:
         memory_pb2_grpc.add_MemoryServiceServicer_to_server(SlowMemory(), server)
 
-    def start(self) -> None:
-        if self._consumer is not None:
-            self._thread = threading.Thread(target=self._consumer.run, args=(self._stop,), daemon=True)
-            self._thread.start()
-
     def ready(self) -> bool:
-        return self._loaded and not os.path.exists(os.environ.get("TEST_NOT_READY_FILE", "/nonexistent"))
+        return not os.path.exists(os.environ.get("TEST_NOT_READY_FILE", "/nonexistent"))
 
     def stop(self, deadline: float) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            self._consumer.close()
-            self._producer.close()
         print("drained", flush=True)
 
 
+class SlowStage(Stage):
+    """The same API as a stage on the Kafka host, copying ``<topic>`` to ``<topic>-out`` slowly."""
+
+    def __init__(self, topic: str, delay_s: float) -> None:
+        self.topic, self.delay_s = topic, delay_s
+
+    def open(self, ctx) -> None:
+        self.out = ctx.outbox
+
+    def handle(self, event) -> None:
+        time.sleep(self.delay_s)  # real work takes time: this is what SIGTERM must let finish
+        self.out.send(f"{self.topic}-out", event.key, event.message).get(timeout=10)
+
+    def register(self, server: grpc.Server) -> None:
+        memory_pb2_grpc.add_MemoryServiceServicer_to_server(SlowMemory(), server)
+
+    def close(self, deadline: float) -> None:
+        print("drained", flush=True)
+
+
+def main() -> int:
+    topic = os.environ.get("TEST_CONSUME_TOPIC")
+    if not topic:
+        return run_service(SlowMemoryService())
+    from streamharness.hosts.kafka import KafkaHost
+    from streamharness.settings import KafkaSettings, load_settings
+    from streamharness.v1 import events_pb2
+
+    spec = StageSpec(name="slow-memory", factory="tests.services.slow_memory:SlowStage",
+                     consumes={topic: events_pb2.FrameEvent}, produces=(f"{topic}-out",), group="slow-memory",
+                     offset_reset="earliest", offset_reset_reason="the test's records are produced before it starts",
+                     grpc_services=SlowMemoryService.grpc_service_names)
+    stage = SlowStage(topic, float(os.environ.get("TEST_PER_RECORD_DELAY_S", "0.05")))
+    return run_service(KafkaHost(stage, spec, load_settings(KafkaSettings)))
+
+
 if __name__ == "__main__":
-    sys.exit(run_service(SlowMemoryService()))
+    sys.exit(main())

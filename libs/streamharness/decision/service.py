@@ -1,4 +1,4 @@
-"""The decision service: consumes ``queries`` and ``embeddings`` of the same streams in one
+"""The decision stage: consumes ``queries`` and ``embeddings`` of the same streams in one
 consumer group (both topics are keyed ``tenant/stream`` with equal partition counts, and the range
 assignor gives one member the same partition of both), keeps per-stream state on media time, and
 publishes a ``DecisionEvent`` to ``decisions`` for every step that chose to respond."""
@@ -6,8 +6,8 @@ publishes a ``DecisionEvent`` to ``decisions`` for every step that chose to resp
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 from pydantic import Field
@@ -15,10 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness import topics
 from streamharness.decision.policy import DecisionPolicy, Evidence, PendingQuestion, RulePolicy, RuleThresholds, StreamState
-from streamharness.kafka import ConsumedEvent, EventConsumer, EventProducer, ensure_topics
 from streamharness.keys import key_str
-from streamharness.runner import Service
-from streamharness.settings import KafkaSettings, load_settings
+from streamharness.records import ConsumedEvent
+from streamharness.settings import load_settings
+from streamharness.stage import Outbox, Stage, StageContext, StageSpec
+from streamharness.text_encoder import TextEncoderSettings
 from streamharness.telemetry import meters
 from streamharness.v1 import common_pb2, events_pb2
 
@@ -60,58 +61,37 @@ def _media_order(msg) -> tuple[int, int]:
     return (msg.media_ts_ms, 2)
 
 
-class DecisionService(Service):
-    def __init__(self, settings: DecisionSettings | None = None, kafka: KafkaSettings | None = None,
-                 policy: DecisionPolicy | None = None, producer: EventProducer | None = None):
-        """``producer`` given: embedded mode (the in-process pipeline): no Kafka consumer, the caller
-        feeds :meth:`collect` / :meth:`process_batch` and decisions go to that producer."""
+class DecisionStage(Stage):
+    """The ``decision`` row of the topology: per-stream state, one decision per step."""
+
+    name = "decision"
+
+    def __init__(self, settings: DecisionSettings | None = None, text: TextEncoderSettings | None = None,
+                 policy: DecisionPolicy | None = None, text_encoder=None):
+        """``policy``: use this one instead of the one ``SH_DECISION_POLICY`` names; ``text_encoder``:
+        a loaded MiniLM encoder to share (else one is loaded at ``open``)."""
         self.settings = settings or load_settings(DecisionSettings)
-        self.kafka = kafka or load_settings(KafkaSettings)
+        self.text = text
         self.policy = policy
+        self._text_encoder = text_encoder
         self.states: dict[str, StreamState] = {}
         self._batch: list = []
-        self.producer: EventProducer | None = producer
-        self.embedded = producer is not None
-        self.consumer: EventConsumer | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.out: Outbox | None = None
+
+    def configure(self, spec: StageSpec) -> StageSpec:
+        return replace(spec, group=self.settings.consumer_group)
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def load(self) -> None:
+    def open(self, ctx: StageContext) -> None:
+        self.out = ctx.outbox
         if self.policy is None:
             from streamharness.text_encoder import TextEncoder
 
-            self.policy = make_policy(self.settings, TextEncoder().load().encode)
-        if self.embedded:
-            return
-        if self.kafka.create_topics:
-            ensure_topics(self.kafka, topics.PIPELINE)
-        self.producer = EventProducer(self.kafka, client_id="decision")
-        self.consumer = EventConsumer(
-            self.kafka, group_id=self.settings.consumer_group, topics=[topics.QUERIES, topics.EMBEDDINGS],
-            message_type={topics.QUERIES: events_pb2.QueryEvent, topics.EMBEDDINGS: events_pb2.EncodedFrameEvent},
-            handler=self.collect, on_batch_end=self.process_batch,
-        )
+            encoder = self._text_encoder or TextEncoder(self.text or load_settings(TextEncoderSettings)).load()
+            self.policy = make_policy(self.settings, encoder.encode)
 
-    def start(self) -> None:
-        if self.embedded:
-            return
-        self._thread = threading.Thread(target=self.consumer.run, args=(self._stop,), name="decision", daemon=True)
-        self._thread.start()
-
-    def ready(self) -> bool:
-        if self.embedded:
-            return self.policy is not None
-        # Both topics must be assigned: with only one, a stream's frames and queries drift apart.
-        return (self.policy is not None and self._thread is not None and self._thread.is_alive()
-                and self.consumer.assigned_topics() >= {self.kafka.topic(topics.QUERIES), self.kafka.topic(topics.EMBEDDINGS)})
-
-    def stop(self, deadline: float) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self.producer is not None and not self.embedded:
-            self.producer.close(timeout=max(0.0, deadline - time.monotonic()))
+    def healthy(self) -> bool:
+        return self.policy is not None
 
     # -- handling ------------------------------------------------------------------------------
     def _state(self, key: common_pb2.StreamKey, session_id: str) -> StreamState:
@@ -133,10 +113,10 @@ class DecisionService(Service):
     # be on its way to this member after a rebalance.
     HOLD_S = 30.0
 
-    def collect(self, event: ConsumedEvent) -> None:
+    def handle(self, event: ConsumedEvent) -> None:
         self._batch.append(event.message)
 
-    def process_batch(self) -> None:
+    def end_batch(self) -> None:
         batch, self._batch = self._batch, []
         batch.sort(key=_media_order)
         for msg in batch:
@@ -237,6 +217,6 @@ class DecisionService(Service):
                 hops=[*hops, common_pb2.HopStamp(hop="decision", wall_unix_ns=time.time_ns())],
             )
             log.info("%s t=%.1fs respond (%s): %s", key_str(state.key), d.media_ts_ms / 1000, d.trigger_id, d.reason)
-            futures.append(self.producer.send(topics.DECISIONS, state.key, event))
+            futures.append(self.out.send(topics.DECISIONS, state.key, event))
         for fut in futures:
             fut.get(timeout=30)  # durable before the offset of what caused it is committed

@@ -12,13 +12,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from streamharness.paths import cache_dir
+
 log = logging.getLogger(__name__)
 
 
 def dev_cache_dir() -> Path:
-    """Base of the dev cache (jars, exports, dev data): ``$SH_DEV_CACHE_DIR`` or ``~/.cache/streamharness``."""
-    env = os.environ.get("SH_DEV_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "streamharness"
+    """Base of the dev cache (jars, exports, dev data): ``$SH_DEV_CACHE_DIR`` or ``~/.cache/streamharness``
+    (:func:`streamharness.paths.cache_dir`, which runtime code uses)."""
+    return cache_dir()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

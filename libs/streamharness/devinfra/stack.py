@@ -1,6 +1,6 @@
 """The whole pipeline on one machine: a real Kafka broker, a real tritonserver, the generation
-server (KServe), and the six services as separate processes, each started from its
-``services/<name>/main.py`` with the same ``SH_*`` settings the chart sets. Used by
+server (KServe), and every stage of :data:`streamharness.topology.TOPOLOGY` as a separate process,
+each started from its ``services/<name>/main.py`` with the same ``SH_*`` settings the chart sets. Used by
 ``streamharness up`` and the end-to-end tests.
 """
 
@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from streamharness.devinfra.common import free_port, log_tail, wait_http_ok
 from streamharness.devinfra.kafka_broker import KafkaBroker
 from streamharness.devinfra.triton_server import TritonServer
+from streamharness.topology import TOPOLOGY
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[3]
@@ -123,26 +124,29 @@ class LocalStack:
             gen_port = free_port()
             generator = self._spawn("generator", "services/generator/main.py", port=gen_port,
                                     args=["--model_name", "smollm2", "--http_port", str(gen_port), "--host", "127.0.0.1"])
-            memory = self._spawn("memory", "services/memory/main.py")
-            self._wait_serving(memory, deadline)
-            wait_http_ok(f"http://{generator.address}/v2/health/ready", generator.popen, deadline - time.monotonic(),
-                         generator.name, generator.log_tail)
-            waiting = [
-                self._spawn("responder", "services/responder/main.py", {
-                    "SH_RESPONDER_MEMORY_ADDRESS": memory.address,
+            # Every stage of the topology, each from its services/<name>/main.py; ports are chosen
+            # first so that each one's address is known to the stages that call it.
+            replicas = {name: (self.gateways if name == "gateway" else 1) for name in TOPOLOGY}
+            ports = {(name, i): free_port() for name, n in replicas.items() for i in range(n)}
+            addresses = {name: f"127.0.0.1:{ports[(name, 0)]}" for name in TOPOLOGY}
+            wiring = {
+                "gateway": {"SH_GATEWAY_INGEST_ADDRESS": addresses["ingest"]},
+                "responder": {
+                    "SH_RESPONDER_MEMORY_ADDRESS": addresses["memory"],
                     "SH_GENERATION_BACKEND": "openai",
                     "SH_GENERATION_BASE_URL": f"http://{generator.address}/openai/v1",
-                }),
-                self._spawn("encoder", "services/encoder/main.py"),
-                self._spawn("decision", "services/decision/main.py"),
-            ]
-            ingest = self._spawn("ingest", "services/ingest/main.py")
-            self._wait_serving(ingest, deadline)
-            for i in range(self.gateways):
-                waiting.append(self._spawn(f"gateway-{i + 1}", "services/gateway/main.py", {
-                    "SH_GATEWAY_INGEST_ADDRESS": ingest.address,
-                    "SH_GATEWAY_REPLICA_ID": f"gateway-{i + 1}",
-                }))
+                },
+            }
+            waiting: list[Proc] = []
+            for name, n in replicas.items():
+                for i in range(n):
+                    proc_name = f"{name}-{i + 1}" if name == "gateway" else name
+                    env = dict(wiring.get(name, {}))
+                    if name == "gateway":
+                        env["SH_GATEWAY_REPLICA_ID"] = proc_name
+                    waiting.append(self._spawn(proc_name, f"services/{name}/main.py", env, port=ports[(name, i)]))
+            wait_http_ok(f"http://{generator.address}/v2/health/ready", generator.popen, deadline - time.monotonic(),
+                         generator.name, generator.log_tail)
             for proc in waiting:
                 self._wait_serving(proc, deadline)
             return self

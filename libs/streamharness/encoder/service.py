@@ -1,19 +1,19 @@
-"""The encoder service: ``frames`` → Triton (frame encoder + people detector) → ``embeddings``.
+"""The encoder stage: ``frames`` → Triton (frame encoder + people detector) → ``embeddings``.
 
-Frames of all streams are micro-batched: the consumer fetches with a bounded wait (the broker holds
-a fetch until about ``max_batch`` frames are there or ``max_wait_ms`` has passed, whichever comes
-first), each polled batch of at most ``max_batch`` records is decoded record by record (the
-handler), then encoded in one Triton request while the people detector runs on every frame of the
-batch concurrently, and the results are published — all before the batch's offsets are committed
-(``EventConsumer``'s ``on_batch_end`` hook). Per-stream order is kept: one stream's frames are in one
+Frames of all streams are micro-batched: the host fetches with a bounded wait (on Kafka the broker
+holds a fetch until about ``max_batch`` frames are there or ``max_wait_ms`` has passed, whichever
+comes first), each batch of at most ``max_batch`` records is decoded record by record
+(``handle``), then encoded in one Triton request while the people detector runs on every frame of
+the batch concurrently, and the results are published — all before the batch's offsets are
+committed (``end_batch``). Per-stream order is kept: one stream's frames are in one
 partition, a batch keeps their order, and batches are published one after the other.
 
 Failures:
 
-* a frame whose JPEG does not decode is dead-lettered (by the consumer: the handler raises
+* a frame whose JPEG does not decode is dead-lettered (by the host: the handler raises
   ``InvalidInput``) and counted; the stream goes on;
 * Triton unreachable (``DependencyUnavailable`` after ``SH_KAFKA_HANDLER_RETRIES`` attempts): the
-  flush raises, nothing is committed and the consumer redelivers the batch — frames wait for Triton
+  flush raises, nothing is committed and the host redelivers the batch — frames wait for Triton
   instead of being lost, and ``ready()`` is false meanwhile;
 * any other failure of one frame (the model rejects it, a malformed answer) dead-letters that frame
   only: a bad frame never stops a stream.
@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import cv2
@@ -40,21 +40,10 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from streamharness import topics
 from streamharness.errors import DependencyUnavailable, InvalidInput
-from streamharness.kafka import (
-    DLQ_ERROR,
-    DLQ_GROUP,
-    DLQ_REASON,
-    DLQ_SOURCE_OFFSET,
-    DLQ_SOURCE_PARTITION,
-    DLQ_SOURCE_TOPIC,
-    ConsumedEvent,
-    EventConsumer,
-    EventProducer,
-    ensure_topics,
-)
 from streamharness.keys import parse_key
-from streamharness.runner import Service
-from streamharness.settings import KafkaSettings, TritonSettings, load_settings
+from streamharness.records import ConsumedEvent
+from streamharness.settings import TritonSettings, load_settings
+from streamharness.stage import Batching, Outbox, Stage, StageContext, StageSpec
 from streamharness.telemetry import meters
 from streamharness.v1 import common_pb2, events_pb2
 
@@ -156,119 +145,65 @@ class _Failed:
         self.error = error
 
 
-class EncoderService(Service):
-    """Consumes ``frames``, publishes ``embeddings``. Settings default to the environment."""
+class EncoderStage(Stage):
+    """Consumes ``frames``, publishes ``embeddings`` (the ``encoder`` row of the topology)."""
 
-    def __init__(
-        self,
-        settings: EncoderSettings | None = None,
-        kafka: KafkaSettings | None = None,
-        triton: TritonSettings | None = None,
-        producer: EventProducer | None = None,
-    ) -> None:
-        """``producer`` given: embedded mode (the in-process pipeline): no Kafka consumer, the caller
-        hands frames to :meth:`accept` and calls :meth:`flush_batch`; embeddings go to that producer."""
-        self.embedded = producer is not None
+    name = "encoder"
+
+    def __init__(self, settings: EncoderSettings | None = None, triton: TritonSettings | None = None) -> None:
         self.settings = settings or load_settings(EncoderSettings)
-        self.kafka = kafka or load_settings(KafkaSettings)
         self.triton = triton or load_settings(TritonSettings)
         self.stats = EncoderStats()
         self.encoder: FrameEncoderClient | None = None
         self.people: PeopleDetectorClient | None = None
-        self.producer: EventProducer | None = producer
-        self.consumer: EventConsumer[events_pb2.FrameEvent] | None = None
+        self.out: Outbox | None = None
+        self._attempts = 1
+        self._stopping = threading.Event()
+        self._frames_topic = topics.FRAMES
         self._pool: ThreadPoolExecutor | None = None
         self._batch: list[_Frame] = []
-        self._stop = threading.Event()
-        self._stopped = False
+        self._closed = False
         self._outage_pause_s = OUTAGE_PAUSE_MIN_S
-        self._thread: threading.Thread | None = None
-        self._frames_topic = self.kafka.topic(topics.FRAMES)
-        self._dlq_topic = self.kafka.topic(self.kafka.dead_letter_topic)
+
+    def configure(self, spec: StageSpec) -> StageSpec:
+        s = self.settings
+        # A poll takes at most one batch; end_batch encodes it before the offsets are committed.
+        return replace(spec, group=s.consumer_group,
+                       batching=Batching(max_records=s.max_batch, max_wait_ms=s.max_wait_ms, bytes_hint=s.frame_bytes_hint))
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def load(self) -> None:
+    def open(self, ctx: StageContext) -> None:
         from streamharness.people_client import PeopleDetectorClient
         from streamharness.triton_client import FrameEncoderClient
 
+        self.out, self._attempts, self._stopping = ctx.outbox, ctx.attempts, ctx.stopping
+        self._frames_topic = ctx.topic(topics.FRAMES)
         self.encoder = FrameEncoderClient(self.triton)
         if self.settings.detect_people:
             self.people = PeopleDetectorClient(self.triton, self.settings.people_model, self.settings.people_model_version)
-        if not self.embedded:
-            if self.kafka.create_topics:
-                ensure_topics(self.kafka, [topics.FRAMES, topics.EMBEDDINGS])
-            self.producer = EventProducer(self.kafka, client_id="encoder")
         # One worker for the batch's encoder request, the others for people detection.
         self._pool = ThreadPoolExecutor(max_workers=self.settings.detect_concurrency + 1, thread_name_prefix="encoder-triton")
 
-    def start(self) -> None:
-        if self.producer is None:
-            raise RuntimeError("EncoderService.start() before load()")
-        if self.embedded:
-            return
-        s = self.settings
-        # A poll takes at most one batch; the flush runs before the batch's offsets are committed.
-        consumer_settings = self.kafka.model_copy(update={"consumer_max_records": s.max_batch})
-        fetch: dict[str, Any] = {}
-        if s.max_wait_ms > 0:
-            # The bounded micro-batch wait is Kafka's own: the broker answers a fetch once
-            # fetch_min_bytes are there or after fetch_max_wait_ms, whichever comes first. Under
-            # load batches fill at once; with a few streams at 1 FPS a frame waits <= max_wait_ms.
-            fetch = {"fetch_min_bytes": s.max_batch * s.frame_bytes_hint, "fetch_max_wait_ms": s.max_wait_ms}
-        self.consumer = EventConsumer(
-            consumer_settings,
-            group_id=s.consumer_group,
-            topics=[topics.FRAMES],
-            message_type=events_pb2.FrameEvent,
-            handler=self.accept,
-            on_batch_end=self.flush_batch,
-            client_id="encoder",
-            **fetch,
-        )
-        self._thread = threading.Thread(target=self._consume, name="encoder-consumer", daemon=True)
-        self._thread.start()
-
-    def _consume(self) -> None:
-        try:
-            self.consumer.run(self._stop)
-        except Exception:  # noqa: BLE001 - reported through ready(); the runner's probe sees it
-            log.exception("the encoder's consumer stopped on an error; the service is not ready any more")
-
-    def ready(self) -> bool:
-        if self._stop.is_set():  # stopping or stopped (the Triton channels are closed then)
+    def healthy(self) -> bool:
+        if self._closed or self._stopping.is_set():  # stopping or stopped (the Triton channels close)
             return False
         if self.encoder is None or not self.encoder.ready():
             return False
-        if self.settings.detect_people and (self.people is None or not self.people.ready()):
-            return False
-        if self.embedded:
-            return True
-        # The consumer thread ends only on stop() or on an error it could not get past.
-        return self._thread is not None and self._thread.is_alive()
+        return not self.settings.detect_people or (self.people is not None and self.people.ready())
 
-    def stop(self, deadline: float) -> None:
-        """Stop polling, flush and publish the batch in hand, commit, close (before ``deadline``)."""
-        if self._stopped:
+    def close(self, deadline: float) -> None:
+        if self._closed:
             return
-        self._stop.set()
-        if self.consumer is not None:
-            self.consumer.stop()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            if self._thread.is_alive():
-                raise RuntimeError("the encoder's consumer did not finish its batch before the shutdown deadline")
-        if self.producer is not None and not self.embedded:
-            self.producer.close(timeout=max(0.0, deadline - time.monotonic()))
+        self._closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         for client in (self.encoder, self.people):
             if client is not None:
                 client.close()
-        self._stopped = True
 
     # -- consuming -----------------------------------------------------------------------------
-    def accept(self, event: ConsumedEvent[events_pb2.FrameEvent]) -> None:
-        """The per-record handler: decode and keep for the batch (the flush does the rest)."""
+    def handle(self, event: ConsumedEvent[events_pb2.FrameEvent]) -> None:
+        """The per-record handler: decode and keep for the batch (``end_batch`` does the rest)."""
         try:
             rgb = decode_jpeg(event.message.jpeg)
         except InvalidInput as err:
@@ -278,8 +213,8 @@ class EncoderService(Service):
             raise InvalidInput(f"{event.key} seq {event.message.seq} at {event.message.media_ts_ms} ms: {err}") from None
         self._batch.append(_Frame(event, rgb))
 
-    def flush_batch(self) -> None:
-        """``on_batch_end``: encode, detect and publish the batch; raising makes the consumer redeliver it."""
+    def end_batch(self) -> None:
+        """Encode, detect and publish the batch; raising makes the host redeliver it."""
         frames, self._batch = self._batch, []
         for start in range(0, len(frames), self.settings.max_batch):
             self._process(frames[start:start + self.settings.max_batch])
@@ -301,7 +236,7 @@ class EncoderService(Service):
             if isinstance(result, _Failed) and isinstance(result.error, DependencyUnavailable):
                 # Triton is not there: fail the batch, so that it is redelivered rather than lost,
                 # after a pause that grows while the outage lasts (stop() cuts it short).
-                self._stop.wait(self._outage_pause_s)
+                self._stopping.wait(self._outage_pause_s)
                 self._outage_pause_s = min(OUTAGE_PAUSE_MAX_S, self._outage_pause_s * 2)
                 raise result.error
         self._outage_pause_s = OUTAGE_PAUSE_MIN_S
@@ -310,10 +245,12 @@ class EncoderService(Service):
         for frame, encoding, detection in zip(frames, encodings, detections):
             failed = encoding if isinstance(encoding, _Failed) else detection if isinstance(detection, _Failed) else None
             if failed is not None:
-                self._dead_letter(frame, failed.error)
+                # That frame alone goes to the dead-letter topic; the rest of the batch goes on.
+                self.out.dead_letter(frame.event, "handler-failed", failed.error)
+                self.stats.frames_failed += 1
                 continue
             message = self._encoded_event(frame, encoding, detection)
-            sends.append((frame, message, self.producer.send(topics.EMBEDDINGS, frame.event.key, message)))
+            sends.append((frame, message, self.out.send(topics.EMBEDDINGS, frame.event.key, message)))
         # Durable before the consumer commits the batch's offsets (a KafkaError here: redelivered).
         for _, _, sent in sends:
             sent.get(timeout=self.settings.publish_timeout_s)
@@ -350,7 +287,7 @@ class EncoderService(Service):
     def _retrying(self, call: Callable[..., T], *args: Any) -> T:
         """``call`` with the consumer's retry budget; only an absent dependency is worth retrying."""
         for attempt in Retrying(
-            stop=stop_after_attempt(max(1, self.kafka.handler_retries)),
+            stop=stop_after_attempt(max(1, self._attempts)),
             wait=wait_exponential(multiplier=0.05, max=2.0),
             retry=retry_if_exception_type(DependencyUnavailable),
             reraise=True,
@@ -383,25 +320,3 @@ class EncoderService(Service):
             caption=build_caption(encoding.labels, people.count if people is not None else None, self.settings.caption_labels),
             hops=[*src.hops, common_pb2.HopStamp(hop=HOP, wall_unix_ns=time.time_ns())],
         )
-
-    def _dead_letter(self, frame: _Frame, error: BaseException) -> None:
-        """The same dead letter the consumer writes for a failed handler, for a frame that failed in the batch."""
-        event = frame.event
-        log.warning("dead-lettering %s[%d]@%d (%s seq %d): %r", event.topic, event.partition, event.offset,
-                    event.key, event.message.seq, error)
-        headers = [
-            *event.headers,
-            (DLQ_REASON, b"handler-failed"),
-            (DLQ_ERROR, repr(error)[:2000].encode("utf-8", "replace")),
-            (DLQ_SOURCE_TOPIC, event.topic.encode()),
-            (DLQ_SOURCE_PARTITION, str(event.partition).encode()),
-            (DLQ_SOURCE_OFFSET, str(event.offset).encode()),
-            (DLQ_GROUP, (self.consumer.group_id if self.consumer is not None else "in-process").encode()),
-        ]
-        # ConsumedEvent keeps the decoded message, not the record's bytes: re-serialised (the same
-        # fields; unknown fields of a newer producer are kept by protobuf).
-        self.producer.send_raw(self._dlq_topic, event.key.encode(), event.message.SerializeToString(), headers).get(
-            timeout=self.settings.publish_timeout_s
-        )
-        self.stats.frames_failed += 1
-        meters.records_dead_lettered().add(1, {"topic": event.topic, "reason": "handler-failed"})

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 from pydantic import Field, SecretStr, field_validator
@@ -28,10 +28,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness import topics
 from streamharness.errors import InvalidInput, QuotaExceeded, Unauthenticated
-from streamharness.kafka import ConsumedEvent, EventConsumer, EventProducer, ensure_topics
-from streamharness.keys import key_str, make_key, validate_name
-from streamharness.runner import Service
-from streamharness.settings import KafkaSettings, load_settings
+from streamharness.keys import key_str, validate_name
+from streamharness.records import ConsumedEvent
+from streamharness.session import SessionMapper
+from streamharness.settings import load_settings
+from streamharness.stage import Outbox, Stage, StageContext, StageSpec
 from streamharness.telemetry import meters
 from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc, session_pb2, session_pb2_grpc
 
@@ -75,6 +76,7 @@ class GatewaySettings(BaseSettings):
 class _Session:
     session_id: str
     key: common_pb2.StreamKey
+    mapper: SessionMapper
     outbound: queue.Queue = field(default_factory=queue.Queue)
     seen_chunks: set[tuple[str, int]] = field(default_factory=set)
     open_questions: set[str] = field(default_factory=set)
@@ -83,7 +85,7 @@ class _Session:
 
 
 class _SessionApi(session_pb2_grpc.SessionServiceServicer):
-    def __init__(self, gateway: GatewayService):
+    def __init__(self, gateway: GatewayStage):
         self.g = gateway
 
     # -- authentication and quotas -------------------------------------------------------------
@@ -102,31 +104,23 @@ class _SessionApi(session_pb2_grpc.SessionServiceServicer):
 
     def Stream(self, requests: Iterator[session_pb2.ClientMessage], context: grpc.ServicerContext) -> Iterator[session_pb2.ServerMessage]:  # noqa: N802
         tenant = self._tenant(context)
-        first = next(requests, None)
-        if first is None or first.WhichOneof("message") != "start":
-            raise InvalidInput("the first message of a session must be SessionStart")
-        start = first.start
-        key = make_key(tenant, start.stream_id)
-        fps = start.decision_fps or 1.0
-        if not 0 < fps <= 30:
-            raise InvalidInput(f"decision_fps {start.decision_fps} is out of range (0, 30]")
-        ids = [i.instruction_id for i in start.instructions]
-        if len(set(ids)) != len(ids) or any(not i for i in ids):
-            raise InvalidInput("standing instructions need unique, non-empty instruction_id values")
-        for inst in start.instructions:
-            self._check_text("instruction", inst.text)
-        session = self.g.open_session(key)
+        settings = self.g.settings
+        mapper = SessionMapper(tenant, uuid.uuid4().hex, max_text_chars=settings.max_text_chars,
+                               max_frame_bytes=settings.max_frame_bytes, reply_to=settings.replica_id)
+        start = mapper.start(next(requests, None))
+        key = mapper.key
+        session = self.g.open_session(key, mapper)
         context.add_callback(lambda: self.g.close_session(session))
-        log.info("session %s opened for %s (%d instructions)", session.session_id, key_str(key), len(ids))
-        self.g.publish_query(Q(key=key, session_id=session.session_id, kind=Q.KIND_SESSION_START,
-                               decision_fps=fps, instructions=start.instructions))
-        yield session_pb2.ServerMessage(accepted=session_pb2.SessionAccepted(session_id=session.session_id, key=key, decision_fps=fps))
+        log.info("session %s opened for %s (%d instructions)", session.session_id, key_str(key), len(start.instructions))
+        self.g.publish_query(start)
+        yield session_pb2.ServerMessage(accepted=session_pb2.SessionAccepted(session_id=session.session_id, key=key,
+                                                                             decision_fps=mapper.decision_fps))
 
         ingest_q: queue.Queue = queue.Queue(maxsize=256)
         results = self.g.ingest.IngestFrames(iter(ingest_q.get, _DONE))
         pump = threading.Thread(target=self._pump_ingest, args=(results, session), daemon=True, name=f"ingest-{session.session_id[:8]}")
         pump.start()
-        reader = threading.Thread(target=self._read, args=(requests, session, ingest_q, fps, pump), daemon=True, name=f"read-{session.session_id[:8]}")
+        reader = threading.Thread(target=self._read, args=(requests, session, ingest_q, pump), daemon=True, name=f"read-{session.session_id[:8]}")
         reader.start()
         try:
             while True:
@@ -142,66 +136,31 @@ class _SessionApi(session_pb2_grpc.SessionServiceServicer):
             if not context.is_active():
                 results.cancel()  # the client left: stop the ingest call too
 
-    def _check_text(self, what: str, text: str) -> None:
-        if not text.strip():
-            raise InvalidInput(f"{what} text is empty")
-        if len(text) > self.g.settings.max_text_chars:
-            raise InvalidInput(f"{what} text has {len(text)} characters, above the limit of {self.g.settings.max_text_chars}")
-
     def _error(self, session: _Session, err: Exception, seq: int = 0, ts: int = 0) -> None:
         code = getattr(err, "code", grpc.StatusCode.INVALID_ARGUMENT).value[0]
         session.outbound.put(session_pb2.ServerMessage(error=session_pb2.SessionError(code=code, message=str(err), seq=seq, media_ts_ms=ts)))
 
-    def _read(self, requests, session: _Session, ingest_q: queue.Queue, fps: float, pump: threading.Thread) -> None:
+    def _read(self, requests, session: _Session, ingest_q: queue.Queue, pump: threading.Thread) -> None:
         """Client messages → ingest / queries. A bad message is answered with a non-fatal error."""
         last_ts = -1
         ended = False
+        mapper = session.mapper
         try:
             for msg in requests:
                 kind = msg.WhichOneof("message")
                 try:
                     if kind == "frame":
-                        f = msg.frame
-                        if not f.image:
-                            raise InvalidInput(f"frame seq {f.seq} has no image bytes")
-                        if len(f.image) > self.g.settings.max_frame_bytes:
-                            raise InvalidInput(f"frame seq {f.seq} is {len(f.image)} bytes, above the limit of {self.g.settings.max_frame_bytes}")
-                        ingest_q.put(ingest_pb2.IngestFrameRequest(
-                            key=session.key, session_id=session.session_id, media_ts_ms=f.media_ts_ms, image=f.image,
-                            encoding=f.encoding, seq=f.seq, decision_fps=fps,
-                            hops=[common_pb2.HopStamp(hop="gateway", wall_unix_ns=time.time_ns())],
-                        ))
-                        last_ts = max(last_ts, f.media_ts_ms)
-                    elif kind == "question":
-                        qn = msg.question
-                        self._check_text("question", qn.text)
-                        if not qn.question_id:
-                            raise InvalidInput("question_id is empty")
-                        session.open_questions.add(qn.question_id)
-                        self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_QUESTION,
-                                               question_id=qn.question_id, text=qn.text, media_ts_ms=qn.media_ts_ms))
-                        session.outbound.put(session_pb2.ServerMessage(ack=session_pb2.Ack(kind=session_pb2.Ack.KIND_QUESTION, media_ts_ms=qn.media_ts_ms)))
-                    elif kind == "instruction":
-                        upd = msg.instruction
-                        if upd.WhichOneof("change") == "add":
-                            self._check_text("instruction", upd.add.text)
-                            if not upd.add.instruction_id:
-                                raise InvalidInput("instruction_id is empty")
-                            self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_INSTRUCTION_ADD,
-                                                   instruction_id=upd.add.instruction_id, text=upd.add.text, media_ts_ms=upd.media_ts_ms))
-                        elif upd.WhichOneof("change") == "remove_instruction_id":
-                            self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_INSTRUCTION_REMOVE,
-                                                   instruction_id=upd.remove_instruction_id, media_ts_ms=upd.media_ts_ms))
-                        else:
-                            raise InvalidInput("instruction update has neither add nor remove_instruction_id")
-                        session.outbound.put(session_pb2.ServerMessage(ack=session_pb2.Ack(kind=session_pb2.Ack.KIND_INSTRUCTION, media_ts_ms=upd.media_ts_ms)))
+                        ingest_q.put(mapper.frame(msg.frame))
+                        last_ts = max(last_ts, msg.frame.media_ts_ms)
                     elif kind == "end":
                         ended = True
                         break
-                    elif kind == "start":
-                        raise InvalidInput("SessionStart may be sent only once, first")
                     else:
-                        raise InvalidInput("empty ClientMessage")
+                        query, ack = mapper.query(msg)
+                        if kind == "question":
+                            session.open_questions.add(query.question_id)
+                        self.g.publish_query(query)
+                        session.outbound.put(ack)
                 except InvalidInput as err:
                     self._error(session, err, seq=msg.frame.seq if kind == "frame" else 0)
         except grpc.RpcError:
@@ -212,15 +171,13 @@ class _SessionApi(session_pb2_grpc.SessionServiceServicer):
             # The client went away without SessionEnd: still tell the pipeline the session is over,
             # so per-stream state is released.
             try:
-                self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_SESSION_END,
-                                       media_ts_ms=session.last_published_ms))
+                self.g.publish_query(mapper.end(session.last_published_ms))
             except Exception:  # noqa: BLE001 - best effort on a broken session
                 log.warning("could not publish the end of abandoned session %s", session.session_id)
         if ended:
             # Every frame sent before SessionEnd gets its ack or error before the session closes.
             pump.join(timeout=self.g.settings.end_grace_s)
-            self.g.publish_query(Q(key=session.key, session_id=session.session_id, kind=Q.KIND_SESSION_END,
-                                   media_ts_ms=session.last_published_ms))
+            self.g.publish_query(mapper.end(session.last_published_ms))
             deadline = time.monotonic() + self.g.settings.end_grace_s
             with session.answered:
                 while session.open_questions and time.monotonic() < deadline:
@@ -248,30 +205,33 @@ class _SessionApi(session_pb2_grpc.SessionServiceServicer):
                 session.outbound.put(_DONE)
 
 
-class GatewayService(Service):
-    grpc_service_names = (session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,)
+class GatewayStage(Stage):
+    """The ``gateway`` row of the topology: the public session API; consumes ``responses`` in a
+    group of its own per replica and delivers the records addressed to it."""
 
-    def __init__(self, settings: GatewaySettings | None = None, kafka: KafkaSettings | None = None):
+    name = "gateway"
+
+    def __init__(self, settings: GatewaySettings | None = None):
         self.settings = settings or load_settings(GatewaySettings)
-        self.kafka = kafka or load_settings(KafkaSettings)
         self.tenants_by_key = self.settings.tenants_by_key()
         self.sessions: dict[str, _Session] = {}
         self._per_tenant: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.producer: EventProducer | None = None
-        self.consumer: EventConsumer | None = None
+        self.out: Outbox | None = None
         self._channel: grpc.Channel | None = None
         self.ingest: ingest_pb2_grpc.IngestServiceStub | None = None
 
+    def configure(self, spec: StageSpec) -> StageSpec:
+        return replace(spec, group=f"{spec.group}-{self.settings.replica_id}",
+                       poll_timeout_ms=self.settings.consumer_poll_timeout_ms)
+
     # -- sessions --------------------------------------------------------------------------------
-    def open_session(self, key: common_pb2.StreamKey) -> _Session:
+    def open_session(self, key: common_pb2.StreamKey, mapper: SessionMapper) -> _Session:
         with self._lock:
             count = self._per_tenant.get(key.tenant, 0)
             if count >= self.settings.max_sessions_per_tenant:
                 raise QuotaExceeded(f"tenant {key.tenant} already has {count} open sessions (limit {self.settings.max_sessions_per_tenant})")
-            session = _Session(session_id=uuid.uuid4().hex, key=key)
+            session = _Session(session_id=mapper.session_id, key=key, mapper=mapper)
             self.sessions[session.session_id] = session
             self._per_tenant[key.tenant] = count + 1
         meters.sessions_active().add(1, {"tenant": key.tenant})
@@ -286,11 +246,10 @@ class GatewayService(Service):
         session.outbound.put(_DONE)
 
     def publish_query(self, query: events_pb2.QueryEvent) -> None:
-        query.reply_to = self.settings.replica_id
-        query.hops.append(common_pb2.HopStamp(hop="gateway", wall_unix_ns=time.time_ns()))
-        self.producer.send(topics.QUERIES, query.key, query).get(timeout=10)
+        self.out.send(topics.QUERIES, query.key, query).get(timeout=10)
 
-    def deliver(self, event: ConsumedEvent) -> None:
+    def handle(self, event: ConsumedEvent) -> None:
+        """A record of ``responses``: to the session it is addressed to, once per chunk."""
         r: events_pb2.ResponseEvent = event.message
         if r.reply_to != self.settings.replica_id:
             return  # another replica's session
@@ -311,18 +270,8 @@ class GatewayService(Service):
                 session.answered.notify_all()
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def load(self) -> None:
-        if self.kafka.create_topics:
-            ensure_topics(self.kafka, topics.PIPELINE)
-        self.producer = EventProducer(self.kafka, client_id="gateway")
-        self.consumer = EventConsumer(
-            self.kafka.model_copy(update={"consumer_poll_timeout_ms": self.settings.consumer_poll_timeout_ms}),
-            group_id=f"gateway-{self.settings.replica_id}", topics=[topics.RESPONSES],
-            message_type=events_pb2.ResponseEvent, handler=self.deliver,
-            # 'latest': a replica's group is new at every start and only its own live sessions'
-            # responses matter; replaying the topic's history would deliver nothing useful.
-            auto_offset_reset="latest",
-        )
+    def open(self, ctx: StageContext) -> None:
+        self.out = ctx.outbox
         self._channel = grpc.insecure_channel(self.settings.ingest_address, options=[
             ("grpc.max_send_message_length", self.settings.max_frame_bytes + 65536),
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -332,25 +281,14 @@ class GatewayService(Service):
     def register(self, server: grpc.Server) -> None:
         session_pb2_grpc.add_SessionServiceServicer_to_server(_SessionApi(self), server)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.consumer.run, args=(self._stop,), name="responses", daemon=True)
-        self._thread.start()
-
-    def ready(self) -> bool:
-        if self._thread is None or not self._thread.is_alive() or not self.consumer.assigned():
-            return False
+    def healthy(self) -> bool:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=1)
             return True
         except grpc.FutureTimeoutError:
             return False
 
-    def stop(self, deadline: float) -> None:
+    def close(self, deadline: float) -> None:
         # The runner already stopped taking calls; open sessions end when their clients do.
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self.producer is not None:
-            self.producer.close(timeout=max(0.0, deadline - time.monotonic()))
         if self._channel is not None:
             self._channel.close()

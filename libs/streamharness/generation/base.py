@@ -66,6 +66,10 @@ class Prompt:
 class ResponseGenerator(abc.ABC):
     """Streams a response to a :class:`Prompt` as text chunks (tokens or words)."""
 
+    def load(self) -> ResponseGenerator:
+        """Load weights or open clients; called once before the first ``stream`` (idempotent)."""
+        return self
+
     @abc.abstractmethod
     def stream(self, prompt: Prompt) -> Iterator[str]:
         """Yield the response's text in order. Closing the iterator early cancels the generation.

@@ -85,9 +85,9 @@ class LocalSmolLM2Generator(ResponseGenerator):
         self.load_seconds: float | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def load(self) -> None:
+    def load(self) -> LocalSmolLM2Generator:
         if self._model is not None:
-            return
+            return self
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -107,6 +107,7 @@ class LocalSmolLM2Generator(ResponseGenerator):
         self._tokenizer, self._model = tokenizer, model
         self.load_seconds = time.perf_counter() - start
         log.info("loaded %s in %.1f s (torch threads: %d)", path.name, self.load_seconds, torch.get_num_threads())
+        return self
 
     def ready(self) -> bool:
         return self._model is not None

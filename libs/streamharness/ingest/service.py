@@ -1,4 +1,4 @@
-"""The ingest service: ``IngestService.IngestFrames`` → validated, resampled, bounded frames on
+"""The ingest stage: ``IngestService.IngestFrames`` → validated, resampled, bounded frames on
 the ``frames`` topic, keyed ``tenant/stream``. A bad frame gets a REJECTED result with the reason
 and the call goes on; only a broken call (bad key) ends it."""
 
@@ -16,10 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from streamharness import topics
 from streamharness.errors import InvalidInput
 from streamharness.ingest.frames import Resampler, bound_pixels, decode_image, encode_jpeg
-from streamharness.kafka import EventProducer, ensure_topics
 from streamharness.keys import key_str, make_key
-from streamharness.runner import Service
-from streamharness.settings import KafkaSettings, load_settings
+from streamharness.settings import load_settings
+from streamharness.stage import Outbox, Stage, StageContext
 from streamharness.telemetry import meters
 from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc
 
@@ -39,11 +38,11 @@ class IngestSettings(BaseSettings):
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    """``IngestFrames``; :meth:`ingest_one` is the per-frame step (also used by the in-process pipeline)."""
+    """``IngestFrames``; :meth:`ingest_one` is the per-frame step (also used by the local host's sessions)."""
 
-    def __init__(self, settings: IngestSettings, producer: EventProducer, intake_open: threading.Event):
+    def __init__(self, settings: IngestSettings, outbox: Outbox, intake_open: threading.Event):
         self.settings = settings
-        self.producer = producer
+        self.outbox = outbox
         self.intake_open = intake_open
 
     def IngestFrames(  # noqa: N802 - gRPC name
@@ -78,7 +77,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 jpeg=encode_jpeg(rgb, self.settings.jpeg_quality), width=rgb.shape[1], height=rgb.shape[0],
                 hops=[*req.hops, common_pb2.HopStamp(hop="ingest", wall_unix_ns=time.time_ns())],
             )
-            self.producer.send(topics.FRAMES, key, event).get(timeout=self.settings.publish_timeout_s)
+            self.outbox.send(topics.FRAMES, key, event).get(timeout=self.settings.publish_timeout_s)
             result.status = ingest_pb2.IngestFrameResult.STATUS_PUBLISHED
             meters.frames_ingested().add(1, {"status": "published"})
         except InvalidInput as err:
@@ -89,31 +88,27 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return result
 
 
-class IngestService(Service):
-    grpc_service_names = (ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,)
+class IngestStage(Stage):
+    """The ``ingest`` row of the topology: the ``IngestFrames`` API, publishing to ``frames``."""
 
-    def __init__(self, settings: IngestSettings | None = None, kafka: KafkaSettings | None = None):
+    name = "ingest"
+
+    def __init__(self, settings: IngestSettings | None = None):
         self.settings = settings or load_settings(IngestSettings)
-        self.kafka = kafka or load_settings(KafkaSettings)
-        self.producer: EventProducer | None = None
+        self.servicer: IngestServicer | None = None
         self._intake_open = threading.Event()
 
-    def load(self) -> None:
-        if self.kafka.create_topics:
-            ensure_topics(self.kafka, topics.PIPELINE)
-        self.producer = EventProducer(self.kafka, client_id="ingest")
-        self.producer.fetch_metadata(topics.FRAMES)
+    def open(self, ctx: StageContext) -> None:
+        self.servicer = IngestServicer(self.settings, ctx.outbox, self._intake_open)
 
     def register(self, server: grpc.Server) -> None:
-        ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(self.settings, self.producer, self._intake_open), server)
+        ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)
 
     def start(self) -> None:
         self._intake_open.set()
 
-    def ready(self) -> bool:
-        return self.producer is not None and self.producer.connected()
+    def healthy(self) -> bool:
+        return self.servicer is not None and self._intake_open.is_set()
 
-    def stop(self, deadline: float) -> None:
+    def close(self, deadline: float) -> None:
         self._intake_open.clear()
-        if self.producer is not None:
-            self.producer.close(timeout=max(0.0, deadline - time.monotonic()))

@@ -1,6 +1,6 @@
-"""The memory service: keeps every encoded frame of every stream, answers ``Recall`` and ``Context``.
+"""The memory stage: keeps every encoded frame of every stream, answers ``Recall`` and ``Context``.
 
-Intake: consumes ``embeddings`` (``EncodedFrameEvent``) with one :class:`EventConsumer`; each record
+Intake: consumes ``embeddings`` (``EncodedFrameEvent``); each record
 becomes one point in the :class:`MemoryStore` (id from stream key + media time, so a redelivered
 record overwrites itself), embedded with the MiniLM :class:`TextEncoder` from its caption. The
 offset is committed after the upsert returned, which is when the write survives a crash (edge:
@@ -40,7 +40,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -48,14 +48,13 @@ import grpc
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streamharness.devinfra.common import dev_cache_dir
-from streamharness import topics
 from streamharness.errors import InvalidInput
-from streamharness.kafka import ConsumedEvent, EventConsumer, ensure_topics
 from streamharness.keys import key_str, make_key
 from streamharness.memory.store import FrameRecord, MemoryStore, QdrantEdgeMemoryStore, QdrantServerMemoryStore
-from streamharness.runner import Service
-from streamharness.settings import KafkaSettings, load_settings
+from streamharness.paths import cache_dir
+from streamharness.records import ConsumedEvent
+from streamharness.settings import load_settings
+from streamharness.stage import Stage, StageContext, StageSpec
 from streamharness.text_encoder import TextEncoder, TextEncoderSettings
 from streamharness.v1 import events_pb2, memory_pb2, memory_pb2_grpc
 from streamharness.v1.common_pb2 import StreamKey
@@ -64,7 +63,7 @@ log = logging.getLogger(__name__)
 
 
 def _default_data_dir() -> Path:
-    return dev_cache_dir() / "memory"
+    return cache_dir() / "memory"
 
 
 class MemorySettings(BaseSettings):
@@ -287,7 +286,7 @@ class _DigestCache:
 
 # -- the service -----------------------------------------------------------------------------------
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
-    def __init__(self, memory: MemoryService) -> None:
+    def __init__(self, memory: MemoryStage) -> None:
         self._memory = memory
 
     def Recall(self, request: memory_pb2.RecallRequest, context: grpc.ServicerContext) -> memory_pb2.RecallResponse:  # noqa: N802
@@ -299,93 +298,51 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             return self._memory.context(request)
 
 
-class MemoryService(Service):
-    """See the module docstring. Settings come from the environment at ``load()`` unless given."""
+class MemoryStage(Stage):
+    """The ``memory`` row of the topology. See the module docstring."""
 
-    grpc_service_names = (memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,)
+    name = "memory"
 
     def __init__(
         self,
         settings: MemorySettings | None = None,
-        kafka: KafkaSettings | None = None,
+        text: TextEncoderSettings | None = None,
         text_encoder: TextEncoder | None = None,
         store: MemoryStore | None = None,
-        embedded: bool = False,
     ) -> None:
-        """``embedded``: no Kafka consumer (the in-process pipeline calls :meth:`remember` itself)."""
-        self.embedded = embedded
-        self.settings = settings
-        self.kafka = kafka
+        """``text_encoder`` / ``store``: use these (loaded or opened at ``open``) instead of new ones."""
+        self.settings = settings or load_settings(MemorySettings)
+        self.text = text
         self.text_encoder = text_encoder
         self.store = store
-        self.consumer: EventConsumer[events_pb2.EncodedFrameEvent] | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
         self._digests: _DigestCache | None = None
         self._last_flush = time.monotonic()
         self._calls = 0  # RPCs running now: the store stays open until they finished (or the deadline)
         self._calls_done = threading.Condition()
 
+    def configure(self, spec: StageSpec) -> StageSpec:
+        return replace(spec, group=self.settings.consumer_group)
+
     # -- lifecycle -------------------------------------------------------------------------------
-    def load(self) -> None:
-        self.settings = self.settings or load_settings(MemorySettings)
-        self.kafka = self.kafka or load_settings(KafkaSettings)
-        self.text_encoder = (self.text_encoder or TextEncoder(load_settings(TextEncoderSettings))).load()
+    def open(self, ctx: StageContext) -> None:
+        self.text_encoder = (self.text_encoder or TextEncoder(self.text or load_settings(TextEncoderSettings))).load()
         self._digests = _DigestCache(self.settings.digest_cache_chunks)
         if self.store is None:
             self.store = open_store(self.settings)
-        if self.embedded:
-            return
-        if self.kafka.create_topics:
-            ensure_topics(self.kafka, [topics.EMBEDDINGS])
-        self.consumer = EventConsumer(
-            self.kafka,
-            group_id=self.settings.consumer_group,
-            topics=[topics.EMBEDDINGS],
-            message_type=events_pb2.EncodedFrameEvent,
-            handler=self.remember,
-            # 'earliest': a new memory group must remember the frames produced before it joined
-            # (e.g. the first deploy, or a replica that lost its volume replaying the topic);
-            # 'latest' would silently leave holes in a stream's history.
-            auto_offset_reset="earliest",
-            client_id="memory",
-        )
 
     def register(self, server: grpc.Server) -> None:
         memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self), server)
 
-    def start(self) -> None:
-        if self.embedded:
-            return
-        assert self.consumer is not None, "load() first"
-        self._thread = threading.Thread(target=self._consume, name="memory-consumer", daemon=True)
-        self._thread.start()
+    def healthy(self) -> bool:
+        return (self.store is not None and self.store.is_open
+                and self.text_encoder is not None and self.text_encoder.loaded)
 
-    def ready(self) -> bool:
-        return (
-            self.store is not None and self.store.is_open
-            and self.text_encoder is not None and self.text_encoder.loaded
-            and (self._thread is None or self._thread.is_alive())
-        )
-
-    def stop(self, deadline: float) -> None:
-        """Stop intake after the current record, commit what was processed, flush and close the store."""
-        self._stop.set()
-        if self.consumer is not None:
-            self.consumer.stop()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            if self._thread.is_alive():
-                # The consumer still holds a record; its offset is not committed, so it comes back.
-                if self.store is not None:
-                    self.store.flush()
-                raise RuntimeError("memory consumer did not finish within the grace period")
-        elif self.consumer is not None:
-            self.consumer.close()  # never started: nothing to commit, release the group membership
+    def close(self, deadline: float) -> None:
+        """Intake has stopped; let running RPCs answer, then flush and close the store."""
         with self._calls_done:
-            # The runner stopped taking RPCs before calling stop(); let the running ones answer.
+            # The runner stopped taking RPCs before stopping the host; let the running ones answer.
             self._calls_done.wait_for(lambda: self._calls == 0, timeout=max(0.0, deadline - time.monotonic()))
-        if self.store is not None:
+        if self.store is not None and self.store.is_open:
             self.store.close()
 
     @contextmanager
@@ -400,16 +357,8 @@ class MemoryService(Service):
                 self._calls_done.notify_all()
 
     # -- intake ----------------------------------------------------------------------------------
-    def _consume(self) -> None:
-        assert self.consumer is not None
-        try:
-            self.consumer.run(self._stop)  # commits and closes the consumer when it returns
-        except Exception:
-            log.exception("memory consumer failed")  # ready() turns false: the pod gets restarted
-            raise
-
-    def remember(self, event: ConsumedEvent[events_pb2.EncodedFrameEvent]) -> None:
-        """Keep one encoded frame (the consumer's handler)."""
+    def handle(self, event: ConsumedEvent[events_pb2.EncodedFrameEvent]) -> None:
+        """Keep one encoded frame."""
         assert self.store is not None and self.text_encoder is not None and self._digests is not None and self.settings
         record = record_from_event(event.key, event.message)
         vector = self.text_encoder.encode([frame_text(record)])
@@ -493,4 +442,4 @@ def _key(key: StreamKey) -> str:
     return key_str(make_key(key.tenant, key.stream_id))  # InvalidInput names the bad part
 
 
-__all__ = ["ChunkDigest", "MemoryService", "MemorySettings", "digest_chunk", "open_store", "prefix_version", "render_prefix"]
+__all__ = ["ChunkDigest", "MemoryStage", "MemorySettings", "digest_chunk", "open_store", "prefix_version", "render_prefix"]

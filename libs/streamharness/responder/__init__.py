@@ -1,5 +1,5 @@
 """The responder service: decisions in, streamed responses out (see ``service``)."""
 
-from streamharness.responder.service import ResponderService, ResponderSettings
+from streamharness.responder.service import ResponderStage, ResponderSettings
 
-__all__ = ["ResponderService", "ResponderSettings"]
+__all__ = ["ResponderStage", "ResponderSettings"]

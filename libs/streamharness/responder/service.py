@@ -8,25 +8,25 @@ publishes one ``ResponseEvent`` per chunk on ``responses``. The last record of a
 
 - **Memory is optional at run time.** When it is down or slow, the response is built from what the
   decision carries (the question or instruction, the policy's reason), logged and counted.
-- **Concurrency.** ``SH_RESPONDER_WORKERS`` consumer-group members run in this process, each on
+- **Concurrency.** ``SH_RESPONDER_WORKERS`` consumer-group members run in one process, each on
   its own thread with its own partitions; a slow generation holds back only the streams whose
   partitions that member owns. Within a member, records (and so each stream's responses) are
   handled in order.
 - **Delivery.** A record's offset is committed only after every chunk of its response is
-  acknowledged by the broker (EventConsumer commits after the handler returns). A redelivered
+  acknowledged by the broker (the host commits after the handler returns). A redelivered
   decision is answered again under the same ``response_id`` (= ``decision_id``) and the same
   indexes; with greedy decoding the text is the same too, and the gateway drops repeats by
   ``(response_id, index)``.
 - **Failures.** A decision that cannot be answered (malformed, or the backend keeps failing) goes to
-  the dead-letter topic after ``SH_KAFKA_HANDLER_RETRIES`` attempts; on the last attempt the
+  the dead-letter topic after ``SH_KAFKA_HANDLER_RETRIES`` attempts; before that (``give_up``) the
   response is closed with an empty ``final`` chunk so the client does not wait for it.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from dataclasses import replace
 from collections.abc import Iterator
 
 import grpc
@@ -36,11 +36,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from streamharness import topics
 from streamharness.errors import InvalidInput
 from streamharness.generation import GenerationSettings, Prompt, ResponseGenerator, make_generator
-from streamharness.generation.local_smollm2 import LocalSmolLM2Generator
-from streamharness.kafka import ConsumedEvent, EventConsumer, EventProducer, ensure_topics
 from streamharness.keys import parse_key
-from streamharness.runner import Service
-from streamharness.settings import KafkaSettings, load_settings
+from streamharness.records import ConsumedEvent
+from streamharness.settings import load_settings
+from streamharness.stage import Outbox, Stage, StageContext, StageSpec
 from streamharness.telemetry import meters
 from streamharness.v1 import common_pb2, events_pb2, memory_pb2, memory_pb2_grpc
 
@@ -165,110 +164,53 @@ class ResponseBuilder:
         return context, kept
 
 
-class ResponderService(Service):
-    grpc_service_names = ()
+class ResponderStage(Stage):
+    """The ``responder`` row of the topology."""
+
+    name = "responder"
 
     def __init__(
         self,
         settings: ResponderSettings | None = None,
-        kafka: KafkaSettings | None = None,
         generation: GenerationSettings | None = None,
         generator: ResponseGenerator | None = None,
-        producer: EventProducer | None = None,
         memory: object | None = None,
     ) -> None:
-        """``producer`` given: embedded mode (the in-process pipeline): no Kafka consumers, the
-        caller hands decisions to :meth:`handle` and responses go to that producer. ``memory``: an
-        object with the ``MemoryServiceStub`` methods ``Context`` and ``Recall`` to use instead of a
-        gRPC channel to ``SH_RESPONDER_MEMORY_ADDRESS``."""
-        self.embedded = producer is not None
-        self._memory_stub = memory
-        self._settings = settings
-        self._kafka = kafka
+        """``generator``: use this backend instead of the one ``SH_GENERATION_*`` selects (it is then
+        not closed here). ``memory``: an object with the ``MemoryServiceStub`` methods ``Context``
+        and ``Recall`` to use instead of a gRPC channel to ``SH_RESPONDER_MEMORY_ADDRESS``."""
+        self._settings = settings or load_settings(ResponderSettings)
         self._generation = generation
         self._generator = generator
         self._owns_generator = generator is None
+        self._memory_stub = memory
         self._channel: grpc.Channel | None = None
         self._builder: ResponseBuilder | None = None
-        self._producer: EventProducer | None = producer
-        self._consumers: list[EventConsumer[events_pb2.DecisionEvent]] = []
-        self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
-        self._attempts: dict[tuple[str, int, int], int] = {}
-        self._attempts_lock = threading.Lock()
+        self.out: Outbox | None = None
+
+    def configure(self, spec: StageSpec) -> StageSpec:
+        return replace(spec, group=self._settings.consumer_group, members=self._settings.workers)
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def load(self) -> None:
-        self._settings = self._settings or load_settings(ResponderSettings)
-        self._kafka = self._kafka or load_settings(KafkaSettings)
-        self._generation = self._generation or load_settings(GenerationSettings)
+    def open(self, ctx: StageContext) -> None:
+        self.out = ctx.outbox
         if self._generator is None:
-            self._generator = make_generator(self._generation)
-        if isinstance(self._generator, LocalSmolLM2Generator):
-            self._generator.load()
+            self._generator = make_generator(self._generation or load_settings(GenerationSettings))
+        self._generator.load()
         stub = self._memory_stub
         if stub is None and self._settings.memory_address:
             self._channel = grpc.insecure_channel(self._settings.memory_address)
             stub = memory_pb2_grpc.MemoryServiceStub(self._channel)
         self._builder = ResponseBuilder(self._settings, stub)
-        if self.embedded:
-            return
-        if self._kafka.create_topics:
-            ensure_topics(self._kafka, [topics.DECISIONS, topics.RESPONSES])
-        self._producer = EventProducer(self._kafka, client_id="responder")
-        # One generation takes seconds: each member takes one decision per poll and commits it once
-        # answered, so it never sits on a queue of decisions past max.poll.interval.ms (which would
-        # get it evicted from the group and its decisions answered twice).
-        consumer_kafka = self._kafka.model_copy(update={"consumer_max_records": 1})
-        for i in range(self._settings.workers):
-            self._consumers.append(EventConsumer(
-                consumer_kafka,
-                group_id=self._settings.consumer_group,
-                topics=[topics.DECISIONS],
-                message_type=events_pb2.DecisionEvent,
-                handler=self.handle,
-                client_id=f"responder-{i}",
-                # 'earliest' on purpose: a decision made while no responder was running (first deploy,
-                # a crash) is still a question a user waits for; committed offsets win afterwards.
-                auto_offset_reset="earliest",
-            ))
 
-    def start(self) -> None:
-        for i, consumer in enumerate(self._consumers):
-            thread = threading.Thread(target=consumer.run, args=(self._stop,), name=f"responder-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    def healthy(self) -> bool:
+        return self._generator is not None and self._generator.ready()
 
-    def ready(self) -> bool:
-        if self.embedded:
-            return self._generator is not None and self._generator.ready()
-        if self._generator is None or not self._threads:
-            return False
-        return all(t.is_alive() for t in self._threads) and self._generator.ready()
-
-    def stop(self, deadline: float) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        stuck = [t.name for t in self._threads if t.is_alive()]
-        if stuck:
-            log.error("responses still generating at the deadline (%s): their decisions will be redelivered", stuck)
-        if self._producer is not None and not self.embedded:
-            self._producer.close(timeout=max(0.1, deadline - time.monotonic()))
+    def close(self, deadline: float) -> None:
         if self._channel is not None:
             self._channel.close()
         if self._generator is not None and self._owns_generator:
             self._generator.close()
-        if stuck:
-            raise TimeoutError(f"drain did not finish: {stuck}")
-
-    @property
-    def processed(self) -> int:
-        return sum(c.processed for c in self._consumers)
-
-    @property
-    def dead_lettered(self) -> int:
-        return sum(c.dead_lettered for c in self._consumers)
 
     # -- one decision --------------------------------------------------------------------------
     def handle(self, event: ConsumedEvent[events_pb2.DecisionEvent]) -> None:
@@ -281,29 +223,27 @@ class ResponderService(Service):
             raise InvalidInput("decision has no decision_id")
         if not decision.prompt_text.strip():
             raise InvalidInput(f"decision {decision.decision_id} has no prompt_text")
-        key = decision.key if decision.key.tenant and decision.key.stream_id else parse_key(event.key)
+        key = self._stream_key(event)
         assert self._builder is not None and self._generator is not None
         prompt = self._builder.prompt(decision, key, is_question)
+        self._respond(event.key, key, decision, prompt)
 
-        # EventConsumer retries a failing handler; on its last attempt the response gets closed.
-        record = (event.topic, event.partition, event.offset)
-        with self._attempts_lock:
-            attempt = self._attempts[record] = self._attempts.get(record, 0) + 1
-        last_attempt = attempt >= max(1, self._kafka.handler_retries)  # type: ignore[union-attr]
-        try:
-            self._respond(event.key, key, decision, prompt, last_attempt=last_attempt)
-        except InvalidInput:  # not retried by EventConsumer
-            self._forget(record)
-            raise
-        except Exception:
-            if last_attempt:
-                self._forget(record)
-            raise
-        self._forget(record)
+    def give_up(self, event: ConsumedEvent[events_pb2.DecisionEvent], error: BaseException) -> None:
+        """The decision is dead-lettered next: close its response (an empty ``final`` chunk) unless
+        the failed attempt closed it already, so that the client does not wait for it for ever."""
+        decision = event.message
+        if getattr(error, "response_closed", False) or not decision.decision_id:
+            return
+        if decision.action != events_pb2.DecisionEvent.ACTION_RESPOND:
+            return
+        log.warning("response %s failed for good (%r); closing it", decision.decision_id, error)
+        self.out.send(topics.RESPONSES, event.key, self._chunk(self._stream_key(event), decision, 0, "", final=True, hops=[])).get(
+            timeout=self._settings.publish_timeout_s)
 
-    def _forget(self, record: tuple[str, int, int]) -> None:
-        with self._attempts_lock:
-            self._attempts.pop(record, None)
+    @staticmethod
+    def _stream_key(event: ConsumedEvent[events_pb2.DecisionEvent]) -> common_pb2.StreamKey:
+        decision = event.message
+        return decision.key if decision.key.tenant and decision.key.stream_id else parse_key(event.key)
 
     @staticmethod
     def _is_question(decision: events_pb2.DecisionEvent) -> bool:
@@ -317,48 +257,55 @@ class ResponderService(Service):
             return False
         raise InvalidInput(f"decision {decision.decision_id!r} has no trigger, question_id or instruction_id")
 
-    def _respond(self, key: str, stream_key: common_pb2.StreamKey, decision: events_pb2.DecisionEvent, prompt: Prompt,
-                 *, last_attempt: bool) -> None:
-        assert self._producer is not None and self._generator is not None and self._settings is not None
+    @staticmethod
+    def _chunk(stream_key: common_pb2.StreamKey, decision: events_pb2.DecisionEvent, index: int, text: str, *,
+               final: bool, hops: list[common_pb2.HopStamp]) -> events_pb2.ResponseEvent:
+        return events_pb2.ResponseEvent(
+            key=stream_key, session_id=decision.session_id, response_id=decision.decision_id, index=index,
+            text=text, final=final, trigger=decision.trigger, question_id=decision.question_id,
+            instruction_id=decision.instruction_id, media_ts_ms=decision.media_ts_ms, reply_to=decision.reply_to,
+            hops=hops,
+        )
+
+    def _respond(self, key: str, stream_key: common_pb2.StreamKey, decision: events_pb2.DecisionEvent, prompt: Prompt) -> None:
+        assert self.out is not None and self._generator is not None
         futures = []
         index = 0
         first_hops: list[common_pb2.HopStamp] = []
 
         def chunk(text: str, final: bool) -> events_pb2.ResponseEvent:
             nonlocal first_hops
-            message = events_pb2.ResponseEvent(
-                key=stream_key, session_id=decision.session_id, response_id=decision.decision_id, index=index,
-                text=text, final=final, trigger=decision.trigger, question_id=decision.question_id,
-                instruction_id=decision.instruction_id, media_ts_ms=decision.media_ts_ms, reply_to=decision.reply_to,
-            )
+            hops: list[common_pb2.HopStamp] = []
             if index == 0:
                 first_hops = [*decision.hops, _stamp(HOP_FIRST_TOKEN)]
-                message.hops.extend(first_hops)
+                hops = list(first_hops)
                 self._record_hop_latency(first_hops, HOP_FIRST_TOKEN)
             if final:
                 if index != 0:
-                    message.hops.extend(first_hops)
-                message.hops.append(_stamp(HOP_FINAL))
-            return message
+                    hops = list(first_hops)
+                hops.append(_stamp(HOP_FINAL))
+            return self._chunk(stream_key, decision, index, text, final=final, hops=hops)
 
         pieces: Iterator[str] = self._generator.stream(prompt)
         try:
             for text in pieces:
-                futures.append(self._producer.send(topics.RESPONSES, key, chunk(text, final=False)))
+                futures.append(self.out.send(topics.RESPONSES, key, chunk(text, final=False)))
                 index += 1
         except Exception as err:
             meters.responses_failed().add(1, {"error": type(err).__name__})
-            if last_attempt or index or isinstance(err, InvalidInput):
-                # Close what the client has started to read (or will never get otherwise).
+            if index:
+                # The client has started to read it: close it now; a retry answers under the same
+                # response id and indexes, and the gateway drops the repeats.
                 log.warning("response %s failed after %d chunks (%r); closing it", decision.decision_id, index, err)
-                futures.append(self._producer.send(topics.RESPONSES, key, chunk("", final=True)))
+                futures.append(self.out.send(topics.RESPONSES, key, chunk("", final=True)))
                 self._wait(futures)
+                err.response_closed = True  # type: ignore[attr-defined] - read by give_up()
             raise
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:
                 close()
-        futures.append(self._producer.send(topics.RESPONSES, key, chunk("", final=True)))
+        futures.append(self.out.send(topics.RESPONSES, key, chunk("", final=True)))
         self._wait(futures)
         log.info("response %s: %d chunks", decision.decision_id, index)
 
