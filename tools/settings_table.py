@@ -11,18 +11,20 @@ import importlib
 
 from pydantic_settings import BaseSettings
 
-# Every module that defines a settings class. A new service adds its module here.
-SETTINGS_MODULES = (
-    "streamharness.settings",
-    "streamharness.text_encoder",
-    "streamharness.gateway.service",
-    "streamharness.ingest.service",
-    "streamharness.encoder.service",
-    "streamharness.decision.service",
-    "streamharness.memory.service",
-    "streamharness.responder.service",
-    "streamharness.generation.settings",
-)
+def _settings_modules() -> tuple[str, ...]:
+    """Every module that defines a settings class: the common ones, then each stage's, from the
+    topology (a new stage's settings appear here by its topology row, with nothing to add)."""
+    from streamharness.topology import COMMON_SETTINGS, TOPOLOGY
+
+    modules: list[str] = []
+    for path in [*COMMON_SETTINGS, *(p for spec in TOPOLOGY.values() for p in spec.settings)]:
+        module = path.partition(":")[0]
+        if module not in modules:
+            modules.append(module)
+    return tuple(modules)
+
+
+SETTINGS_MODULES = _settings_modules()
 
 
 def settings_classes() -> list[type[BaseSettings]]:

@@ -33,6 +33,7 @@ from streamharness.errors import InvalidInput
 from streamharness.hosts.local import LocalBus, LocalHost
 from streamharness.keys import key_str
 from streamharness.records import DLQ_ERROR, DLQ_SOURCE_TOPIC
+from streamharness.replay import EncodedFrame, replay
 from streamharness.session import SessionMapper
 from streamharness.settings import KafkaSettings, TritonSettings, load_settings
 from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, memory_pb2, session_pb2
@@ -183,8 +184,11 @@ class InProcessPipeline:
 
         if not self._loaded:
             raise RuntimeError("open() the pipeline first")
+        if not 0 < decision_fps <= 30:  # on the wire 0 means "the default"; here the caller says what it wants
+            raise InvalidInput(f"decision_fps {decision_fps} is out of range (0, 30]")
         pending = sorted(queries, key=lambda q: q.media_ts_ms)
-        messages = {q.event_id: _client_message(q) for q in pending}  # unknown kinds are refused here
+        for q in pending:
+            _client_message(q)  # an unknown kind is refused before anything is sent
         mapper = SessionMapper(tenant, uuid.uuid4().hex)
         start = mapper.start(session_pb2.ClientMessage(start=session_pb2.SessionStart(
             stream_id=stream_id, decision_fps=decision_fps,
@@ -199,14 +203,11 @@ class InProcessPipeline:
         last_published = -1
         self.bus.send(topics.QUERIES, key, start)
 
-        def publish_queries(ts_ms: int | None) -> None:
-            """Queries due at or before ``ts_ms`` (None: all that are left), as the client sends them."""
-            while pending and (ts_ms is None or pending[0].media_ts_ms <= ts_ms):
-                q = pending.pop(0)
-                query, _ack = mapper.query(messages[q.event_id])
-                if q.kind == "question":
-                    asked.setdefault(q.event_id, time.monotonic())
-                self.bus.send(topics.QUERIES, key, query)
+        def publish(q: TimedQuery) -> None:
+            query, _ack = mapper.query(_client_message(q))
+            if q.kind == "question":
+                asked.setdefault(q.event_id, time.monotonic())
+            self.bus.send(topics.QUERIES, key, query)
 
         def run() -> None:
             """Every stage until idle; then the responses, assembled as the client would."""
@@ -229,15 +230,21 @@ class InProcessPipeline:
             return self.bus.pending(self.encoder_group, [self.kafka.topic(topics.FRAMES)])
 
         seq = 0
-        for ts_ms, image in frames:
+        question_sent = False  # a question went out since the last run: the next frame runs at once
+        frame_steps = (EncodedFrame(ts, image) for ts, image in frames)
+        for step in replay(frame_steps, [(q.media_ts_ms, q) for q in pending]):
+            if step.kind == "event":
+                q = step.item
+                if q.kind == "question" and not question_sent:
+                    # Frames waiting for the encoder run first and the question's frame alone after
+                    # it: in a live stream the earlier frames were encoded long ago, so they must not
+                    # count in the answer's latency.
+                    run()
+                    question_sent = True
+                publish(q)
+                continue
             seq += 1
-            # A question due at this frame is "sent" with it, as a client would. Frames waiting for
-            # the encoder are run first and this frame alone after it: in a live stream the earlier
-            # frames were encoded long ago, so they must not count in the answer's latency.
-            due_now = any(q.media_ts_ms <= ts_ms and q.kind == "question" for q in pending)
-            if due_now:
-                run()
-            publish_queries(ts_ms)
+            ts_ms, image = step.media_ts_ms, step.item.image
             try:
                 req = mapper.frame(session_pb2.Frame(media_ts_ms=ts_ms, image=image, encoding=image_encoding(image), seq=seq))
             except InvalidInput as err:
@@ -251,11 +258,11 @@ class InProcessPipeline:
                 result.frames_skipped += 1
             else:
                 result.frame_errors.append(status.error)
-            if due_now or pending_frames() >= self.config.encode_batch:
+            if question_sent or pending_frames() >= self.config.encode_batch:
                 run()
+                question_sent = False
                 if on_frame is not None:
                     on_frame(ts_ms)
-        publish_queries(None)
         self.bus.send(topics.QUERIES, key, mapper.end(last_published))
         run()
         if on_frame is not None and last_published >= 0:

@@ -9,10 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
-
 from streamharness.client import Response, Session
-from streamharness.media import read_video
+from streamharness.replay import encoded_frames, replay
 from streamharness.v1 import session_pb2
 
 
@@ -85,26 +83,17 @@ async def play(
                     on_response(response)
 
         receiver = asyncio.create_task(receive())
-        pending = sorted(questions, key=lambda q: q.at_ms)
-        start_wall = time.monotonic()
-        for frame in await asyncio.to_thread(lambda: list(read_video(video, fps=send_fps))):
-            if limit_s is not None and frame.media_ts_ms > limit_s * 1000:
-                break
-            while pending and pending[0].at_ms <= frame.media_ts_ms:
-                q = pending.pop(0)
+        frames = await asyncio.to_thread(lambda: list(encoded_frames(video, send_fps, limit_s)))
+        for step in replay(frames, [(q.at_ms, q) for q in questions], speed=speed):
+            if step.kind == "event":  # a question, asked at its media time (or after the last frame)
+                q = step.item
                 qid = await session.ask(q.text, at_ms=q.at_ms)
                 result.question_ids[qid] = q
                 result.asked_wall[qid] = time.monotonic()
-            if speed > 0:
-                due = start_wall + frame.media_ts_ms / 1000 / speed
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-            await session.send_frame(frame.media_ts_ms, jpeg.tobytes())
+                continue
+            await step.await_due()
+            await session.send_frame(step.media_ts_ms, step.item.image)
             result.frames_sent += 1
-        for q in pending:  # asked after the last frame
-            qid = await session.ask(q.text, at_ms=q.at_ms)
-            result.question_ids[qid] = q
-            result.asked_wall[qid] = time.monotonic()
         await session.end()
         await receiver
     return result

@@ -177,7 +177,7 @@ def test_streaming_eval_replays_an_episode_through_the_services(stack, tmp_path)
 
 def test_the_in_process_pipeline_decides_as_the_deployed_services_do(stack, tmp_path, monkeypatch):
     """Same episode through the running services (Kafka, gateway) and through the in-process
-    pipeline (the same classes in embedded mode): the same responses at the same media times."""
+    pipeline (the same stages on the local host): the same responses at the same media times."""
     from streamharness.eval.episode import parse_episode
     from streamharness.eval.runner import run_episode_in_process, run_episode_via_gateway
     from streamharness.generation import GenerationSettings, make_generator

@@ -169,8 +169,8 @@ def test_triton_gets_no_service_or_kafka_variables_and_services_keep_theirs(tmp_
         assert env["SH_GRPC_HOST"]["value"] == "0.0.0.0"
         assert env["SH_GRPC_PORT"]["value"] == "50051"
     generator = set(container_env(found["generator"]))
-    assert (SERVICE_VARIABLES - {"SH_GRPC_PORT"}) | KAFKA_VARIABLES <= generator  # no grpc port
-    assert "SH_GRPC_PORT" not in generator
+    assert SERVICE_VARIABLES - {"SH_GRPC_PORT"} <= generator  # no grpc port
+    assert "SH_GRPC_PORT" not in generator and not generator & KAFKA_VARIABLES  # a model server, not a stage
 
 
 def test_gateway_replica_id_is_the_pod_name_and_field_env_is_generic(tmp_path):

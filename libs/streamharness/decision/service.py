@@ -120,9 +120,10 @@ class DecisionStage(Stage):
         batch, self._batch = self._batch, []
         batch.sort(key=_media_order)
         for msg in batch:
-            self.handle(msg)
+            self.apply(msg)
 
-    def handle(self, msg) -> None:
+    def apply(self, msg) -> None:
+        """One query or encoded frame, in the order ``end_batch`` sorted them into."""
         log.debug("%s %s t=%d %s", key_str(msg.key), type(msg).__name__, msg.media_ts_ms,
                   getattr(msg, "person_count", "") if not isinstance(msg, events_pb2.QueryEvent) else Q.Kind.Name(msg.kind))
         if isinstance(msg, events_pb2.QueryEvent):

@@ -19,48 +19,23 @@ itself (which a free-text matcher will rarely accept: a baseline's score is timi
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from streamharness.eval.episode import Episode, EpisodeRun, InstructionEvent, QuestionEvent, ResponseRecord
 from streamharness.eval.episodes_builtin import resolve_video
-from streamharness.media import read_video
+from streamharness.replay import EncodedFrame, encoded_frames, replay
 
 BASELINES = ("silent", "always", "every-k")
-_FRAME_NAME = re.compile(r"^(\d+)\.(jpe?g|png)$", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class _Frame:
-    media_ts_ms: int
-    jpeg: bytes
-
-
-def iter_frames(video: Path, fps: float | None, limit_s: float) -> Iterator[_Frame]:
-    """Frames of a video file (decoded, re-encoded as JPEG) or of a folder of ``<ms>.jpg`` frames
-    (sent as they are), up to ``limit_s`` of media time."""
-    if video.is_dir():
-        frames = sorted((int(m.group(1)), p) for p in video.iterdir() if (m := _FRAME_NAME.match(p.name)))
-        next_ms = 0.0
-        for ts, path in frames:
-            if ts > limit_s * 1000:
-                return
-            if fps and ts < next_ms:
-                continue
-            next_ms = ts + 1000.0 / fps if fps else 0.0
-            yield _Frame(ts, path.read_bytes())
-        return
-    for frame in read_video(video, fps=fps):
-        if frame.media_ts_ms > limit_s * 1000:
-            return
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        yield _Frame(frame.media_ts_ms, buf.tobytes())
+def iter_frames(video: Path, fps: float | None, limit_s: float) -> Iterator[EncodedFrame]:
+    """An episode's frames (see :func:`streamharness.replay.encoded_frames`)."""
+    return encoded_frames(video, fps, limit_s)
 
 
 async def run_episode_via_gateway(address: str, episode: Episode, *, speed: float = 0.0, send_fps: float = 2.0,
@@ -91,17 +66,14 @@ async def run_episode_via_gateway(address: str, episode: Episode, *, speed: floa
                 ))
 
         receiver = asyncio.create_task(receive())
-        start = time.monotonic()
         frames = await asyncio.to_thread(lambda: list(iter_frames(video, send_fps, episode.duration_s)))
-        for frame in frames:
-            while timeline and timeline[0][0] * 1000 <= frame.media_ts_ms:
-                at_s, event = timeline.pop(0)
+        for step in replay(frames, [(int(at_s * 1000), (at_s, event)) for at_s, event in timeline], speed=speed):
+            if step.kind == "event":
+                at_s, event = step.item
                 await _send_event(session, event, sent_wall, at_s)
-            if speed > 0:
-                await asyncio.sleep(max(0.0, start + frame.media_ts_ms / 1000 / speed - time.monotonic()))
-            await session.send_frame(frame.media_ts_ms, frame.jpeg)
-        for at_s, event in timeline:
-            await _send_event(session, event, sent_wall, at_s)
+                continue
+            await step.await_due()
+            await session.send_frame(step.media_ts_ms, step.item.image)
         await session.end()
         await receiver
     return EpisodeRun(episode_id=episode.episode_id, system=system, responses=records,
@@ -148,7 +120,7 @@ def run_episode_in_process(pipeline, episode: Episode, *, send_fps: float = 2.0,
                 for i in episode.instructions if i.given_at_s > 0]
     queries += [TimedQuery("instruction_remove", i.event_id, int(i.withdrawn_at_s * 1000))
                 for i in episode.instructions if i.withdrawn_at_s is not None]
-    frames = ((f.media_ts_ms, f.jpeg) for f in iter_frames(video, send_fps, episode.duration_s))
+    frames = ((f.media_ts_ms, f.image) for f in iter_frames(video, send_fps, episode.duration_s))
     result = pipeline.run_session("eval", f"eval-{episode.episode_id}"[:128].replace("/", "-"), frames,
                                   instructions=initial, queries=queries, decision_fps=decision_fps, on_frame=on_frame)
     records = []

@@ -150,7 +150,11 @@ class KafkaHost(Service):
             for consumer in self.consumers:
                 consumer.close()  # never started: nothing to commit, leave the group
         try:
-            self.stage.close(deadline)
+            if not stuck:
+                self.stage.close(deadline)
+            # else: a member still holds a record and may be using the stage's stores and clients;
+            # they are left to the process's exit rather than closed under it (its offset is not
+            # committed, so the record comes back to whoever owns the partition next).
         finally:
             if self.producer is not None:
                 self.producer.close(timeout=max(0.1, deadline - time.monotonic()))

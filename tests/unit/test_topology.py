@@ -1,0 +1,91 @@
+"""The topology is the one source: topics, services, the local stack, the chart's components and
+the settings table all agree with it; every service's entry point has the same shape."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import yaml
+
+from streamharness import topics, topology
+from streamharness.devinfra import stack
+from streamharness.stage import Stage, import_object, settings_classes
+from streamharness.topology import COMMON_SETTINGS, TOPOLOGY
+
+ROOT = Path(__file__).resolve().parents[2]
+NOT_STAGES = {"generator"}  # a model server the responder calls, not a pipeline stage
+
+
+def test_every_topic_has_a_producer_and_a_consumer_and_matches_the_topic_names():
+    assert set(topology.all_topics()) == set(topics.PIPELINE)
+    for topic in topology.all_topics():
+        producers = [n for n, s in TOPOLOGY.items() if topic in s.produces]
+        assert producers, f"nobody produces {topic}"
+        assert topology.consumers_of(topic), f"nobody consumes {topic}"
+
+
+def test_every_row_names_a_stage_class_its_settings_and_a_reason_for_its_offset_reset():
+    for name, spec in TOPOLOGY.items():
+        assert spec.name == name
+        cls = import_object(spec.factory)
+        assert issubclass(cls, Stage) and getattr(cls, "name") == name
+        params = [p for p in inspect.signature(cls).parameters.values()]
+        assert len(params) >= len(spec.settings), f"{name}: the constructor takes its settings in order"
+        for param, settings_cls in zip(params, settings_classes(spec)):
+            assert settings_cls.__name__ in str(param.annotation), f"{name}: {param.name} is not a {settings_cls.__name__}"
+        if spec.consumes:
+            assert spec.group and len(spec.offset_reset_reason) > 20, f"{name}: say why {spec.offset_reset}"
+
+
+def test_co_partitioned_readers_need_both_topics_assigned():
+    multi = [n for n, s in TOPOLOGY.items() if len(s.consumes) > 1]
+    assert multi == ["decision"]
+    assert all(TOPOLOGY[n].needs_assignment for n in multi)
+
+
+def test_every_stage_is_a_service_with_the_one_entry_point_shape():
+    folders = {p.name for p in (ROOT / "services").iterdir() if (p / "main.py").exists()}
+    assert folders - NOT_STAGES == set(TOPOLOGY)
+    for name in TOPOLOGY:
+        tree = ast.parse((ROOT / "services" / name / "main.py").read_text())
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "serve"]
+        assert len(calls) == 1 and ast.literal_eval(calls[0].args[0]) == name, f"services/{name}/main.py must call serve({name!r})"
+
+
+def test_the_local_stack_starts_every_stage_from_its_service_folder():
+    source = inspect.getsource(stack.LocalStack.start)
+    assert "for name, n in replicas.items()" in source and 'f"services/{name}/main.py"' in source
+    assert "TOPOLOGY" in source
+
+
+def test_the_chart_deploys_every_stage_as_a_kafka_service_with_its_entry_point():
+    values = yaml.safe_load((ROOT / "charts" / "streamharness" / "values.yaml").read_text())
+    components = values["components"]
+    for name in TOPOLOGY:
+        c = components[name]
+        assert c["command"] == ["python", f"services/{name}/main.py"], name
+        assert c["streamharness"] and c["kafka"], f"{name} reads SH_KAFKA_*"
+        assert "grpc" in c["ports"], f"{name} serves gRPC health"
+    others = {n for n, c in components.items() if n not in TOPOLOGY}
+    assert others == {"triton", "generator"}
+    assert not any(components[n].get("kafka") for n in others), "only stages get Kafka settings"
+
+
+def test_the_settings_table_lists_every_settings_class_a_stage_reads():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("settings_table", ROOT / "tools" / "settings_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    documented = set(table.settings_classes())
+    for row in TOPOLOGY.values():
+        for cls in settings_classes(row):
+            assert cls in documented, f"{cls.__name__} of {row.name} is missing from docs/operations.md"
+    for path in COMMON_SETTINGS:
+        assert import_object(path) in documented
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    for cls in documented:
+        assert re.search(rf"### {cls.__name__}\b", docs), cls.__name__
