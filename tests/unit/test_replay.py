@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from streamharness.replay import EncodedFrame, encoded_frames, replay
 from streamharness.media import sample_path
+from streamharness.replay import EncodedFrame, encoded_frames, replay
 
 
 def frames(*ts: int) -> list[EncodedFrame]:

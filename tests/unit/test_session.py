@@ -4,7 +4,6 @@ bad message refused with words that say what was wrong."""
 from __future__ import annotations
 
 import pytest
-
 from streamharness.errors import InvalidInput
 from streamharness.session import SessionMapper
 from streamharness.v1 import common_pb2, events_pb2, session_pb2
