@@ -63,7 +63,9 @@ triton: ## run a development tritonserver on 127.0.0.1:8001 (foreground)
 
 runtime-check: ## the package cut for real: a venv with only the base dependencies runs every stage's entry point
 	rm -rf $(CACHE)/runtime-venv && $(PY) -m venv $(CACHE)/runtime-venv
-	$(CACHE)/runtime-venv/bin/pip install -q -c requirements.lock ./libs
+	# Built from a copy: a wheel built in place leaves libs/build/ behind, a stale second copy of the package.
+	rm -rf $(CACHE)/runtime-src && cp -r libs $(CACHE)/runtime-src
+	$(CACHE)/runtime-venv/bin/pip install -q -c requirements.lock $(CACHE)/runtime-src
 	$(CACHE)/runtime-venv/bin/python tools/runtime_check.py
 
 lock: ## re-resolve requirements.lock from libs/pyproject.toml (all extras)
