@@ -55,10 +55,18 @@ def test_every_stage_is_a_service_with_the_one_entry_point_shape():
         assert len(calls) == 1 and ast.literal_eval(calls[0].args[0]) == name, f"services/{name}/main.py must call serve({name!r})"
 
 
-def test_the_local_stack_starts_every_stage_from_its_service_folder():
-    source = inspect.getsource(stack.LocalStack.start)
-    assert "for name, n in replicas.items()" in source and 'f"services/{name}/main.py"' in source
-    assert "TOPOLOGY" in source
+def test_the_local_stack_starts_every_stage_from_its_service_folder(tmp_path):
+    local = stack.LocalStack(tmp_path, gateways=2)
+    plan = local.plan("127.0.0.1:8080")
+    assert sorted({p.stage for p in plan}) == sorted(TOPOLOGY)
+    assert [p.name for p in plan if p.stage == "gateway"] == ["gateway-1", "gateway-2"]
+    for p in plan:
+        assert p.script == f"services/{p.stage}/main.py" and (ROOT / p.script).exists()
+    by_name = {p.name: p for p in plan}
+    assert by_name["gateway-2"].env["SH_GATEWAY_INGEST_ADDRESS"] == f"127.0.0.1:{by_name['ingest'].port}"
+    assert by_name["gateway-2"].env["SH_GATEWAY_REPLICA_ID"] == "gateway-2"
+    assert by_name["responder"].env["SH_RESPONDER_MEMORY_ADDRESS"] == f"127.0.0.1:{by_name['memory'].port}"
+    assert len({p.port for p in plan}) == len(plan)
 
 
 def test_the_chart_deploys_every_stage_as_a_kafka_service_with_its_entry_point():

@@ -43,6 +43,17 @@ class Proc:
         return log_tail(self.log_path, lines)
 
 
+@dataclass(frozen=True)
+class StageProc:
+    """One stage process the stack starts."""
+
+    name: str
+    stage: str
+    script: str
+    port: int
+    env: dict[str, str]
+
+
 class LocalStack:
     """Start with ``start()`` (or ``with``); ``gateways`` > 1 runs several gateway replicas."""
 
@@ -115,6 +126,31 @@ class LocalStack:
         finally:
             channel.close()
 
+    def plan(self, generator_address: str) -> list[StageProc]:
+        """Every stage of the topology as the processes to start, each from its
+        ``services/<name>/main.py``; ports are chosen first so that each one's address is known to
+        the stages that call it (gateway → ingest, responder → memory and the generator)."""
+        replicas = {name: (self.gateways if name == "gateway" else 1) for name in TOPOLOGY}
+        ports = {(name, i): free_port() for name, n in replicas.items() for i in range(n)}
+        addresses = {name: f"127.0.0.1:{ports[(name, 0)]}" for name in TOPOLOGY}
+        wiring = {
+            "gateway": {"SH_GATEWAY_INGEST_ADDRESS": addresses["ingest"]},
+            "responder": {
+                "SH_RESPONDER_MEMORY_ADDRESS": addresses["memory"],
+                "SH_GENERATION_BACKEND": "openai",
+                "SH_GENERATION_BASE_URL": f"http://{generator_address}/openai/v1",
+            },
+        }
+        planned: list[StageProc] = []
+        for name, n in replicas.items():
+            for i in range(n):
+                proc_name = f"{name}-{i + 1}" if name == "gateway" else name
+                env = dict(wiring.get(name, {}))
+                if name == "gateway":
+                    env["SH_GATEWAY_REPLICA_ID"] = proc_name
+                planned.append(StageProc(proc_name, name, f"services/{name}/main.py", ports[(name, i)], env))
+        return planned
+
     def start(self) -> LocalStack:
         try:
             self.broker = KafkaBroker(self.work_dir / "kafka", show_progress=False).start()
@@ -124,27 +160,7 @@ class LocalStack:
             gen_port = free_port()
             generator = self._spawn("generator", "services/generator/main.py", port=gen_port,
                                     args=["--model_name", "smollm2", "--http_port", str(gen_port), "--host", "127.0.0.1"])
-            # Every stage of the topology, each from its services/<name>/main.py; ports are chosen
-            # first so that each one's address is known to the stages that call it.
-            replicas = {name: (self.gateways if name == "gateway" else 1) for name in TOPOLOGY}
-            ports = {(name, i): free_port() for name, n in replicas.items() for i in range(n)}
-            addresses = {name: f"127.0.0.1:{ports[(name, 0)]}" for name in TOPOLOGY}
-            wiring = {
-                "gateway": {"SH_GATEWAY_INGEST_ADDRESS": addresses["ingest"]},
-                "responder": {
-                    "SH_RESPONDER_MEMORY_ADDRESS": addresses["memory"],
-                    "SH_GENERATION_BACKEND": "openai",
-                    "SH_GENERATION_BASE_URL": f"http://{generator.address}/openai/v1",
-                },
-            }
-            waiting: list[Proc] = []
-            for name, n in replicas.items():
-                for i in range(n):
-                    proc_name = f"{name}-{i + 1}" if name == "gateway" else name
-                    env = dict(wiring.get(name, {}))
-                    if name == "gateway":
-                        env["SH_GATEWAY_REPLICA_ID"] = proc_name
-                    waiting.append(self._spawn(proc_name, f"services/{name}/main.py", env, port=ports[(name, i)]))
+            waiting = [self._spawn(p.name, p.script, p.env, port=p.port) for p in self.plan(generator.address)]
             wait_http_ok(f"http://{generator.address}/v2/health/ready", generator.popen, deadline - time.monotonic(),
                          generator.name, generator.log_tail)
             for proc in waiting:
