@@ -173,10 +173,14 @@ class LocalStack:
     def stop(self) -> dict[str, int | None]:
         """SIGTERM every service (gateways first, memory last), then the servers. Returns exit codes."""
         codes: dict[str, int | None] = {}
-        for proc in reversed(self.procs):
+        # Upstream first: the gateways stop taking sessions before the stages behind them go; memory
+        # (which the responder calls) and the generator last.
+        order = ("gateway", "ingest", "encoder", "decision", "responder", "memory", "generator")
+        procs = sorted(self.procs, key=lambda p: order.index(p.name.split("-")[0]) if p.name.split("-")[0] in order else 0)
+        for proc in procs:
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)
-        for proc in reversed(self.procs):
+        for proc in procs:
             try:
                 codes[proc.name] = proc.popen.wait(timeout=30)
             except subprocess.TimeoutExpired:
