@@ -20,6 +20,9 @@ What a stage provides (all optional except :meth:`Stage.healthy`):
 What a host guarantees: records of one stream arrive in order; a stage's effect is published
 (``outbox.send(...).get()``) before the record's offset is committed; every record is serialised
 and parsed on the way (also locally); delivery is at least once, so handlers are idempotent.
+With ``members > 1`` (the responder) the Kafka host calls ``handle`` from that many threads at once,
+each for its own partitions: such a stage keeps no per-batch state (micro-batching stages — encoder,
+decision — run one member per process and scale by processes).
 """
 
 from __future__ import annotations
