@@ -154,6 +154,17 @@ def dead_letter_headers(headers: tuple[tuple[str, bytes], ...] | Headers, reason
     ]
 
 
+def dead_letter_event(send_raw: Callable[[str, bytes | None, bytes | None, Headers], Any], dlq_topic: str,
+                      event: ConsumedEvent[Any], reason: str, error: BaseException, group: str) -> Any:
+    """A decoded event that failed inside a batch (one frame of a micro-batch), to the dead-letter
+    topic through ``send_raw``, with the same headers a rejected record gets. The event keeps the
+    decoded message, not the record's bytes: its value is re-serialised (the same fields; unknown
+    fields of a newer producer are kept by protobuf). Returns ``send_raw``'s delivery."""
+    log.warning("dead-lettering %s[%d]@%d (%s): %r", event.topic, event.partition, event.offset, event.key, error)
+    headers = dead_letter_headers(event.headers, reason, repr(error), event.topic, event.partition, event.offset, group)
+    return send_raw(dlq_topic, event.key.encode(), event.message.SerializeToString(), headers)
+
+
 #: ``dead_letter(record, headers, reason, detail)``: send the record to the dead-letter topic, durably.
 DeadLetterFn = Callable[[RawRecord, tuple[tuple[str, bytes], ...], str, str], None]
 

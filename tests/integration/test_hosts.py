@@ -109,9 +109,10 @@ def test_the_decision_stage_decides_the_same_on_both_hosts(kafka_settings: Kafka
 
 def test_a_failing_handler_is_retried_given_up_and_dead_lettered_the_same_way_on_both_hosts(kafka_settings: KafkaSettings):
     kafka = kafka_settings.model_copy(update={"handler_retries": 3})
-    frames = [_frame(seq) for seq in (1, 2, 3, 4)]
+    frames = [_frame(seq) for seq in (1, 2, 3, 4, 5)]
+    failures = {"fail_seqs": {2}, "invalid_seqs": {3}, "batch_reject_seqs": {4}}
 
-    local_stage = _Recorder(fail_seqs={2}, invalid_seqs={3})
+    local_stage = _Recorder(**failures)
     local = LocalHost(kafka)
     local.add(local_stage, SPEC)
     for f in frames:
@@ -123,24 +124,26 @@ def test_a_failing_handler_is_retried_given_up_and_dead_lettered_the_same_way_on
         for f in frames:
             producer.send(topics.FRAMES, KEY, f)
         producer.flush(30)
-    kafka_stage = _Recorder(fail_seqs={2}, invalid_seqs={3})
+    kafka_stage = _Recorder(**failures)
     host = KafkaHost(kafka_stage, SPEC, kafka)
     host.load()
     host.start()
     try:
-        wait_until(lambda: host.processed + host.dead_lettered >= len(frames), "every frame handled on Kafka")
+        wait_until(lambda: host.processed + host.dead_lettered >= len(frames) - 1 and len(kafka_stage.calls) >= 7,
+                   "every frame handled on Kafka")
     finally:
         host.stop(time.monotonic() + 30)
 
-    assert kafka_stage.calls == local_stage.calls == [1, 2, 2, 2, 3, 4]
+    assert kafka_stage.calls == local_stage.calls == [1, 2, 2, 2, 3, 4, 5]
     assert kafka_stage.given_up == local_stage.given_up == [(2, "RuntimeError"), (3, "InvalidInput")]
 
     def letter(record) -> tuple:
         headers = {k: v for k, v in record.headers if k.startswith("sh-dlq-") and k != DLQ_ERROR}
         return record.key, record.value, tuple(sorted(headers.items())), dict(record.headers)[DLQ_ERROR].decode()[:40]
 
-    kafka_letters = read_all(kafka, kafka.topic(kafka.dead_letter_topic), 2)
+    # seq 2 (gave up) and 3 (bad input) by the host, seq 4 by the stage from inside its batch
+    kafka_letters = read_all(kafka, kafka.topic(kafka.dead_letter_topic), 3)
     assert [letter(r) for r in kafka_letters] == [letter(r) for r in local.bus.dead_letters]
-    assert len(kafka_letters) == 2
-    outputs = read_all(kafka, kafka.topic(topics.EMBEDDINGS), 2)
+    assert [events_pb2.FrameEvent.FromString(r.value).seq for r in kafka_letters] == [2, 3, 4]
+    outputs = read_all(kafka, kafka.topic(topics.EMBEDDINGS), 3)
     assert [r.value for r in outputs] == [r.value for r in local.bus.take(topics.EMBEDDINGS)]

@@ -47,8 +47,9 @@ def test_each_group_reads_a_topic_from_its_own_position_and_read_records_are_dro
 class _Recorder(Stage):
     """Consumes frames; fails on the frames it is told to, publishes the rest's seq to embeddings."""
 
-    def __init__(self, fail_seqs=(), invalid_seqs=(), flush_failures=0) -> None:
+    def __init__(self, fail_seqs=(), invalid_seqs=(), flush_failures=0, batch_reject_seqs=()) -> None:
         self.fail_seqs, self.invalid_seqs = set(fail_seqs), set(invalid_seqs)
+        self.batch_reject_seqs = set(batch_reject_seqs)  # fail inside the batch: dead-lettered alone
         self.flush_failures = flush_failures
         self.calls: list[int] = []
         self.given_up: list[tuple[int, str]] = []
@@ -65,15 +66,19 @@ class _Recorder(Stage):
             raise InvalidInput(f"seq {seq} is bad input")
         if seq in self.fail_seqs:
             raise RuntimeError(f"seq {seq} failed")
-        self._batch.append(seq)
+        self._batch.append(event)
 
     def end_batch(self) -> None:
         batch, self._batch = self._batch, []
         if self.flush_failures:
             self.flush_failures -= 1
             raise RuntimeError("flush failed")
-        self.batches.append(batch)
-        for seq in batch:
+        self.batches.append([e.message.seq for e in batch])
+        for event in batch:
+            seq = event.message.seq
+            if seq in self.batch_reject_seqs:
+                self.out.dead_letter(event, "handler-failed", ValueError(f"the model rejected seq {seq}"))
+                continue
             self.out.send(topics.EMBEDDINGS, KEY, events_pb2.EncodedFrameEvent(key=KEY, seq=seq)).get(timeout=1)
 
     def give_up(self, event, error) -> None:
@@ -109,6 +114,21 @@ def test_a_failing_handler_is_retried_then_given_up_and_dead_lettered():
     assert [events_pb2.FrameEvent.FromString(d.value).seq for d in letters] == [2, 3]  # the original value
     assert [events_pb2.EncodedFrameEvent.FromString(r.value).seq for r in host.bus.take(topics.EMBEDDINGS)] == [1, 4]
     assert host.counts("recorder") == (2, 2)
+
+
+def test_a_record_that_fails_inside_a_batch_is_dead_lettered_alone_with_the_same_headers():
+    stage = _Recorder(batch_reject_seqs={2})
+    host = _host(stage)
+    for seq in (1, 2, 3):
+        host.bus.send(topics.FRAMES, KEY, _frame(seq))
+    host.run_until_idle()
+    [letter] = host.bus.dead_letters
+    headers = dict(letter.headers)
+    assert (headers[DLQ_REASON], headers[DLQ_SOURCE_TOPIC], headers[DLQ_SOURCE_OFFSET], headers[DLQ_GROUP]) == (
+        b"handler-failed", b"frames", b"1", b"recorder")
+    assert b"the model rejected seq 2" in headers["sh-dlq-error"] and headers[TYPE_HEADER] == b"streamharness.v1.FrameEvent"
+    assert events_pb2.FrameEvent.FromString(letter.value).seq == 2
+    assert [events_pb2.EncodedFrameEvent.FromString(r.value).seq for r in host.bus.take(topics.EMBEDDINGS)] == [1, 3]
 
 
 def test_malformed_records_are_dead_lettered_with_their_reason_and_the_rest_go_on():

@@ -13,7 +13,6 @@ the producer flushes and closes. A drain that misses the deadline raises :class:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -22,8 +21,8 @@ from typing import Any
 import grpc
 
 from streamharness import topology
-from streamharness.kafka import EventConsumer, EventProducer, dead_letter_headers, ensure_topics
-from streamharness.records import ConsumedEvent, Headers
+from streamharness.kafka import EventConsumer, EventProducer, ensure_topics
+from streamharness.records import ConsumedEvent, Headers, dead_letter_event
 from streamharness.runner import Service
 from streamharness.settings import KafkaSettings
 from streamharness.stage import Stage, StageContext, StageSpec
@@ -48,11 +47,7 @@ class KafkaOutbox:
         return self._producer.send(topic, key, message, headers)
 
     def dead_letter(self, event: ConsumedEvent[Any], reason: str, error: BaseException) -> None:
-        log.warning("dead-lettering %s[%d]@%d (%s): %r", event.topic, event.partition, event.offset, event.key, error)
-        headers = dead_letter_headers(event.headers, reason, repr(error), event.topic, event.partition, event.offset, self._group)
-        # The event keeps the decoded message, not the record's bytes: re-serialised (the same
-        # fields; unknown fields of a newer producer are kept by protobuf).
-        self._producer.send_raw(self._dlq_topic, event.key.encode(), event.message.SerializeToString(), headers).get(timeout=30)
+        dead_letter_event(self._producer.send_raw, self._dlq_topic, event, reason, error, self._group).get(timeout=30)
         meters.records_dead_lettered().add(1, {"topic": event.topic, "reason": reason})
 
 
@@ -170,10 +165,6 @@ class KafkaHost(Service):
     @property
     def dead_lettered(self) -> int:
         return sum(c.dead_lettered for c in self.consumers)
-
-
-def with_group(spec: StageSpec, group: str) -> StageSpec:
-    return dataclasses.replace(spec, group=group)
 
 
 def serve(name: str) -> int:

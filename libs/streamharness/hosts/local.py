@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 
 from streamharness import topology
 from streamharness.keys import key_str
-from streamharness.records import ConsumedEvent, Headers, dead_letter_headers, message_headers, process_record
+from streamharness.records import ConsumedEvent, Headers, dead_letter_event, dead_letter_headers, message_headers, process_record
 from streamharness.settings import KafkaSettings
 from streamharness.stage import Stage, StageContext, StageSpec
 from streamharness.telemetry import meters
@@ -198,9 +198,7 @@ class LocalOutbox:
         return self._bus.send(topic, key, message, headers)
 
     def dead_letter(self, event: ConsumedEvent[Any], reason: str, error: BaseException) -> None:
-        log.warning("dead-lettering %s@%d (%s): %r", event.topic, event.offset, event.key, error)
-        headers = dead_letter_headers(event.headers, reason, repr(error), event.topic, event.partition, event.offset, self._group)
-        self._bus.send_raw(self._bus.dead_letter_topic, event.key.encode(), event.message.SerializeToString(), headers)
+        dead_letter_event(self._bus.send_raw, self._bus.dead_letter_topic, event, reason, error, self._group)
         meters.records_dead_lettered().add(1, {"topic": event.topic, "reason": reason})
 
 
@@ -277,12 +275,13 @@ class LocalHost:
             return 0
         types = {self.kafka.topic(t): cls for t, cls in h.spec.consumes.items()}
         attempts = max(1, self.kafka.handler_retries)
-        for delivery in range(1, attempts + 1):
-            def dead_letter(record, headers, reason, detail) -> None:
-                self.bus.send_raw(self.bus.dead_letter_topic, record.key, record.value,
-                                  dead_letter_headers(headers, reason, detail, record.topic, record.partition, record.offset, h.group))
-                h.dead_lettered += 1
 
+        def dead_letter(record, headers, reason, detail) -> None:
+            self.bus.send_raw(self.bus.dead_letter_topic, record.key, record.value,
+                              dead_letter_headers(headers, reason, detail, record.topic, record.partition, record.offset, h.group))
+            h.dead_lettered += 1
+
+        for delivery in range(1, attempts + 1):
             for record in records:
                 event = process_record(record, types, h.stage.handle, attempts=self.kafka.handler_retries,
                                        group=h.group, dead_letter=dead_letter, on_give_up=h.stage.give_up)
