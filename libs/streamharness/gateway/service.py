@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -219,6 +220,7 @@ class GatewayStage(Stage):
         self._lock = threading.Lock()
         self.out: Outbox | None = None
         self._channel: grpc.Channel | None = None
+        self._ingest_health: health_pb2_grpc.HealthStub | None = None
         self.ingest: ingest_pb2_grpc.IngestServiceStub | None = None
 
     def configure(self, spec: StageSpec) -> StageSpec:
@@ -277,15 +279,20 @@ class GatewayStage(Stage):
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
         ])
         self.ingest = ingest_pb2_grpc.IngestServiceStub(self._channel)
+        self._ingest_health = health_pb2_grpc.HealthStub(self._channel)
 
     def register(self, server: grpc.Server) -> None:
         session_pb2_grpc.add_SessionServiceServicer_to_server(_SessionApi(self), server)
 
     def healthy(self) -> bool:
+        """Ingest answers. A health call rather than ``channel_ready_future``: that one leaves a
+        connectivity-polling thread behind that fails when the channel is closed at shutdown."""
+        if self._ingest_health is None:
+            return False
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=1)
+            self._ingest_health.Check(health_pb2.HealthCheckRequest(), timeout=1)  # SERVING or not: it answers
             return True
-        except grpc.FutureTimeoutError:
+        except grpc.RpcError:
             return False
 
     def close(self, deadline: float) -> None:
