@@ -186,7 +186,7 @@ class InProcessPipeline:
             raise RuntimeError("open() the pipeline first")
         if not 0 < decision_fps <= 30:  # on the wire 0 means "the default"; here the caller says what it wants
             raise InvalidInput(f"decision_fps {decision_fps} is out of range (0, 30]")
-        pending = sorted(queries, key=lambda q: q.media_ts_ms)
+        pending = list(queries)  # the replay loop puts them in media order
         for q in pending:
             _client_message(q)  # an unknown kind is refused before anything is sent
         mapper = SessionMapper(tenant, uuid.uuid4().hex)

@@ -43,6 +43,7 @@ from streamharness.records import (  # noqa: F401 - re-exported: the record voca
     ConsumedEvent,
     Headers,
     dead_letter_headers,
+    dead_letter_record,
     message_headers,
     process_record,
 )
@@ -331,10 +332,10 @@ class EventConsumer(Generic[M]):
     def _dead_letter(self, record: Any, headers: tuple[tuple[str, bytes], ...], reason: str, detail: str) -> None:
         if self._dlq_producer is None:
             self._dlq_producer = EventProducer(self._settings, f"{self._client_id}-dlq")
-        dlq_headers = dead_letter_headers(headers, reason, detail, record.topic, record.partition, record.offset, self.group_id)
         # Synchronous: the dead letter must be durable before the source offset is committed. If
         # this raises, nothing is committed and the record comes back after a restart.
-        self._dlq_producer.send_raw(self._dlq_topic, record.key, record.value, dlq_headers).get(timeout=30)
+        dead_letter_record(self._dlq_producer.send_raw, self._dlq_topic, record, headers, reason, detail,
+                           self.group_id).get(timeout=30)
         self.dead_lettered += 1
 
     def _commit(self) -> None:

@@ -154,6 +154,14 @@ def dead_letter_headers(headers: tuple[tuple[str, bytes], ...] | Headers, reason
     ]
 
 
+def dead_letter_record(send_raw: Callable[[str, bytes | None, bytes | None, Headers], Any], dlq_topic: str,
+                       record: RawRecord, headers: tuple[tuple[str, bytes], ...], reason: str, detail: str, group: str) -> Any:
+    """A record as it came (its key, value and headers byte for byte) to the dead-letter topic
+    through ``send_raw``, with the ``sh-dlq-*`` headers. Returns ``send_raw``'s delivery."""
+    dlq_headers = dead_letter_headers(headers, reason, detail, record.topic, record.partition, record.offset, group)
+    return send_raw(dlq_topic, record.key, record.value, dlq_headers)
+
+
 def dead_letter_event(send_raw: Callable[[str, bytes | None, bytes | None, Headers], Any], dlq_topic: str,
                       event: ConsumedEvent[Any], reason: str, error: BaseException, group: str) -> Any:
     """A decoded event that failed inside a batch (one frame of a micro-batch), to the dead-letter

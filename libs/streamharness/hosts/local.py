@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 
 from streamharness import topology
 from streamharness.keys import key_str
-from streamharness.records import ConsumedEvent, Headers, dead_letter_event, dead_letter_headers, message_headers, process_record
+from streamharness.records import ConsumedEvent, Headers, dead_letter_event, dead_letter_record, message_headers, process_record
 from streamharness.settings import KafkaSettings
 from streamharness.stage import Stage, StageContext, StageSpec
 from streamharness.telemetry import meters
@@ -277,8 +277,7 @@ class LocalHost:
         attempts = max(1, self.kafka.handler_retries)
 
         def dead_letter(record, headers, reason, detail) -> None:
-            self.bus.send_raw(self.bus.dead_letter_topic, record.key, record.value,
-                              dead_letter_headers(headers, reason, detail, record.topic, record.partition, record.offset, h.group))
+            dead_letter_record(self.bus.send_raw, self.bus.dead_letter_topic, record, headers, reason, detail, h.group)
             h.dead_lettered += 1
 
         for delivery in range(1, attempts + 1):
