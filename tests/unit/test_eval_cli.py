@@ -59,6 +59,66 @@ def test_an_empty_episode_folder_is_an_error_not_an_empty_result(tmp_path):
     assert bad.exit_code == 2 and "no episodes in" in bad.output and not (tmp_path / "r.json").exists()
 
 
+def _table_rows(output: str, title: str) -> dict[str, list[str]]:
+    """The rows of the rich table printed under ``title``: scope -> the other cells."""
+    rows, inside = {}, False
+    for line in output.splitlines():
+        inside = inside or title in line
+        if inside and line.startswith("│"):
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_compare_with_episodes_sets_both_beside_the_chance_baselines(tmp_path):
+    episodes = tmp_path / "episodes.json"
+    episodes.write_text(json.dumps(EPISODE))
+    for name, extra in (("silent", ()), ("every-k", ("--k", "5"))):
+        done = invoke("run", "--episodes", str(episodes), "--baseline", name, *extra, "--out", str(tmp_path / f"{name}.json"))
+        assert done.exit_code == 0, done.output
+
+    shown = invoke("compare", str(tmp_path / "silent.json"), str(tmp_path / "every-k.json"), "--episodes", str(episodes))
+    assert shown.exit_code == 0, shown.output  # still the regression check: every-k does not regress on silent
+    assert "chance baselines (1 episode, random-choice seed 0)" in shown.output
+    rows = _table_rows(shown.output, "chance baselines")
+    # scope: baseline (silent), candidate (every-k), first-choice, random-choice, mark; only cells with events
+    assert set(rows) == {"overall", "proactive/forward", "punctual/present"}
+    assert rows["overall"] == ["0.000", "0.870", "0.500", rows["overall"][3], ""]
+    # first-choice says "A. five" at the ask: right and in time, which every-k's repeat (an FP) does not beat
+    assert rows["punctual/present"][:3] == ["0.000", "0.909", "1.000"] and rows["punctual/present"][4] == "≤ chance"
+    assert rows["proactive/forward"] == ["0.000", "0.833", "0.000", "0.000", ""]  # the chance baselines never alert
+
+    regressed = invoke("compare", str(tmp_path / "every-k.json"), str(tmp_path / "silent.json"), "--episodes", str(episodes))
+    assert regressed.exit_code == 1 and "chance baselines" in regressed.output
+    assert "chance baselines" not in invoke("compare", str(tmp_path / "silent.json"), str(tmp_path / "every-k.json")).output
+
+
+def test_run_random_choice_baseline_with_a_seed(tmp_path):
+    episodes = tmp_path / "episodes.json"
+    episodes.write_text(json.dumps({**EPISODE, "events": [
+        {"type": "question", "event_id": f"q{i}", "ask_at_s": i / 2, "text": "Which?", "window": [i / 2, i / 2 + 1],
+         "choices": ["red", "blue", "white"], "answer_index": i % 3, "mode": "punctual", "position": "present"}
+        for i in range(20)]}))
+
+    def answers(seed: str, name: str) -> list[str]:
+        args = ["--seed", seed] if seed else []
+        done = invoke("run", "--episodes", str(episodes), "--baseline", "random-choice", *args,
+                      "--out", str(tmp_path / f"{name}.json"), "--runs-out", str(tmp_path / f"{name}.jsonl"))
+        assert done.exit_code == 0, done.output
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        total = result["total"]
+        assert total["tp"] + total["fn"] == 20 and total["fp"] == total["fn"]  # one guess each, in time: a wrong one is FP + FN
+        return [r["text"] for r in json.loads((tmp_path / f"{name}.jsonl").read_text())["responses"]]
+
+    one = answers("1", "one")
+    assert len(one) == 20 and set(one) <= {"A. red", "B. blue", "C. white"}
+    assert answers("1", "again") == one and answers("2", "two") != one and answers("", "default") == answers("0", "zero")
+    assert json.loads((tmp_path / "one.json").read_text())["system"] == "baseline:random-choice-seed1"
+    first = invoke("run", "--episodes", str(episodes), "--baseline", "first-choice", "--out", str(tmp_path / "first.json"))
+    assert first.exit_code == 0 and "baseline:first-choice: SW-F1" in first.output
+    assert json.loads((tmp_path / "first.json").read_text())["total"]["tp"] == 7  # answer A: questions 0, 3, ..., 18
+
+
 # -- `eval score` (saved runs, no replay) and the LLM judge options -------------------------------------
 FREE_TEXT = {
     "episode_id": "free", "video": "opencv-doc:vtest.avi", "duration_s": 30, "source": "opencv-doc",

@@ -45,6 +45,42 @@ def test_every_k(episode):
         run_baseline(episode, "sometimes")
 
 
+def test_first_choice_answers_each_choice_question_once_at_its_ask(episode):
+    raw = episode.model_dump(mode="json")
+    raw["events"].append({"type": "question", "event_id": "free", "ask_at_s": 7, "text": "What happens?", "window": [7, 9],
+                          "reference": "people walk", "mode": "punctual", "position": "present"})
+    run = run_baseline(parse_episode(raw), "first-choice")
+    assert [(r.event_id, r.media_ts_s, r.text) for r in run.responses] == [("q", 4.0, "A. two")]  # no free text, no alerts
+    assert run.responses[0].ttft_ms is None and run.system == "baseline:first-choice"
+
+
+def many_choice_questions(n: int = 40, episode_id: str = "many"):
+    return parse_episode({
+        "episode_id": episode_id, "video": "opencv-doc:vtest.avi", "duration_s": n + 5, "source": "synthetic",
+        "events": [{"type": "question", "event_id": f"q{i}", "ask_at_s": i, "text": "Which?", "window": [i, i + 2],
+                    "choices": ["red", "blue", "white", "green"], "answer_index": i % 4,
+                    "mode": "punctual", "position": "present"} for i in range(n)],
+    })
+
+
+def test_random_choice_is_a_lettered_guess_at_the_ask_deterministic_per_seed_and_episode():
+    ep = many_choice_questions()
+    run = run_baseline(ep, "random-choice", seed=7)
+    assert [(r.event_id, r.media_ts_s) for r in run.responses] == [(f"q{i}", float(i)) for i in range(40)]
+    assert all(r.text in {"A. red", "B. blue", "C. white", "D. green"} for r in run.responses)
+    assert len({r.text for r in run.responses}) == 4  # uniform over the choices: all four come up in 40 draws
+    assert run.system == "baseline:random-choice-seed7" and run.metadata == {"seed": 7}
+
+    texts = lambda run: [r.text for r in run.responses]  # noqa: E731
+    assert texts(run_baseline(ep, "random-choice", seed=7)) == texts(run)
+    assert texts(run_baseline(ep, "random-choice")) == texts(run_baseline(ep, "random-choice", seed=0))
+    assert texts(run_baseline(ep, "random-choice", seed=8)) != texts(run)
+    # the episode id is part of the seed: the same questions in another episode get other guesses
+    assert texts(run_baseline(many_choice_questions(episode_id="other"), "random-choice", seed=7)) != texts(run)
+    with pytest.raises(ValueError, match="seed"):
+        run_baseline(ep, "random-choice", seed=-1)
+
+
 def test_opencv_doc_videos_resolve(episode):
     assert resolve_video(episode).name == "vtest.avi" and resolve_video(episode).exists()
 

@@ -155,9 +155,23 @@ CHOICES = ["red", "blue", "white", "red car"]
     ("C", 2), ("(C)", 2), ("C.", 2), ("C) white", 2), ("The answer is C.", 2), ("answer: C", 2), ("Option C", 2),
     ("It was white.", 2), ("A red car.", 3), ("red", 0), ("B", 1),
     ("A or C", None), ("I am not sure.", None), ("It was red or blue", None), ("E", None),
+    # exactly one choice, and letter and text agree
+    ("B. blue", 1), ("blue", 1), ("The answer is B", 1), ("a red car", 3), ("D) red car", 3), ("Answer: B) blue", 1),
+    ("The answer is (B)", 1),
+    ("A or B", None), ("A, B or C", None), ("B/C", None), ("(B) or (C)", None), ("The answer is B, not (C)", None),
+    ("red and blue", None), ("B. blue, not red", None),
+    ("A. blue", None), ("C) red", None), ("A) red car", None),  # the letter's choice is not the text's
+    ("A, I think blue", 1),  # "I" is no choice here, so no letters are listed: the text decides
 ])
 def test_pick_choice(response: str, pick: int | None) -> None:
     assert pick_choice(response, CHOICES) == pick
+
+
+def test_a_letter_whose_text_is_another_choice_picks_nothing() -> None:
+    blue_first = ["blue", "red", "white"]
+    assert pick_choice("A. red", blue_first) is None
+    assert pick_choice("A. blue", blue_first) == 0 and pick_choice("B. red", blue_first) == 1
+    assert pick_choice("A. green", blue_first) == 0  # a text that is no choice names nothing
 
 
 def test_multiple_choice_exact_match_vs_wrong_letter() -> None:
@@ -165,6 +179,17 @@ def test_multiple_choice_exact_match_vs_wrong_letter() -> None:
     assert counts(score_episode(ep, run(("q1", 21.0, "C) white")), EXACT)) == (1, 0, 0)
     assert counts(score_episode(ep, run(("q1", 21.0, "B")), EXACT)) == (0, 1, 1)
     assert counts(score_episode(ep, run(("q1", 21.0, "white")), EXACT)) == (1, 0, 0)
+
+
+def test_a_letter_text_disagreement_is_a_wrong_answer() -> None:
+    ep = episode(question(choices=CHOICES, answer_index=1))  # B: blue
+    assert counts(score_episode(ep, run(("q1", 21.0, "B. blue")), EXACT)) == (1, 0, 0)
+    # the right letter with another choice's text, or the right text with another letter: FP + FN
+    assert counts(score_episode(ep, run(("q1", 21.0, "B. red")), EXACT)) == (0, 1, 1)
+    assert counts(score_episode(ep, run(("q1", 21.0, "A. blue")), EXACT)) == (0, 1, 1)
+    # hedging over several choices is wrong too, and a later clean answer is still the TP
+    s = score_episode(ep, run(("q1", 21.0, "A or B"), ("q1", 22.0, "blue")), EXACT)
+    assert counts(s) == (1, 1, 0) and [o.reason for o in s.outcomes] == ["in window, does not match", "in window, matches"]
 
 
 # -- free text with the real MiniLM ----------------------------------------------------------------------

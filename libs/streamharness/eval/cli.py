@@ -20,8 +20,9 @@ _JUDGE_API_KEY = typer.Option(None, envvar="SH_EVAL_JUDGE_API_KEY", help="Bearer
 def run(
     episodes: Path = typer.Option(..., exists=True, help="Episode file (.json/.jsonl) or folder of them."),
     gateway: str = typer.Option(None, envvar="SH_EVAL_GATEWAY", help="Gateway host:port of a deployed pipeline."),
-    baseline: str = typer.Option(None, help="Instead of a pipeline: silent, always or every-k."),
+    baseline: str = typer.Option(None, help="Instead of a pipeline: silent, always, every-k, first-choice or random-choice."),
     k: int = typer.Option(5, min=1, help="k of the every-k baseline (seconds)."),
+    seed: int = typer.Option(0, min=0, help="Seed of the random-choice baseline."),
     local: bool = typer.Option(False, help="Start the whole pipeline locally for the run (streamharness up's stack)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run the services' code in this process without Kafka "
                                     "(encoder on Triton at SH_TRITON_URL; generation per SH_GENERATION_*)."),
@@ -62,7 +63,7 @@ def run(
     if baseline:
         if baseline not in BASELINES:
             raise typer.BadParameter(f"--baseline must be one of {', '.join(BASELINES)}")
-        runs = [run_baseline(ep, baseline, k=k) for ep in eps]
+        runs = [run_baseline(ep, baseline, k=k, seed=seed) for ep in eps]
         system = runs[0].system if runs else f"baseline:{baseline}"
     elif in_process:
         runs = _run_in_process(eps, base_dir, system=system, start_triton=start_triton, send_fps=send_fps, console=console)
@@ -100,9 +101,13 @@ def compare(
     baseline: Path = typer.Argument(..., exists=True, help="Result JSON of the reference system."),
     candidate: Path = typer.Argument(..., exists=True, help="Result JSON of the system under test."),
     tolerance: float = typer.Option(0.02, min=0.0, help="SW-F1 drop that counts as a regression."),
+    episodes: Path = typer.Option(None, exists=True, help="Episode file (.json/.jsonl) or folder the results were run "
+                                  "on: also print the first-choice and random-choice chance baselines on them."),
+    seed: int = typer.Option(0, min=0, help="Seed of the random-choice baseline (with --episodes)."),
     report: Path = typer.Option(None, help="Write an HTML report of the candidate with the comparison."),
 ) -> None:
-    """Regression table of two results; exits 1 when the candidate regressed."""
+    """Regression table of two results; exits 1 when the candidate regressed. With --episodes, a
+    second table sets both beside the chance baselines (it does not change the exit code)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -116,7 +121,10 @@ def compare(
         table.add_column(col)
     for r in rows:
         table.add_row(r.scope, r.metric, _fmt(r.a), _fmt(r.b), _fmt(r.delta), "[red]regression[/]" if r.regression else "")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if episodes is not None:
+        _chance_table(console, episodes, a, b, seed)
     if report:
         from streamharness.eval.report import write_report
 
@@ -212,6 +220,49 @@ def _run_in_process(eps, base_dir: Path, *, system: str, start_triton: bool, sen
         pipeline.close()
         if triton_server is not None:
             triton_server.stop()
+
+
+def _chance_table(console, episodes: Path, a, b, seed: int) -> None:
+    """SW-F1 of both results beside first-choice and random-choice on the same episodes, overall and
+    per cell with events; a cell where the candidate does not beat the better chance baseline is marked."""
+    from rich.table import Table
+
+    from streamharness.eval.episode import MODES, POSITIONS, EpisodeFormatError, load_episodes
+    from streamharness.eval.runner import run_baseline
+    from streamharness.eval.scoring import AnswerMatcher, score_run
+
+    try:
+        eps = load_episodes(episodes)
+    except EpisodeFormatError as err:
+        raise typer.BadParameter(str(err), param_hint="'--episodes'") from None
+    if not eps:
+        raise typer.BadParameter(f"no episodes in {episodes} (.json / .jsonl files, searched recursively)",
+                                 param_hint="'--episodes'")
+    matcher = AnswerMatcher()  # the chance baselines answer choices only: no text encoder is loaded
+    chance = {}
+    for policy in ("first-choice", "random-choice"):
+        runs = [run_baseline(ep, policy, seed=seed) for ep in eps]
+        chance[policy] = score_run(eps, runs, matcher, system=runs[0].system)
+    first, rand = chance["first-choice"], chance["random-choice"]
+    ids = {ep.episode_id for ep in eps}
+    for result in (a, b):
+        if {s.episode_id for s in result.episodes} != ids:
+            console.print(f"[yellow]warning:[/] {result.system} was not scored on the episodes in {episodes}; "
+                          "the chance baselines are not comparable with it")
+
+    table = Table(title=f"chance baselines ({len(eps)} episode{'s' if len(eps) != 1 else ''}, random-choice seed {seed})")
+    table.add_column("scope", no_wrap=True)
+    for col in ("baseline", "candidate", "first-\nchoice", "random-\nchoice", ""):
+        table.add_column(col, no_wrap=True)
+    scopes = [("overall", a.total, b.total, first.total, rand.total)]
+    scopes += [(f"{m}/{p}", a.cell(m, p), b.cell(m, p), first.cell(m, p), rand.cell(m, p))
+               for m in MODES for p in POSITIONS if first.cell(m, p).events]
+    for scope, ca, cb, cf, cr in scopes:
+        floor = max((v for v in (cf.sw_f1, cr.sw_f1) if v is not None), default=None)
+        beaten = cb.sw_f1 is not None and (floor is None or cb.sw_f1 > floor + 1e-12)
+        table.add_row(scope, _fmt(ca.sw_f1), _fmt(cb.sw_f1), _fmt(cf.sw_f1), _fmt(cr.sw_f1),
+                      "" if beaten else "[yellow]≤ chance[/]")
+    console.print(table)
 
 
 def _fmt(value) -> str:

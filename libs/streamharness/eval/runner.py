@@ -10,15 +10,23 @@ Baselines (the floor any system must beat):
 
 * ``silent``: never says anything;
 * ``always``: answers every question and fires every instruction at every decision step;
-* ``every-k``: the same, every k seconds.
+* ``every-k``: the same, every k seconds;
+* ``first-choice``: answers each multiple-choice question once, at its ``ask_at_s``, with
+  ``"A. <first choice>"``; free-text questions and instructions get nothing;
+* ``random-choice``: the same with a choice drawn uniformly at random (``"C. <third choice>"``) by a
+  numpy Generator seeded from ``seed`` and the episode id, so a run is the same for the same seed.
 
-Baseline text: the first choice for multiple-choice questions, else the question or instruction
-itself (which a free-text matcher will rarely accept: a baseline's score is timing, not content).
+Text of ``always`` and ``every-k``: the first choice for multiple-choice questions, else the
+question or instruction itself (which a free-text matcher will rarely accept: their score is
+timing, not content). ``first-choice`` and ``random-choice`` are the chance level of the content:
+right timing at the ask, a guess for the answer (a question whose window opens after its ask is
+answered early, as any system answering at once would be). Their responses carry no latencies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +38,8 @@ from streamharness.eval.episode import Episode, EpisodeRun, InstructionEvent, Qu
 from streamharness.eval.episodes_builtin import resolve_video
 from streamharness.replay import EncodedFrame, encoded_frames, replay
 
-BASELINES = ("silent", "always", "every-k")
+BASELINES = ("silent", "always", "every-k", "first-choice", "random-choice")
+CHOICE_BASELINES = ("first-choice", "random-choice")
 
 
 def iter_frames(video: Path, fps: float | None, limit_s: float) -> Iterator[EncodedFrame]:
@@ -138,12 +147,15 @@ def run_episode_in_process(pipeline, episode: Episode, *, send_fps: float = 2.0,
                                 "wall_s": round(result.wall_s, 3)})
 
 
-def run_baseline(episode: Episode, policy: str, k: int = 5, step_s: float = 1.0) -> EpisodeRun:
-    """A baseline run computed from the episode's own timeline (no pipeline, no model)."""
+def run_baseline(episode: Episode, policy: str, k: int = 5, step_s: float = 1.0, seed: int = 0) -> EpisodeRun:
+    """A baseline run computed from the episode's own timeline (no pipeline, no model); ``k`` is
+    every-k's period in steps, ``seed`` random-choice's seed."""
     if policy not in BASELINES:
         raise ValueError(f"unknown baseline {policy!r}: choose one of {', '.join(BASELINES)}")
     if k < 1:
         raise ValueError("k must be at least 1")
+    if policy in CHOICE_BASELINES:
+        return _choice_baseline(episode, policy, seed)
     responses: list[ResponseRecord] = []
     if policy != "silent":
         every = step_s * (k if policy == "every-k" else 1)
@@ -157,6 +169,25 @@ def run_baseline(episode: Episode, policy: str, k: int = 5, step_s: float = 1.0)
                     responses.append(ResponseRecord(event_id=inst.event_id, media_ts_s=float(t), text=inst.text))
     return EpisodeRun(episode_id=episode.episode_id, system=f"baseline:{policy}" + (f"-{k}" if policy == "every-k" else ""),
                       responses=responses)
+
+
+def _choice_baseline(episode: Episode, policy: str, seed: int) -> EpisodeRun:
+    """first-choice / random-choice: one lettered guess per multiple-choice question at its ask."""
+    if seed < 0:
+        raise ValueError("seed must be at least 0")
+    rng = None
+    if policy == "random-choice":  # one stream per (seed, episode): the same episode gets the same guesses
+        episode_key = int.from_bytes(hashlib.sha256(episode.episode_id.encode()).digest()[:8], "big")
+        rng = np.random.default_rng([seed, episode_key])
+    responses = []
+    for q in episode.questions:
+        if not q.choices:
+            continue
+        i = 0 if rng is None else int(rng.integers(len(q.choices)))
+        responses.append(ResponseRecord(event_id=q.event_id, media_ts_s=q.ask_at_s, text=f"{chr(ord('A') + i)}. {q.choices[i]}"))
+    system = f"baseline:{policy}" + (f"-seed{seed}" if rng is not None else "")
+    return EpisodeRun(episode_id=episode.episode_id, system=system, responses=responses,
+                      metadata={"seed": seed} if rng is not None else {})
 
 
 async def run_many_via_gateway(address: str, episodes: list[Episode], *, concurrency: int = 2, progress=None, **kwargs) -> list[EpisodeRun]:

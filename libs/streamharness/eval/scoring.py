@@ -24,14 +24,23 @@ Responses are judged per event, in media-time order (ties keep the run's order).
 
 Matching
 --------
-* **Multiple choice** (:func:`pick_choice`): the response picks choice k (letters A, B, ...) when it
-  names exactly one letter in one of these forms: the whole response is the letter (``"B"``,
-  ``"(B)"``, ``"B."``); it starts with ``"B)"``, ``"(B)"``, ``"B."`` or ``"B:"``; or it says
-  ``"answer/option/choice [is|:] B"`` (keyword in any case, letter upper case, so the article "a"
-  never counts). Without a letter, it picks the choice whose text occurs in the response as whole
-  words (case-insensitive), when exactly one does (a choice contained in a longer matching choice
-  yields to it). Naming two different choices picks none. The response matches when the pick is
-  ``answer_index``.
+* **Multiple choice** (:func:`pick_choice`): a response picks a choice only when it names exactly
+  one choice, by its letter (A, B, ...) or by its text, and letter and text agree.
+
+  - *Letters* count in these forms: the whole response is the letter (``"B"``, ``"(B)"``,
+    ``"B."``); it starts with ``"B)"``, ``"(B)"``, ``"B."`` or ``"B:"``; it says
+    ``"answer/option/choice [is|:] B"`` (keyword in any case); a ``"(B)"`` anywhere; or choice
+    letters listed together (``"A or B"``, ``"A, B"``, ``"A and B"``, ``"A/B"``; both must be
+    letters of choices). Letters are upper case only, so the article "a" never counts, and a
+    letter beyond the choices is ignored.
+  - *Texts* count as whole words, case-insensitive; a choice contained in a longer choice that
+    also occurs yields to it (``"a red car"`` with choices "red" and "red car" names "red car").
+  - The pick: two or more letters pick nothing (``"A or B"``). One letter picks its choice when the
+    texts named are none or exactly that choice's (``"B"``, ``"B. blue"`` with B blue); a text of
+    another choice picks nothing (``"A. red"`` with A blue and red a choice). Without a letter,
+    exactly one text picks its choice (``"blue"``); two or more pick nothing (``"red and blue"``).
+
+  The response matches when the pick is ``answer_index``; picking nothing is a wrong answer.
 * **Free text**: a :class:`Matcher` compares response and reference. The default
   :class:`MiniLMMatcher` embeds both with all-MiniLM-L6-v2 (:class:`~streamharness.text_encoder.TextEncoder`)
   and matches when the cosine similarity is ``>= 0.5`` (``DEFAULT_MINILM_THRESHOLD``). It judges
@@ -229,15 +238,17 @@ class OpenAICompatibleJudge:
 _WHOLE_LETTER = re.compile(r"^\s*\(?([A-Z])\)?[.:]?\s*$")
 _LEADING_LETTER = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])[).:])")
 _KEYWORD_LETTER = re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)\s*|:\s*)?\(?([A-Z])\b")
+_PAREN_LETTER = re.compile(r"\(([A-Z])\)")
+# "A or B", "A, B", "(A) and (B)", "A/B": the lookahead lets "A, B or C" yield (A, B) and (B, C)
+_LISTED_LETTERS = re.compile(r"\b([A-Z])\)?\.?\s*(?:,|/|&|\b(?:or|and)\b)\s*(?=\(?([A-Z])\b)")
 
 
 def _norm(text: str) -> str:
     return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
 
 
-def pick_choice(response: str, choices: Sequence[str]) -> int | None:
-    """The index of the choice a response picks, or ``None`` (no pick, or ambiguous). See module docs."""
-    letters = {chr(ord("A") + i) for i in range(len(choices))}
+def _letters_named(response: str, letters: set[str]) -> set[str]:
+    """The choice letters a response names (the forms of the module docs)."""
     found: set[str] = set()
     whole = _WHOLE_LETTER.match(response)
     if whole:
@@ -246,16 +257,33 @@ def pick_choice(response: str, choices: Sequence[str]) -> int | None:
     if lead:
         found.add(lead.group(1) or lead.group(2))
     found.update(_KEYWORD_LETTER.findall(response))
-    found &= letters
-    if len(found) == 1:
-        return ord(found.pop()) - ord("A")
-    if found:
-        return None
+    found.update(_PAREN_LETTER.findall(response))
+    for a, b in _LISTED_LETTERS.findall(response):
+        if a in letters and b in letters:  # both must be choices: "A, I think ..." lists nothing
+            found.update((a, b))
+    return found & letters
+
+
+def _texts_named(response: str, choices: Sequence[str]) -> set[int]:
+    """The choices whose text occurs in the response as whole words (a choice inside a longer one
+    that also occurs yields to it)."""
     said = _norm(response)
     hits = [i for i, c in enumerate(choices) if _norm(c).strip() and _norm(c) in said]
     # "red car" and "red" both occur in "a red car": the longer, more specific choice wins.
-    hits = [i for i in hits if not any(j != i and _norm(choices[i]) in _norm(choices[j]) for j in hits)]
-    return hits[0] if len(hits) == 1 else None
+    return {i for i in hits if not any(j != i and _norm(choices[i]) in _norm(choices[j]) for j in hits)}
+
+
+def pick_choice(response: str, choices: Sequence[str]) -> int | None:
+    """The index of the one choice a response names, or ``None`` (no pick, several, or a letter and a
+    text that disagree). See module docs."""
+    letters = _letters_named(response, {chr(ord("A") + i) for i in range(len(choices))})
+    if len(letters) > 1:
+        return None
+    texts = _texts_named(response, choices)
+    if letters:
+        pick = ord(letters.pop()) - ord("A")
+        return pick if texts <= {pick} else None
+    return texts.pop() if len(texts) == 1 else None
 
 
 class AnswerMatcher:
