@@ -4,6 +4,8 @@
     streamharness stream VIDEO          # play a video through a running gateway
     streamharness dev kafka run|fetch   # development Kafka broker
     streamharness dev triton run|export # development tritonserver / ONNX export
+    streamharness eval …                # Streaming-Eval
+    streamharness train …               # Streaming-Train: build-dataset, train, export
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ def _mount_dev_apps() -> None:
     from streamharness.eval.cli import app as eval_app
 
     app.add_typer(eval_app, name="eval", help="Streaming-Eval: replay episodes, score them on time, report.")
+    from streamharness.train.cli import app as train_app
+
+    app.add_typer(train_app, name="train", help="Streaming-Train: build per-second training data, train, export.")
 
 
 @app.command()

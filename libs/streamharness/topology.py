@@ -71,7 +71,7 @@ TOPOLOGY: dict[str, StageSpec] = {
         StageSpec(
             name="decision",
             factory="streamharness.decision.service:DecisionStage",
-            settings=("streamharness.decision.service:DecisionSettings", _TEXT),
+            settings=("streamharness.decision.service:DecisionSettings", _TEXT, _TRITON),
             # Co-partitioned: both keyed tenant/stream with equal partition counts, read by one group
             # with the range assignor, so one member holds a stream's queries and frames.
             consumes={topics.QUERIES: events_pb2.QueryEvent, topics.EMBEDDINGS: events_pb2.EncodedFrameEvent},

@@ -3,7 +3,8 @@ the decisions of that media step; it never sees a frame from the future.
 
 ``RulePolicy`` (this release's default) answers pending questions at once and fires standing
 instructions when the frame evidence matches them, with a refractory period per instruction.
-The trained policy (Streaming-Train) plugs in behind the same interface.
+``TrainedPolicy`` (:mod:`streamharness.decision.trained`, Streaming-Train's decision head on Triton)
+plugs in behind the same interface.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class InstructionState:
     last_fired_ms: int | None = None
     reference: np.ndarray | None = None  # scene: embedding the change is measured from
     last_count: int = 0  # people: count at the previous step
+    given_ms: int | None = None  # media time of the first step it was in force (the trained policy)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class StreamState:
     started: bool = False  # its SessionStart was seen (frames before it are held)
     held: list = field(default_factory=list)
     held_since: float = 0.0  # monotonic wall time the oldest held frame arrived
+    policy_state: dict = field(default_factory=dict)  # what a policy keeps per stream (the trained one: its frame window)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from streamharness import topics
 from streamharness.decision.policy import DecisionPolicy, Evidence, PendingQuestion, RulePolicy, RuleThresholds, StreamState
 from streamharness.keys import key_str
 from streamharness.records import ConsumedEvent
-from streamharness.settings import load_settings
+from streamharness.settings import TritonSettings, load_settings
 from streamharness.stage import Outbox, Stage, StageContext, StageSpec
 from streamharness.text_encoder import TextEncoderSettings
 from streamharness.telemetry import meters
@@ -32,16 +32,34 @@ class DecisionSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SH_DECISION_", frozen=True, extra="forbid")
 
-    policy: str = Field("rules", pattern="^(rules)$", description="Decision policy: 'rules' (evidence rules with MiniLM matching). The trained policy arrives with Streaming-Train.")
+    policy: str = Field("rules", pattern="^(rules|trained)$", description="Decision policy: 'trained' (the Streaming-Train decision head on Triton, model SH_DECISION_TRAINED_MODEL) or 'rules' (evidence rules with MiniLM matching).")
     consumer_group: str = Field("decision", min_length=1, description="Kafka consumer group of the decision replicas.")
     refractory_s: float = Field(10.0, ge=0, le=3600, description="A standing instruction does not fire twice within this much media time.")
     object_similarity: float = Field(0.55, gt=0, le=1, description="MiniLM similarity between an object instruction and a frame label needed to fire.")
     scene_change: float = Field(0.35, gt=0, le=2, description="Frame-embedding cosine distance from the last reference that counts as a scene change.")
     min_label_score: float = Field(0.08, ge=0, le=1, description="Classifier labels below this probability are not evidence.")
+    trained_model: str = Field("decision_head", min_length=1, description="Triton model of the trained policy (written by `streamharness train export`).")
+    trained_threshold: float | None = Field(None, gt=0, lt=1, description="Probability at which the trained head fires; unset = the threshold its export chose on validation data.")
+    trained_min_gap_s: float = Field(3.0, ge=0, le=3600, description="The trained policy fires one instruction at most once in this much media time.")
+    trained_fallback: bool = Field(True, description="With policy 'trained': decide by the rules when the head is not served (logged); false = not ready until it is.")
 
 
-def make_policy(settings: DecisionSettings, embed) -> DecisionPolicy:
-    """The policy ``SH_DECISION_POLICY`` names, with its thresholds; ``embed`` = MiniLM's encode."""
+def make_policy(settings: DecisionSettings, embed, triton: TritonSettings | None = None) -> DecisionPolicy | None:
+    """The policy ``SH_DECISION_POLICY`` names, with its thresholds; ``embed`` = MiniLM's encode.
+    ``trained`` with its head not served: the rules when ``trained_fallback``, else None (not ready)."""
+    if settings.policy == "trained":
+        from streamharness.decision.trained import HeadScorer, TrainedPolicy
+
+        scorer = HeadScorer(triton or load_settings(TritonSettings), settings.trained_model)
+        if scorer.ready():
+            scorer.load_config()
+            return TrainedPolicy(embed, scorer, threshold=settings.trained_threshold,
+                                 min_gap_ms=int(settings.trained_min_gap_s * 1000))
+        scorer.close()
+        if not settings.trained_fallback:
+            log.error("the trained decision head %r is not served on Triton", settings.trained_model)
+            return None
+        log.warning("the trained decision head %r is not served on Triton: deciding by the rules", settings.trained_model)
     thresholds = RuleThresholds(
         object_similarity=settings.object_similarity, scene_change=settings.scene_change,
         min_label_score=settings.min_label_score, refractory_ms=int(settings.refractory_s * 1000),
@@ -67,16 +85,19 @@ class DecisionStage(Stage):
     name = "decision"
 
     def __init__(self, settings: DecisionSettings | None = None, text: TextEncoderSettings | None = None,
-                 policy: DecisionPolicy | None = None, text_encoder=None):
+                 triton: TritonSettings | None = None, policy: DecisionPolicy | None = None, text_encoder=None):
         """``policy``: use this one instead of the one ``SH_DECISION_POLICY`` names; ``text_encoder``:
-        a loaded MiniLM encoder to share (else one is loaded at ``open``)."""
+        a loaded MiniLM encoder to share (else one is loaded at ``open``); ``triton``: where the
+        trained policy's head is served (default ``SH_TRITON_*``)."""
         self.settings = settings or load_settings(DecisionSettings)
         self.text = text
+        self.triton = triton
         self.policy = policy
         self._text_encoder = text_encoder
         self.states: dict[str, StreamState] = {}
         self._batch: list = []
         self.out: Outbox | None = None
+        self._policy_tried = 0.0
 
     def configure(self, spec: StageSpec) -> StageSpec:
         return replace(spec, group=self.settings.consumer_group)
@@ -87,10 +108,15 @@ class DecisionStage(Stage):
         if self.policy is None:
             from streamharness.text_encoder import TextEncoder
 
-            encoder = self._text_encoder or TextEncoder(self.text or load_settings(TextEncoderSettings)).load()
-            self.policy = make_policy(self.settings, encoder.encode)
+            self._text_encoder = self._text_encoder or TextEncoder(self.text or load_settings(TextEncoderSettings)).load()
+            self.policy = make_policy(self.settings, self._text_encoder.encode, self.triton)
+            self._policy_tried = time.monotonic()
 
     def healthy(self) -> bool:
+        # A trained head that was not served at start (no fallback) is looked for again, every few seconds.
+        if self.policy is None and self._text_encoder is not None and time.monotonic() - self._policy_tried > 5.0:
+            self._policy_tried = time.monotonic()
+            self.policy = make_policy(self.settings, self._text_encoder.encode, self.triton)
         return self.policy is not None
 
     # -- handling ------------------------------------------------------------------------------
