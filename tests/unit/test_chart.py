@@ -1,11 +1,14 @@
 """The Helm chart: lint --strict, render every ci/ scenario, validate the manifests offline
-against the Kubernetes schemas (strict: unknown fields fail), reject bad values, and keep the one
-template generic (components differ only by their values)."""
+against the Kubernetes schemas (strict: unknown fields fail), reject bad values, and keep the
+templates generic (components, and Jobs, differ only by their values). The Job manifests of
+eval-jobs/ and training-jobs/ are validated the same way, and the commands they run are checked
+against the CLI's options."""
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,6 +25,11 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 SERVICES = ("gateway", "ingest", "encoder", "decision", "memory", "responder")
 SERVICE_VARIABLES = {"SH_SERVICE_NAME", "SH_GRPC_HOST", "SH_SHUTDOWN_GRACE_S", "OTEL_SERVICE_NAME", "SH_GRPC_PORT"}
 KAFKA_VARIABLES = {"SH_KAFKA_BOOTSTRAP_SERVERS", "SH_KAFKA_TOPIC_PREFIX"}
+TRAINING_JOBS = sorted((ROOT / "training-jobs").glob("*.yaml"))
+# training-jobs/job-<name>.yaml and the chart's jobs.<entry> render the same Job (sh-<name>).
+CHART_JOBS = {"build-dataset": "buildDataset", "train-head": "trainHead", "train-vlm": "trainVlm", "export": "export"}
+JOBS_IMAGE = "streamharness-jobs:0.1.0"
+TRAINING_CLAIMS = {"streamharness-training-data", "streamharness-training-output", "streamharness-model-repository"}
 
 
 def helm_binary() -> str:
@@ -56,6 +64,22 @@ def workloads(docs: list[dict]) -> dict[str, dict]:
 
 def container_env(workload: dict) -> dict[str, dict]:
     return {e["name"]: e for e in workload["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def jobs_of(docs: list[dict]) -> dict[str, dict]:
+    """Jobs by name without the release prefix (release "sh")."""
+    return {d["metadata"]["name"].removeprefix("sh-"): d for d in docs if d["kind"] == "Job"}
+
+
+def kubernetes_validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", "--quiet", "-k", KUBE_VERSION, str(path)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def kebab(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"-\1", name).lower()
 
 
 def test_lint_strict():
@@ -121,6 +145,14 @@ def test_cpu_default_requests_no_gpu(tmp_path):
         ("components.memory.persistence.mountPath=/tmp", "mountPath"),
         ("components.memory.persistence.sizee=1Gi", "sizee"),
         ("components.decision.persistence.enabled=true", "persistence"),
+        ("jobs.trainHaed.enabled=true", "trainHaed"),  # an unknown Job has no command
+        ("jobs.train_vlm.command={python}", "train_vlm"),  # becomes a Job name: kebab-able camelCase only
+        ("jobs.export.enabled=maybe", "enabled"),
+        ("jobs.trainVlm.gpu=-1", "gpu"),
+        ("jobs.buildDataset.backofflimit=1", "backofflimit"),
+        ("jobs.trainHead.claims.output.mountPath=/tmp", "mountPath"),
+        ("jobs.trainHead.claims.output.claimname=x", "claimname"),
+        ("jobImage.tagg=1", "tagg"),
     ],
 )
 def test_schema_rejects_bad_values(setting, complaint):
@@ -137,9 +169,11 @@ def test_same_setting_names_as_local_runs(tmp_path):
     from settings_table import settings_classes, variables
 
     known = {var for cls in settings_classes() for var, *_ in variables(cls)}
-    for d in workloads(render(tmp_path, *SCENARIOS)).values():
+    docs = render(tmp_path, *SCENARIOS)
+    assert jobs_of(docs), "no scenario renders a Job"
+    for d in [*workloads(docs).values(), *jobs_of(docs).values()]:
         for c in d["spec"]["template"]["spec"]["containers"]:
-            for e in c["env"]:
+            for e in c.get("env", []):
                 if e["name"].startswith("SH_"):
                     assert e["name"] in known, f"chart sets {e['name']}, which no settings class reads"
 
@@ -227,9 +261,13 @@ def test_memory_without_persistence_is_a_deployment_with_an_empty_dir(tmp_path):
 
 
 def test_template_names_no_component():
-    """Components differ by their values only: no template tests or mentions a component's name."""
-    names = set(yaml.safe_load((CHART / "values.yaml").read_text())["components"])
+    """Components (and Jobs) differ by their values only: no template tests or mentions a
+    component's or a Job's name."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    names = set(values["components"])
     assert {"triton", "gateway", "memory"} <= names
+    assert set(values["jobs"]) == set(CHART_JOBS.values())
+    names |= set(values["jobs"]) | {kebab(j) for j in values["jobs"]}
     for template in sorted((CHART / "templates").glob("*")):
         text = template.read_text()
         for name in sorted(names):
@@ -267,3 +305,188 @@ def test_in_process_eval_job_manifest_is_valid_and_its_command_parses():
         assert used <= known, (sub, used - known)
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["SH_GENERATION_BACKEND"] == "openai" and env["SH_TRITON_URL"].endswith(":8001")
+
+
+# -- Streaming-Train Jobs (training-jobs/*.yaml and the chart's `jobs:`) ---------------------------
+
+
+def command_tokens(container: dict) -> list[str]:
+    """The container's command line as words (a shell script argument is split)."""
+    tokens: list[str] = []
+    for part in [*container.get("command", []), *container.get("args", [])]:
+        tokens += shlex.split(part) if re.search(r"\s", part) else [part]
+    return tokens
+
+
+def train_invocations(tokens: list[str]) -> list[tuple[str, list[str]]]:
+    """Every `streamharness train <sub> ...` and `... -m streamharness.train.cli <sub> ...` (torchrun)
+    in a command line: (sub, its arguments); `&&`, `||` or `;` ends one."""
+    found = []
+    i = 0
+    while i < len(tokens):
+        if tokens[i : i + 2] in (["streamharness", "train"], ["-m", "streamharness.train.cli"]):
+            end = i + 3
+            while end < len(tokens) and tokens[end] not in ("&&", "||", ";"):
+                end += 1
+            found.append((tokens[i + 2], tokens[i + 3 : end]))
+            i = end
+        else:
+            i += 1
+    return found
+
+
+def commented_invocations(manifest: Path) -> list[tuple[str, list[str]]]:
+    """The `streamharness train ...` lines of the manifest's comments (variants shown there)."""
+    lines = [line.lstrip("# ") for line in manifest.read_text().splitlines() if line.lstrip().startswith("#")]
+    return [inv for line in lines if "streamharness train " in line for inv in train_invocations(shlex.split(line))]
+
+
+def parse_train_options(sub: str, args: list[str], root: Path) -> dict[str, object]:
+    """Parses `streamharness train <sub> ARGS` with the typer app, without running it: an unknown
+    option, a bad number or a missing required option fails as it would in the pod, and so does a
+    value the command itself refuses (--format, --trainer, --style). Absolute paths are made to exist
+    under `root` for the parse (options with exists=True), as the Job's volumes provide them.
+    Returns the parameters the arguments set (name -> value, paths as the Job sees them)."""
+    from typer.main import get_command
+
+    from streamharness.train import cli
+    from streamharness.train.synthetic import STYLES
+
+    def rebase(value: str) -> str:
+        if not value.startswith("/"):
+            return value
+        (root / value.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        return str(root) + value
+
+    rebased = []
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        rebased.append(f"{name}={rebase(value)}" if arg.startswith("--") and eq else rebase(arg))
+    group = get_command(cli.app)
+    assert sub in group.commands, f"no `streamharness train {sub}` (has {sorted(group.commands)})"
+    try:
+        ctx = group.commands[sub].make_context(f"train {sub}", rebased)
+    except Exception as exc:  # the CLI's usage error (typer's click)
+        raise AssertionError(f"streamharness train {sub} {shlex.join(args)}: {exc}") from exc
+
+    def unbase(value: object) -> object:
+        if isinstance(value, (list, tuple)):
+            return [unbase(v) for v in value]
+        if isinstance(value, (str, Path)) and str(value).startswith(str(root) + "/"):
+            return "/" + str(value)[len(str(root)) + 1 :]
+        return value
+
+    used = {k: unbase(v) for k, v in ctx.params.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+    # What the command checks in its body (plain str options).
+    assert ctx.params.get("format", "auto") in cli.FORMAT_NAMES, used
+    assert ctx.params.get("style", "mixed") in STYLES, used
+    assert ctx.params.get("trainer", "head") in ("head", "vlm"), used
+    if sub == "train" and ctx.params.get("trainer") == "vlm":
+        assert used.get("model") or used.get("tiny"), "--trainer vlm needs --model"
+    return used
+
+
+def mounts(pod: dict) -> dict[str, tuple]:
+    """mountPath -> (source, mount readOnly, claim readOnly); source is the claim name or the emptyDir."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    found = {}
+    for m in pod["containers"][0].get("volumeMounts", []):
+        v = volumes[m["name"]]
+        claim = v.get("persistentVolumeClaim")
+        source = claim["claimName"] if claim else ("emptyDir", v["emptyDir"].get("medium"), v["emptyDir"].get("sizeLimit"))
+        found[m["mountPath"]] = (source, m.get("readOnly", False), bool(claim and claim.get("readOnly")))
+    return found
+
+
+def test_training_jobs_are_the_charts():
+    assert {p.stem.removeprefix("job-") for p in TRAINING_JOBS} == set(CHART_JOBS)
+
+
+@pytest.mark.parametrize("manifest", TRAINING_JOBS, ids=lambda p: p.name)
+def test_training_job_manifest_is_valid_and_locked_down(manifest):
+    proc = kubernetes_validate(manifest)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = yaml.safe_load(manifest.read_text())
+    assert job["kind"] == "Job" and job["metadata"]["name"] == f"streamharness-{manifest.stem.removeprefix('job-')}"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    assert container["image"] == JOBS_IMAGE
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and "memory" in container["resources"]["limits"]
+    found = mounts(pod)
+    assert found["/tmp"][0][0] == "emptyDir"
+    claims = {source for source, *_ in found.values() if isinstance(source, str)}
+    assert claims and claims <= TRAINING_CLAIMS, claims
+    # The read-only training data is mounted read-only.
+    assert all(ro and claim_ro for source, ro, claim_ro in found.values() if source == "streamharness-training-data")
+
+
+@pytest.mark.parametrize("manifest", TRAINING_JOBS, ids=lambda p: p.name)
+def test_training_job_runs_the_train_cli_with_its_options(manifest, tmp_path):
+    """Every `streamharness train` command a Job runs (and the variants its comments show) parses
+    against the CLI: a renamed option would otherwise fail only in the cluster. Outputs go to a
+    writable volume, inputs to a mounted one."""
+    pod = yaml.safe_load(manifest.read_text())["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    invocations = train_invocations(command_tokens(container))
+    assert len(invocations) == 1, invocations
+    found = mounts(pod)
+    for sub, args in invocations:
+        for name, value in parse_train_options(sub, args, tmp_path / "job").items():
+            for path in value if isinstance(value, list) else [value]:
+                if not (isinstance(path, str) and path.startswith("/")):
+                    continue
+                under = [ro for mount, (_, ro, _) in found.items() if Path(path).is_relative_to(mount)]
+                assert under, f"{manifest.name}: {name}={path} is on no volume"
+                if name in ("out", "model_repository"):
+                    assert not any(under), f"{manifest.name}: {name}={path} is read-only"
+    for sub, args in commented_invocations(manifest):
+        parse_train_options(sub, args, tmp_path / "comment")
+
+
+def test_training_jobs_need_a_gpu_only_for_the_vlm():
+    for manifest in TRAINING_JOBS:
+        job = yaml.safe_load(manifest.read_text())
+        pod = job["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        if manifest.name != "job-train-vlm.yaml":
+            assert "nvidia.com/gpu" not in str(job), manifest.name
+            continue
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert container["command"][:3] == ["torchrun", "--standalone", "--nproc_per_node=1"]
+        assert ("--trainer=vlm" in container["args"]) and mounts(pod)["/dev/shm"][0][:2] == ("emptyDir", "Memory")
+
+
+def test_default_values_render_no_job(tmp_path):
+    assert not any(j["enabled"] for j in yaml.safe_load((CHART / "values.yaml").read_text())["jobs"].values())
+    for values in ((), (CHART / "ci" / "default-values.yaml",)):
+        assert not jobs_of(render(tmp_path, *values))
+
+
+def test_training_scenario_renders_the_training_job_manifests(tmp_path):
+    """ci/training-values.yaml enables the four Jobs: the chart renders what training-jobs/ holds
+    (same command, arguments, resources, volumes), the GPU on the VLM Job only."""
+    docs = render(tmp_path, CHART / "ci" / "training-values.yaml")
+    jobs = jobs_of(docs)
+    assert set(jobs) == set(CHART_JOBS)
+    for name, rendered in jobs.items():
+        manifest = yaml.safe_load((ROOT / "training-jobs" / f"job-{name}.yaml").read_text())
+        for key in ("backoffLimit", "ttlSecondsAfterFinished"):
+            assert rendered["spec"].get(key) == manifest["spec"].get(key), (name, key)
+        pod, want_pod = rendered["spec"]["template"]["spec"], manifest["spec"]["template"]["spec"]
+        assert pod["restartPolicy"] == "Never" and pod["securityContext"] == want_pod["securityContext"]
+        (container,), want = pod["containers"], want_pod["containers"][0]
+        assert container["image"] == JOBS_IMAGE
+        for key in ("command", "args", "resources", "securityContext"):
+            assert container.get(key) == want.get(key), (name, key)
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert {e["name"]: e["value"] for e in want.get("env", [])}.items() <= env.items(), name
+        assert mounts(pod) == mounts(want_pod), name
+        assert ("nvidia.com/gpu" in str(rendered)) == (name == "train-vlm"), name
+    # The dataset builder reaches the chart's tritonserver on its gRPC port.
+    host, port = container_env(jobs["build-dataset"])["SH_TRITON_URL"]["value"].split(":")
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == host)
+    assert any(p["name"] == "grpc" and p["port"] == int(port) for p in service["spec"]["ports"]), service["spec"]["ports"]
