@@ -207,7 +207,7 @@ def _config(**kw) -> vlm.VLMTrainConfig:
 
 
 def test_training_reduces_the_loss_and_saves_the_adapter(dataset, tmp_path):
-    summary = vlm.train_vlm(dataset, tmp_path, _config(max_steps=12, batch_size=2), TriggerWeights(), "tiny")
+    summary = vlm.train_vlm(dataset, tmp_path, _config(steps=12, batch_size=2), TriggerWeights(), tiny=True)
     losses = [line["loss"] for line in read_metrics(tmp_path / "metrics.jsonl")]
     assert len(losses) == 12 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) * 0.9, losses
@@ -220,11 +220,11 @@ def test_training_reduces_the_loss_and_saves_the_adapter(dataset, tmp_path):
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(dataset, tmp_path):
-    config = _config(max_steps=4, grad_accum=2, schedule="cosine", warmup_steps=1)
-    vlm.train_vlm(dataset, tmp_path / "whole", config, TriggerWeights(), "tiny")
-    first = vlm.train_vlm(dataset, tmp_path / "cut", config, TriggerWeights(), "tiny", stop_after=2)
+    config = _config(steps=4, grad_accum=2, schedule="cosine", warmup_steps=1)
+    vlm.train_vlm(dataset, tmp_path / "whole", config, TriggerWeights(), tiny=True)
+    first = vlm.train_vlm(dataset, tmp_path / "cut", config, TriggerWeights(), tiny=True, stop_after=2)
     assert not first["finished"] and not (tmp_path / "cut" / "adapter").exists()
-    second = vlm.train_vlm(dataset, tmp_path / "cut", config, TriggerWeights(), "tiny")
+    second = vlm.train_vlm(dataset, tmp_path / "cut", config, TriggerWeights(), tiny=True)
     assert second["resumed_from"] == 2 and second["finished"]
     whole = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "whole" / "metrics.jsonl")}
     cut = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "cut" / "metrics.jsonl")}
@@ -232,7 +232,9 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(dataset, tmp_path)
     for step in (3, 4):
         assert cut[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7), (step, cut, whole)
     with pytest.raises(ValueError, match="other"):
-        vlm.train_vlm(dataset, tmp_path / "cut", config.model_copy(update={"seed": 1}), TriggerWeights(), "tiny")
+        vlm.train_vlm(dataset, tmp_path / "cut", config.model_copy(update={"seed": 1}), TriggerWeights(), tiny=True)
+    with pytest.raises(ValueError, match="holds checkpoints"):
+        vlm.train_vlm(dataset, tmp_path / "cut", config, TriggerWeights(), tiny=True, resume=False)
 
 
 def test_imports_and_computes_the_loss_without_pydantic():

@@ -86,6 +86,7 @@ from typing import Any, ClassVar, Literal
 from streamharness.train.loop import (
     DistributedContext,
     MetricsWriter,
+    latest_checkpoint,
     load_latest_checkpoint,
     progress,
     save_checkpoint,
@@ -858,8 +859,8 @@ class VLMTrainConfig(BaseSettings):
     carry_context: bool = Field(True, description="Start a mid-stream window with the questions and instructions still open at its start.")
     batch_size: int = Field(1, ge=1, description="Windows per micro-batch (per rank).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_steps: int = Field(0, ge=0, description="Optimizer steps to train for; 0: as many as `epochs` make.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the windows when max_steps is 0.")
+    steps: int = Field(0, ge=0, le=10_000_000, description="Optimizer steps to train for; 0: as many as `epochs` make.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the windows when steps is 0.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay.")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="LR after the warmup: cosine decay to min_lr_ratio, or constant.")
@@ -933,20 +934,26 @@ class _Plan:
 
 
 def train_vlm(dataset_dir: str | Path, out_dir: str | Path, config: VLMTrainConfig | None = None,
-              weights=None, model: str | Path = "tiny", *, stop_after: int | None = None) -> dict[str, Any]:
+              weights=None, tiny: bool | str | Path = True, *, resume: bool = True,
+              stop_after: int | None = None) -> dict[str, Any]:
     """Train a LoRA adapter on a dataset folder; returns a summary (also ``out_dir/summary.json``).
 
-    ``model``: ``"tiny"`` (:func:`build_tiny_qwen2_vl`, vocabulary from the dataset's texts) or a
-    local checkpoint folder (:func:`load_pretrained`). ``weights``: the trigger weights (default
-    ``TriggerWeights()``, i.e. ``SH_TRAIN_*``). A run whose ``out_dir/checkpoints`` holds a
-    checkpoint resumes from it. ``stop_after``: end after this optimizer step (its checkpoint
-    written), as a preemption would — the next call resumes there.
+    ``tiny``: True for :func:`build_tiny_qwen2_vl` (vocabulary from the dataset's texts), or the
+    path of a local checkpoint folder (:func:`load_pretrained`). ``weights``: the trigger weights
+    (default ``TriggerWeights()``, i.e. ``SH_TRAIN_*``). With ``resume`` a run whose
+    ``out_dir/checkpoints`` holds a checkpoint goes on from it; without, such a folder is refused
+    (a fresh run there would mix its checkpoints with the old ones). ``stop_after``: end after this
+    optimizer step (its checkpoint written), as a preemption would; the next call resumes there.
     """
     import torch
 
+    if tiny is False or tiny is None or str(tiny) == "":
+        raise ValueError("tiny: True (the tiny model) or the path of a local checkpoint")
     config = config or VLMTrainConfig()
     weights = weights or TriggerWeights()
     out = Path(out_dir)
+    if not resume and latest_checkpoint(out / "checkpoints") is not None:
+        raise ValueError(f"{out / 'checkpoints'} holds checkpoints: resume, or train into another out_dir")
     if config.telemetry:
         try:
             from streamharness.telemetry import setup_telemetry
@@ -956,7 +963,7 @@ def train_vlm(dataset_dir: str | Path, out_dir: str | Path, config: VLMTrainConf
             setup_telemetry("streamharness-train")
     ctx = DistributedContext.from_env(None if config.device == "auto" else config.device)
     try:
-        return _train(ctx, Path(dataset_dir), out, config, weights, model, stop_after, torch)
+        return _train(ctx, Path(dataset_dir), out, config, weights, "tiny" if tiny is True else tiny, stop_after, torch)
     finally:
         ctx.close()
 
@@ -980,7 +987,7 @@ def _train(ctx, dataset_dir: Path, out: Path, config, weights, model_ref, stop_a
                        gradient_checkpointing=config.gradient_checkpointing).to(ctx.device)
 
     plan = _Plan(len(windows), config.seed, config.batch_size, ctx)
-    total = config.max_steps or max(1, math.ceil(config.epochs * plan.micro_per_epoch / config.grad_accum))
+    total = config.steps or max(1, math.ceil(config.epochs * plan.micro_per_epoch / config.grad_accum))
     optimizer, scheduler = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, total_steps=total,
                                           warmup_steps=config.warmup_steps, schedule=config.schedule,
                                           min_lr_ratio=config.min_lr_ratio)
