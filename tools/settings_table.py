@@ -11,13 +11,18 @@ import importlib
 
 from pydantic_settings import BaseSettings
 
+# The Jobs' settings (Streaming-Train), which no stage reads.
+JOB_SETTINGS_MODULES = ("streamharness.train.objective", "streamharness.train.head", "streamharness.train.vlm")
+
+
 def _settings_modules() -> tuple[str, ...]:
     """Every module that defines a settings class: the common ones, then each stage's, from the
-    topology (a new stage's settings appear here by its topology row, with nothing to add)."""
+    topology (a new stage's settings appear here by its topology row, with nothing to add), then
+    the training Jobs'."""
     from streamharness.topology import COMMON_SETTINGS, TOPOLOGY
 
     modules: list[str] = []
-    for path in [*COMMON_SETTINGS, *(p for spec in TOPOLOGY.values() for p in spec.settings)]:
+    for path in [*COMMON_SETTINGS, *(p for spec in TOPOLOGY.values() for p in spec.settings), *JOB_SETTINGS_MODULES]:
         module = path.partition(":")[0]
         if module not in modules:
             modules.append(module)

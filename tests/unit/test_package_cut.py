@@ -35,6 +35,8 @@ PYPROJECT = ROOT / "libs" / "pyproject.toml"
 TOOLS: dict[str, str | None] = {
     "streamharness.devinfra": "devinfra",
     "streamharness.eval": "eval",
+    # Streaming-Train: torch, peft, pyarrow, tqdm inside functions (the jobs image has the models extra).
+    "streamharness.train": "models",
     "streamharness.cli": None,
     "streamharness.local_run": None,
 }

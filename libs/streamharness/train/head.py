@@ -223,9 +223,11 @@ def choose_threshold(probs: np.ndarray, pos: Positions, min_gap_s: float) -> tup
 
 
 def train_head(dataset_dirs, out_dir: Path | str, config: HeadTrainConfig | None = None,
-               weights: TriggerWeights | None = None, *, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+               weights: TriggerWeights | None = None, *, resume: bool = True, progress: bool = True,
+               stop_after: int | None = None) -> dict[str, Any]:
     """Train (or resume) the head; writes ``out_dir/checkpoints/``, ``metrics.jsonl``, ``head.pt``
-    and ``head.json`` (config, weights, threshold, validation scores). Returns head.json's content."""
+    and ``head.json`` (config, weights, threshold, validation scores). Returns head.json's content.
+    ``stop_after``: stop after that step as if the process were killed there (tests of resuming)."""
     import torch
 
     from streamharness.train.loop import (
@@ -288,14 +290,20 @@ def train_head(dataset_dirs, out_dir: Path | str, config: HeadTrainConfig | None
         sched.step()
         bar.update(1)
         done = step + 1
-        if metrics is not None and (done % 50 == 0 or done == config.steps):
-            metrics.log(done, loss=float(loss), lr=float(sched.get_last_lr()[0]),
+        if metrics is not None and (done % 50 == 0 or done in (1, config.steps)):
+            metrics.log(done, loss=float(loss.detach()), lr=float(sched.get_last_lr()[0]),
                         positions_per_s=config.batch_size * (done - start) / max(1e-9, time.monotonic() - t0))
         if metrics is not None and len(val_pos) and (done % config.eval_every == 0 or done == config.steps):
             metrics.log(done, val_loss=_loss_on(_unwrap(model), val_matrix, val_pos, weights))
         if dist.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
             save_checkpoint(ckpt_dir, done, {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                                              "scheduler": sched.state_dict()}, keep_last=config.keep_checkpoints)
+        if stop_after is not None and done >= stop_after:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+            dist.close()
+            return {}
     bar.close()
     summary: dict[str, Any] = {}
     if dist.is_main:
