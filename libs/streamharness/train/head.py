@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -410,9 +411,12 @@ def export_head(run_dir: Path | str, model_repository: Path | str, version: int 
     sample = (torch.randn(3, window, EMBEDDING_DIM, generator=g), torch.randn(3, TEXT_DIM, generator=g),
               torch.rand(3, TIME_DIM, generator=g))
     wrapped = WithProbability(model).eval()
-    torch.onnx.export(wrapped, sample, str(tmp), input_names=["frames", "text", "time"],
-                      output_names=["probability", "logit"], opset_version=17, dynamo=False,
-                      dynamic_axes={n: {0: "batch"} for n in ("frames", "text", "time", "probability", "logit")})
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter (dynamo=False: no onnxscript needed) warns that it is the legacy one.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(wrapped, sample, str(tmp), input_names=["frames", "text", "time"],
+                          output_names=["probability", "logit"], opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "batch"} for n in ("frames", "text", "time", "probability", "logit")})
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = session.run(["probability"], {"frames": sample[0].numpy(), "text": sample[1].numpy(), "time": sample[2].numpy()})[0]
     with torch.no_grad():
