@@ -136,7 +136,8 @@ class InProcessPipeline:
         encoder_settings = load_settings(EncoderSettings).model_copy(update={"max_batch": self.config.encode_batch})
         try:
             self.memory = self.host.add(MemoryStage(memory_settings, text_encoder=self._text_encoder))
-            self.decision = self.host.add(DecisionStage(load_settings(DecisionSettings), text_encoder=self._text_encoder))
+            self.decision = self.host.add(DecisionStage(load_settings(DecisionSettings), triton=self.config.triton or load_settings(TritonSettings),
+                                                        text_encoder=self._text_encoder))
             self.responder = self.host.add(ResponderStage(load_settings(ResponderSettings), generator=self._generator,
                                                           memory=LocalMemoryStub(self.memory)))
             self.encoder = self.host.add(EncoderStage(encoder_settings, self.config.triton or load_settings(TritonSettings)))

@@ -84,3 +84,27 @@ def test_questions_are_answered_at_their_time_not_before(policy):
     out = policy.step(state, ev(3))
     assert [(d.trigger_id, d.media_ts_ms) for d in out] == [("q1", 3000)]
     assert not state.questions
+
+
+def test_trained_policy_leaves_people_to_the_people_rule_and_the_rest_to_the_head():
+    """The trained policy's default split: "someone walks in" is decided on the detector's count
+    (the rule), a colour instruction by the head. With a head that never reaches its threshold,
+    only the people instruction fires — and only once people are counted."""
+    from streamharness.decision.trained import TrainedPolicy
+    from streamharness.train.head import HeadTrainConfig, TorchHeadScorer, build_head
+
+    embed = TextEncoder().load().encode
+    head = TorchHeadScorer(build_head(HeadTrainConfig(hidden=8)).eval(), threshold=1.01, window=8)
+    policy = TrainedPolicy(embed, head, people_rules=RulePolicy(embed))
+    state = StreamState(key=make_key("t", "s"))
+    assert policy.add_instruction(state, "p", "tell me when someone walks in").kind == "people"
+    assert policy.add_instruction(state, "c", "Tell me when a red shape appears.").kind == "trained"
+    assert policy.step(state, ev(0, people=0)) == []
+    fired = policy.step(state, ev(1, people=2))
+    assert [d.trigger_id for d in fired] == ["p"] and "2 people" in fired[0].reason
+    # Without the people rule the head decides both (and, never reaching 1.01, stays silent).
+    alone = TrainedPolicy(embed, head)
+    state = StreamState(key=make_key("t", "s"))
+    assert alone.add_instruction(state, "p", "tell me when someone walks in").kind == "trained"
+    assert alone.step(state, ev(0, people=0)) == [] and alone.step(state, ev(1, people=2)) == []
+    assert len(state.policy_state["frames"]) == 2

@@ -191,13 +191,20 @@ class RulePolicy(DecisionPolicy):
             return True, best, f"saw {best_label} (similarity {best:.2f})"
         return False, best, ""
 
-    def step(self, state: StreamState, evidence: Evidence) -> list[Decision]:
+    def check_instruction(self, inst: InstructionState, evidence: Evidence) -> Decision | None:
+        """The decision about one instruction at this step (None: silent); updates its state."""
         now = evidence.media_ts_ms
-        decisions = self.answer_pending(state, now)
+        fired, score, reason = self._check(inst, evidence)
+        if fired and not self._refractory(inst, now):
+            inst.last_fired_ms = now
+            return Decision(now, common_pb2.TRIGGER_INSTRUCTION, inst.instruction_id, inst.text, reason, score)
+        return None
+
+    def step(self, state: StreamState, evidence: Evidence) -> list[Decision]:
+        decisions = self.answer_pending(state, evidence.media_ts_ms)
         for inst in state.instructions.values():
-            fired, score, reason = self._check(inst, evidence)
-            if fired and not self._refractory(inst, now):
-                inst.last_fired_ms = now
-                decisions.append(Decision(now, common_pb2.TRIGGER_INSTRUCTION, inst.instruction_id, inst.text, reason, score))
+            decision = self.check_instruction(inst, evidence)
+            if decision is not None:
+                decisions.append(decision)
         state.last = evidence
         return decisions

@@ -32,7 +32,7 @@ class DecisionSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SH_DECISION_", frozen=True, extra="forbid")
 
-    policy: str = Field("rules", pattern="^(rules|trained)$", description="Decision policy: 'trained' (the Streaming-Train decision head on Triton, model SH_DECISION_TRAINED_MODEL) or 'rules' (evidence rules with MiniLM matching).")
+    policy: str = Field("trained", pattern="^(rules|trained)$", description="Decision policy: 'trained' (the Streaming-Train decision head on Triton, model SH_DECISION_TRAINED_MODEL; the rules where it is not served) or 'rules' (evidence rules with MiniLM matching).")
     consumer_group: str = Field("decision", min_length=1, description="Kafka consumer group of the decision replicas.")
     refractory_s: float = Field(10.0, ge=0, le=3600, description="A standing instruction does not fire twice within this much media time.")
     object_similarity: float = Field(0.55, gt=0, le=1, description="MiniLM similarity between an object instruction and a frame label needed to fire.")
@@ -41,12 +41,17 @@ class DecisionSettings(BaseSettings):
     trained_model: str = Field("decision_head", min_length=1, description="Triton model of the trained policy (written by `streamharness train export`).")
     trained_threshold: float | None = Field(None, gt=0, lt=1, description="Probability at which the trained head fires; unset = the threshold its export chose on validation data.")
     trained_min_gap_s: float = Field(3.0, ge=0, le=3600, description="The trained policy fires one instruction at most once in this much media time.")
+    trained_people_rules: bool = Field(True, description="With policy 'trained': instructions about people are decided by the people-detector rule (the shipped head was trained without people); false = the head decides every instruction.")
     trained_fallback: bool = Field(True, description="With policy 'trained': decide by the rules when the head is not served (logged); false = not ready until it is.")
 
 
 def make_policy(settings: DecisionSettings, embed, triton: TritonSettings | None = None) -> DecisionPolicy | None:
     """The policy ``SH_DECISION_POLICY`` names, with its thresholds; ``embed`` = MiniLM's encode.
     ``trained`` with its head not served: the rules when ``trained_fallback``, else None (not ready)."""
+    thresholds = RuleThresholds(
+        object_similarity=settings.object_similarity, scene_change=settings.scene_change,
+        min_label_score=settings.min_label_score, refractory_ms=int(settings.refractory_s * 1000),
+    )
     if settings.policy == "trained":
         from streamharness.decision.trained import HeadScorer, TrainedPolicy
 
@@ -54,16 +59,13 @@ def make_policy(settings: DecisionSettings, embed, triton: TritonSettings | None
         if scorer.ready():
             scorer.load_config()
             return TrainedPolicy(embed, scorer, threshold=settings.trained_threshold,
-                                 min_gap_ms=int(settings.trained_min_gap_s * 1000))
+                                 min_gap_ms=int(settings.trained_min_gap_s * 1000),
+                                 people_rules=RulePolicy(embed, thresholds) if settings.trained_people_rules else None)
         scorer.close()
         if not settings.trained_fallback:
             log.error("the trained decision head %r is not served on Triton", settings.trained_model)
             return None
         log.warning("the trained decision head %r is not served on Triton: deciding by the rules", settings.trained_model)
-    thresholds = RuleThresholds(
-        object_similarity=settings.object_similarity, scene_change=settings.scene_change,
-        min_label_score=settings.min_label_score, refractory_ms=int(settings.refractory_s * 1000),
-    )
     return RulePolicy(embed, thresholds)
 
 

@@ -16,7 +16,9 @@ and serving cannot drift. One Triton request per step carries all instructions o
 
 Questions are answered in the step they are asked, as the training data's answers are (every
 reader puts the answer of a question at its ask time unless the annotation says otherwise); the head
-decides the standing instructions, where the rules fail. An instruction fires when the head's
+decides the standing instructions, where the rules fail — except, by default, those about people
+(``SH_DECISION_TRAINED_PEOPLE_RULES``), which the rules decide on the people detector's count: the
+shipped head never saw a person, and that count is evidence it does not get. An instruction fires when the head's
 probability reaches the threshold the export wrote into the model's config (or
 ``SH_DECISION_TRAINED_THRESHOLD``), and not again within ``SH_DECISION_TRAINED_MIN_GAP_S``.
 """
@@ -107,16 +109,26 @@ class TrainedPolicy(DecisionPolicy):
     name = "trained"
 
     def __init__(self, embed: Callable[[Sequence[str]], np.ndarray], scorer, *, threshold: float | None = None,
-                 min_gap_ms: int = 3000) -> None:
+                 min_gap_ms: int = 3000, people_rules=None) -> None:
         """``scorer``: ``score(frames [n, W, 1280], text [n, 384], time [n, 3]) -> probabilities [n]``
-        with a ``window`` attribute (a :class:`HeadScorer`, or the trainer's model in tests)."""
+        with a ``window`` attribute (a :class:`HeadScorer`, or the trainer's model in tests).
+        ``people_rules``: a :class:`~streamharness.decision.policy.RulePolicy` that takes the
+        instructions it classifies as being about people (decided on the people detector's count,
+        evidence the head does not see); None: the head decides every instruction."""
         self._embed = embed
+        self.people_rules = people_rules
         self.scorer = scorer
         self.threshold = threshold if threshold is not None else (getattr(scorer, "threshold", None) or 0.5)
         self.min_gap_ms = min_gap_ms
         self.window = int(getattr(scorer, "window", WINDOW))
 
     def add_instruction(self, state: StreamState, instruction_id: str, text: str) -> InstructionState:
+        if self.people_rules is not None:
+            kind, vec = self.people_rules.classify(text)
+            if kind == "people":
+                inst = InstructionState(instruction_id, text, kind, vec)
+                state.instructions[instruction_id] = inst
+                return inst
         inst = InstructionState(instruction_id, text, "trained", self._embed([text])[0])
         state.instructions[instruction_id] = inst
         return inst
@@ -132,7 +144,12 @@ class TrainedPolicy(DecisionPolicy):
         now = evidence.media_ts_ms
         decisions = self.answer_pending(state, now)
         window = self._window(state, evidence.embedding)
-        instructions = list(state.instructions.values())
+        instructions = [i for i in state.instructions.values() if i.kind == "trained"]
+        for inst in state.instructions.values():
+            if inst.kind != "trained" and self.people_rules is not None:
+                decision = self.people_rules.check_instruction(inst, evidence)
+                if decision is not None:
+                    decisions.append(decision)
         if instructions:
             rows_time = []
             for inst in instructions:

@@ -164,7 +164,7 @@ def evaluate(
     dataset: list[Path] = typer.Option(..., "--dataset", exists=True, file_okay=False,
                                        help="Dataset built from those episodes (--format episodes): their encoded frames."),
     system: list[str] = typer.Option(["silent", "always", "every-5", "rules", "untrained"],
-                                     help="rules, trained:<run dir>, untrained, silent, always, every-<k>; repeatable."),
+                                     help="rules, trained:<run dir> (head + people rule, as served), head-only:<run dir>, untrained, silent, always, every-<k>; repeatable."),
     out: Path = typer.Option(None, help="Folder for one result JSON per system and table.md."),
 ) -> None:
     """Decision policies compared on the episodes' standing instructions (when each speaks), through

@@ -10,7 +10,9 @@ an alert are the responder's job, measured by the full pipeline run). Questions 
 every policy here answers a question in the second it is asked, so they would add the same numbers
 to every row.
 
-Systems: ``rules``, ``trained:<run dir>`` (a trained head scored in-process, as exported),
+Systems: ``rules``, ``trained:<run dir>`` (a trained head scored in-process, as exported, with
+instructions about people left to the people-detector rule as the stage does by default),
+``head-only:<run dir>`` (the head decides every instruction),
 ``untrained`` (the same network, random weights, threshold 0.5), and the timing baselines
 ``silent``, ``always`` and ``every-<k>`` (:func:`streamharness.eval.runner.run_baseline`).
 """
@@ -116,11 +118,12 @@ def make_system(name: str, embed, *, seed: int = 0):
 
     if name == "rules":
         return RulePolicy(embed)
-    if name.startswith("trained:"):
+    if name.startswith(("trained:", "head-only:")):
         from streamharness.train.head import TorchHeadScorer, load_head
 
         model, summary = load_head(name.split(":", 1)[1])
-        return TrainedPolicy(embed, TorchHeadScorer(model, summary["threshold"], summary["window"]))
+        people = RulePolicy(embed) if name.startswith("trained:") else None
+        return TrainedPolicy(embed, TorchHeadScorer(model, summary["threshold"], summary["window"]), people_rules=people)
     if name == "untrained":
         import torch
 
@@ -154,7 +157,8 @@ def evaluate_systems(episodes: Sequence[Episode], dataset_dirs: Sequence[Path | 
             else:
                 policy = make_system(name, embed)
                 if policy is None:
-                    raise ValueError(f"unknown system {name!r}: rules, trained:<run dir>, untrained, silent, always, every-<k>")
+                    raise ValueError(f"unknown system {name!r}: rules, trained:<run dir>, head-only:<run dir>, untrained, silent, "
+                                     "always, every-<k>")
                 runs.append(run_decisions(ep, frames[ep.episode_id], policy, system=name))
             if progress is not None:
                 progress(name, ep)
