@@ -184,3 +184,33 @@ def test_weights_change_what_is_learned(dataset, tmp_path):
     p02 = predict(load_head(tmp_path / "w02")[0], matrix, pos)[silent].mean()
     p08 = predict(load_head(tmp_path / "w08")[0], matrix, pos)[silent].mean()
     assert p02 > p08
+
+
+def test_a_stopped_build_resumes_at_the_first_unfinished_shard(tmp_path):
+    """Shards are the unit of resuming: a shard whose file and state entry are there is not
+    encoded again; a lost one is rebuilt, identical."""
+    import pyarrow.parquet as pq
+
+    class Counting(ColourEncoder):
+        calls: list[str] = []
+
+        def encode(self, frames, fps, stream):
+            self.calls.append(stream)
+            return super().encode(frames, fps, stream)
+
+    samples = [make_stream(tmp_path, i, seconds=20) for i in range(6)]
+    encoder = Counting()
+    out = tmp_path / "ds"
+    build_dataset(samples, out, BuildConfig(samples_per_shard=2, frames=False), encoder=encoder, text_embed=text_embed, progress=False)
+    first = pq.read_table(out / "steps" / "shard-00001.parquet")
+    assert encoder.calls == [s.sample_id for s in samples]
+    state = json.loads((out / "build-state.json").read_text())
+    del state["shards"]["shard-00001"]  # as if the build had stopped while writing it
+    (out / "build-state.json").write_text(json.dumps(state))
+    (out / "steps" / "shard-00001.parquet").unlink()
+    encoder.calls.clear()
+    manifest = build_dataset(samples, out, BuildConfig(samples_per_shard=2, frames=False), encoder=encoder,
+                             text_embed=text_embed, progress=False)
+    assert encoder.calls == ["s2", "s3"]
+    assert pq.read_table(out / "steps" / "shard-00001.parquet").equals(first)
+    assert manifest["stats"]["samples"] == 6 and [s["name"] for s in manifest["shards"]] == [f"shard-0000{i}" for i in range(3)]
