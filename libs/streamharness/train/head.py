@@ -37,7 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness.decision.trained import EMBEDDING_DIM, TEXT_DIM, TIME_DIM, WINDOW, time_features, window_indices
 from streamharness.train.convert import roles_of
-from streamharness.train.objective import IGNORE_INDEX, TriggerWeights
+from streamharness.train.objective import TriggerWeights
 
 log = logging.getLogger(__name__)
 HEAD_FORMAT_VERSION = 1
