@@ -74,13 +74,21 @@ def test_the_dataset_is_what_the_services_see(built):
                       text_embed=lambda texts: np.zeros((len(texts), 384), np.float32))
 
 
-def test_build_train_export_serve_and_evaluate(built, minilm, tmp_path):
-    summary = train_head([built / "ds"], tmp_path / "head", HeadTrainConfig(steps=400, batch_size=128, seed=0), progress=False)
-    assert summary["threshold"] > 0 and summary["train_positions"] > 1000
-    repo = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def exported(built, tmp_path_factory):
+    """A head trained on the built set and exported into a model repository of its own."""
+    root = tmp_path_factory.mktemp("head")
+    summary = train_head([built / "ds"], root / "head", HeadTrainConfig(steps=400, batch_size=128, seed=0), progress=False)
+    repo = root / "repo"
     shutil.copytree(ROOT / "model-repository" / "decision_head", repo / "decision_head",
                     ignore=shutil.ignore_patterns("*.onnx", "head.json", "__pycache__"))
-    export_head(tmp_path / "head", repo)
+    export_head(root / "head", repo)
+    return root / "head", repo, summary
+
+
+def test_build_train_export_serve_and_evaluate(built, exported, minilm, tmp_path):
+    run_dir, repo, summary = exported
+    assert summary["threshold"] > 0 and summary["train_positions"] > 1000
     with TritonServer(repo, tmp_path / "triton", wait_for_models=("decision_head",)) as server:
         triton = load_settings(TritonSettings, url=server.grpc_url)
         policy = make_policy(DecisionSettings(policy="trained"), minilm.encode, triton)
@@ -89,7 +97,7 @@ def test_build_train_export_serve_and_evaluate(built, minilm, tmp_path):
         episode = instruction_episode(load_episode(built / "heldout" / "episode.json"))
         frames = encoded_frames_of([built / "ds-heldout"], [episode.episode_id])[episode.episode_id]
         served = run_decisions(episode, frames, policy, system="trained (Triton)")
-    model, info = load_head(tmp_path / "head")
+    model, info = load_head(run_dir)
     local = run_decisions(episode, frames, TrainedPolicy(minilm.encode, TorchHeadScorer(model, info["threshold"], info["window"])),
                           system="trained (torch)")
     # The served ONNX decides exactly as the trained network does.
@@ -99,6 +107,54 @@ def test_build_train_export_serve_and_evaluate(built, minilm, tmp_path):
     trained_score = score_run([episode], [served], AnswerMatcher()).total
     rules_score = score_run([episode], [by_rules], AnswerMatcher()).total
     assert trained_score.tp > 0 and (trained_score.sw_f1 or 0) > (rules_score.sw_f1 or 0)
+
+
+def test_the_stage_takes_the_head_once_it_is_served(built, exported, minilm, tmp_path):
+    """Triton up without the head (a rollout, or the decision pod started first): the stage decides
+    by the rules, then takes the head over for the running stream's instructions once it is served."""
+    import tritonclient.grpc as grpcclient
+
+    from streamharness.decision.policy import RulePolicy
+    from streamharness.decision.service import DecisionStage
+    from streamharness.hosts.local import LocalHost
+
+    _, repo, _ = exported
+    with TritonServer(repo, tmp_path / "triton", model_control_mode="explicit", wait_for_models=()) as server:
+        triton = load_settings(TritonSettings, url=server.grpc_url)
+        host = LocalHost()
+        try:
+            stage = host.add(DecisionStage(DecisionSettings(policy="trained"), triton=triton, text_encoder=minilm))
+            assert isinstance(stage.policy, RulePolicy)
+            episode = load_episode(built / "heldout" / "episode.json")
+            frames = encoded_frames_of([built / "ds-heldout"], [episode.episode_id])[episode.episode_id]
+            from streamharness import topics
+            from streamharness.keys import make_key
+            from streamharness.v1 import common_pb2, events_pb2
+
+            key = make_key("t", "upgrade")
+            Q = events_pb2.QueryEvent
+            host.bus.send(topics.QUERIES, key, Q(key=key, session_id="s", kind=Q.KIND_SESSION_START, instructions=[
+                common_pb2.StandingInstruction(instruction_id="red", text="Tell me when a red shape appears.")]))
+
+            def play(part):
+                for f in part:
+                    msg = events_pb2.EncodedFrameEvent()
+                    msg.CopyFrom(f)
+                    msg.key.CopyFrom(key)
+                    msg.session_id = "s"
+                    host.bus.send(topics.EMBEDDINGS, key, msg)
+                    host.run_until_idle()
+
+            play(frames[:20])
+            assert isinstance(stage.policy, RulePolicy)
+            grpcclient.InferenceServerClient(server.grpc_url).load_model("decision_head")
+            stage.UPGRADE_EVERY_S = 0.0
+            play(frames[20:40])
+            assert isinstance(stage.policy, TrainedPolicy)
+            state = next(iter(stage.states.values()))
+            assert state.instructions["red"].kind == "trained"  # taken over, not dropped
+        finally:
+            host.close()
 
 
 def test_trained_policy_falls_back_to_the_rules_when_no_head_is_served(minilm, triton_settings):

@@ -108,3 +108,21 @@ def test_trained_policy_leaves_people_to_the_people_rule_and_the_rest_to_the_hea
     assert alone.add_instruction(state, "p", "tell me when someone walks in").kind == "trained"
     assert alone.step(state, ev(0, people=0)) == [] and alone.step(state, ev(1, people=2)) == []
     assert len(state.policy_state["frames"]) == 2
+
+
+def test_a_head_that_does_not_answer_keeps_the_stream_going():
+    """Triton away mid-stream: the head's instructions stay silent for those steps, questions are
+    still answered, and nothing raises (the stream is not dead-lettered frame by frame)."""
+    from streamharness.decision.trained import HeadScorer, TrainedPolicy
+    from streamharness.settings import TritonSettings
+
+    embed = TextEncoder().load().encode
+    scorer = HeadScorer(TritonSettings(url="127.0.0.1:9", timeout_s=2.0))  # nothing listens there
+    policy = TrainedPolicy(embed, scorer, threshold=0.5)
+    state = StreamState(key=make_key("t", "s"))
+    policy.add_instruction(state, "c", "Tell me when a red shape appears.")
+    state.questions.append(PendingQuestion("q", "what is there?", 1000))
+    assert policy.step(state, ev(0)) == []
+    answered = policy.step(state, ev(1))
+    assert [d.trigger_id for d in answered] == ["q"]
+    scorer.close()

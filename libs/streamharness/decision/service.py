@@ -45,23 +45,35 @@ class DecisionSettings(BaseSettings):
     trained_fallback: bool = Field(True, description="With policy 'trained': decide by the rules when the head is not served (logged); false = not ready until it is.")
 
 
-def make_policy(settings: DecisionSettings, embed, triton: TritonSettings | None = None) -> DecisionPolicy | None:
-    """The policy ``SH_DECISION_POLICY`` names, with its thresholds; ``embed`` = MiniLM's encode.
-    ``trained`` with its head not served: the rules when ``trained_fallback``, else None (not ready)."""
-    thresholds = RuleThresholds(
+def _thresholds(settings: DecisionSettings) -> RuleThresholds:
+    return RuleThresholds(
         object_similarity=settings.object_similarity, scene_change=settings.scene_change,
         min_label_score=settings.min_label_score, refractory_ms=int(settings.refractory_s * 1000),
     )
-    if settings.policy == "trained":
-        from streamharness.decision.trained import HeadScorer, TrainedPolicy
 
-        scorer = HeadScorer(triton or load_settings(TritonSettings), settings.trained_model)
-        if scorer.ready():
-            scorer.load_config()
-            return TrainedPolicy(embed, scorer, threshold=settings.trained_threshold,
-                                 min_gap_ms=int(settings.trained_min_gap_s * 1000),
-                                 people_rules=RulePolicy(embed, thresholds) if settings.trained_people_rules else None)
+
+def served_trained_policy(settings: DecisionSettings, embed, triton: TritonSettings | None = None) -> DecisionPolicy | None:
+    """The trained policy on the head Triton serves now, or None when it is not served."""
+    from streamharness.decision.trained import HeadScorer, TrainedPolicy
+
+    scorer = HeadScorer(triton or load_settings(TritonSettings), settings.trained_model)
+    if not scorer.ready():
         scorer.close()
+        return None
+    scorer.load_config()
+    return TrainedPolicy(embed, scorer, threshold=settings.trained_threshold,
+                         min_gap_ms=int(settings.trained_min_gap_s * 1000),
+                         people_rules=RulePolicy(embed, _thresholds(settings)) if settings.trained_people_rules else None)
+
+
+def make_policy(settings: DecisionSettings, embed, triton: TritonSettings | None = None) -> DecisionPolicy | None:
+    """The policy ``SH_DECISION_POLICY`` names, with its thresholds; ``embed`` = MiniLM's encode.
+    ``trained`` with its head not served: the rules when ``trained_fallback``, else None (not ready)."""
+    thresholds = _thresholds(settings)
+    if settings.policy == "trained":
+        policy = served_trained_policy(settings, embed, triton)
+        if policy is not None:
+            return policy
         if not settings.trained_fallback:
             log.error("the trained decision head %r is not served on Triton", settings.trained_model)
             return None
@@ -144,11 +156,34 @@ class DecisionStage(Stage):
     def handle(self, event: ConsumedEvent) -> None:
         self._batch.append(event.message)
 
+    # With policy "trained" and the head not served at start (Triton came up later, or a new head is
+    # being rolled out), the rules decide; every so often the head is looked for again and, once
+    # served, takes over the running streams' instructions. Done between batches, on the thread
+    # that decides, so no step sees two policies.
+    UPGRADE_EVERY_S = 30.0
+
     def end_batch(self) -> None:
         batch, self._batch = self._batch, []
         batch.sort(key=_media_order)
         for msg in batch:
             self.apply(msg)
+        self._maybe_upgrade()
+
+    def _maybe_upgrade(self) -> None:
+        from streamharness.decision.trained import TrainedPolicy
+
+        if (self.settings.policy != "trained" or isinstance(self.policy, TrainedPolicy) or self._text_encoder is None
+                or time.monotonic() - self._policy_tried < self.UPGRADE_EVERY_S):
+            return
+        self._policy_tried = time.monotonic()
+        policy = served_trained_policy(self.settings, self._text_encoder.encode, self.triton)
+        if policy is None:
+            return
+        for state in self.states.values():
+            for inst in list(state.instructions.values()):
+                policy.add_instruction(state, inst.instruction_id, inst.text)
+        log.info("the trained decision head %r is served now: it decides from here on", self.settings.trained_model)
+        self.policy = policy
 
     def apply(self, msg) -> None:
         """One query or encoded frame, in the order ``end_batch`` sorted them into."""

@@ -121,6 +121,7 @@ class TrainedPolicy(DecisionPolicy):
         self.threshold = threshold if threshold is not None else (getattr(scorer, "threshold", None) or 0.5)
         self.min_gap_ms = min_gap_ms
         self.window = int(getattr(scorer, "window", WINDOW))
+        self._failing = False
 
     def add_instruction(self, state: StreamState, instruction_id: str, text: str) -> InstructionState:
         if self.people_rules is not None:
@@ -158,9 +159,21 @@ class TrainedPolicy(DecisionPolicy):
                 given = inst.given_ms
                 last = inst.last_fired_ms if inst.last_fired_ms is not None else given
                 rows_time.append(time_features((now - last) / 1000, inst.last_fired_ms is not None, (now - given) / 1000))
-            probs = self.scorer.score(np.repeat(window[None], len(instructions), axis=0),
-                                      np.stack([inst.target_vec for inst in instructions]).astype(np.float32),
-                                      np.stack(rows_time))
+            try:
+                probs = self.scorer.score(np.repeat(window[None], len(instructions), axis=0),
+                                          np.stack([inst.target_vec for inst in instructions]).astype(np.float32),
+                                          np.stack(rows_time))
+            except Exception as err:  # noqa: BLE001 - a head that cannot answer this step must not stop the stream
+                # Silent on those instructions for this step (questions are still answered); the
+                # next step asks again. Logged once per outage.
+                if not self._failing:
+                    log.warning("the decision head did not answer (%s); standing instructions stay silent until it does", err)
+                self._failing = True
+                probs = np.zeros(len(instructions), np.float32)
+            else:
+                if self._failing:
+                    log.info("the decision head answers again")
+                self._failing = False
             for inst, p in zip(instructions, probs):
                 gap_ok = inst.last_fired_ms is None or now - inst.last_fired_ms >= self.min_gap_ms
                 if p >= self.threshold and gap_ok:

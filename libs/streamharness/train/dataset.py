@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from streamharness.errors import DependencyUnavailable
 from streamharness.train.convert import step_count, to_steps, trigger_labels
 from streamharness.train.samples import StreamSample
 
@@ -237,8 +238,8 @@ def build_sample_rows(sample: StreamSample, encoded: Sequence[EncodedSecond], co
     """The step and trigger rows of one sample, from its encoded seconds."""
     fps = config.fps
     n_video = len(encoded)
-    annotated = step_count(sample, fps)
-    n = min(annotated, n_video) if sample.duration_s is None else min(step_count(sample, fps), n_video)
+    # The annotated duration cut at the video's end; without a duration (Charades-STA), the video's length.
+    n = n_video if sample.duration_s is None else min(step_count(sample, fps), n_video)
     steps = to_steps(sample, fps, duration_s=n / fps)
     late = sum(1 for t in sample.triggers for r in t.responses if r.time * fps >= n)
     stats: dict[str, Any] = {"responses_after_video_end": late}
@@ -371,7 +372,9 @@ def build_dataset(samples: Sequence[StreamSample], out_dir: Path | str, config: 
                         continue
                     try:
                         encoded, errors = encoder.encode(_frames_of(video, config.fps), config.fps, sample.sample_id)
-                    except (OSError, ValueError) as err:
+                    except DependencyUnavailable:
+                        raise  # Triton is not there: the build stops (and resumes at this shard), nothing is miscounted
+                    except Exception as err:  # noqa: BLE001 - a video that cannot be read is counted, not fatal
                         encoded, errors = [], [f"{type(err).__name__}: {err}"]
                     shard_stats.frames_rejected += len(errors)
                     if not encoded:
