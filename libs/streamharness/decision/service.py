@@ -125,6 +125,8 @@ class DecisionStage(Stage):
             self._text_encoder = self._text_encoder or TextEncoder(self.text or load_settings(TextEncoderSettings)).load()
             self.policy = make_policy(self.settings, self._text_encoder.encode, self.triton)
             self._policy_tried = time.monotonic()
+        log.info("decision policy: %s%s", getattr(self.policy, "name", "none (waiting for the trained head)"),
+                 f" (threshold {self.policy.threshold:.2f})" if hasattr(self.policy, "threshold") else "")
 
     def healthy(self) -> bool:
         # A trained head that was not served at start (no fallback) is looked for again, every few seconds.

@@ -165,7 +165,7 @@ def evaluate(
                                        help="Dataset built from those episodes (--format episodes): their encoded frames."),
     system: list[str] = typer.Option(["silent", "always", "every-5", "rules", "untrained"],
                                      help="rules, trained:<run dir> (head + people rule, as served), head-only:<run dir>, untrained, silent, always, every-<k>; repeatable."),
-    out: Path = typer.Option(None, help="Folder for one result JSON per system and table.md."),
+    out: Path = typer.Option(None, help="Folder for one result JSON and HTML report per system, and table.md."),
 ) -> None:
     """Decision policies compared on the episodes' standing instructions (when each speaks), through
     the decision stage on the local host; one Streaming-Eval result per system."""
@@ -189,10 +189,15 @@ def evaluate(
     table = results_table(results)
     console.print(table)
     if out:
+        from streamharness.eval.report import write_report
+
         out.mkdir(parents=True, exist_ok=True)
         for name, score in results.items():
-            save_result(score, out / (name.replace(":", "_").replace("/", "_") + ".json"))
+            stem = name.replace(":", "_").replace("/", "_")
+            save_result(score, out / f"{stem}.json")
+            write_report(out / f"{stem}.html", score)
         (out / "table.md").write_text(table + "\n")
+        console.print(f"results, reports and table.md → {out}")
 
 
 def main() -> None:
