@@ -214,3 +214,17 @@ def test_a_stopped_build_resumes_at_the_first_unfinished_shard(tmp_path):
     assert encoder.calls == ["s2", "s3"]
     assert pq.read_table(out / "steps" / "shard-00001.parquet").equals(first)
     assert manifest["stats"]["samples"] == 6 and [s["name"] for s in manifest["shards"]] == [f"shard-0000{i}" for i in range(3)]
+
+
+def test_missing_and_unreadable_videos_are_counted_not_fatal(tmp_path):
+    good = make_stream(tmp_path, 0, seconds=10)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"this is not a video" * 100)
+    unreadable = good.model_copy(update={"sample_id": "junk", "video_path": str(junk)})
+    missing = good.model_copy(update={"sample_id": "gone", "video_path": str(tmp_path / "gone.mp4")})
+    manifest = build_dataset([missing, good, unreadable], tmp_path / "ds", BuildConfig(frames=False), encoder=ColourEncoder(),
+                             text_embed=text_embed, progress=False)
+    stats = manifest["stats"]
+    assert (stats["samples"], stats["videos_missing"], stats["videos_unreadable"]) == (1, 1, 1)
+    assert {p["sample_id"]: p["problem"].split(":")[0] for p in stats["problems"]} == {
+        "gone": "video not found", "junk": "no frame could be read"}

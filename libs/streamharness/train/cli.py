@@ -115,6 +115,12 @@ def train(
     from streamharness.telemetry import setup_telemetry
     from streamharness.train.objective import TriggerWeights
 
+    if trainer not in ("head", "vlm"):
+        _fail("--trainer must be head or vlm")
+    if trainer == "vlm" and not tiny and not model:
+        _fail("--trainer vlm needs --model PATH (a local checkpoint) or --tiny")
+    if trainer == "vlm" and len(dataset) != 1:
+        _fail("--trainer vlm takes one --dataset")
     weights = TriggerWeights.uniform() if uniform_weights else load_settings(TriggerWeights)
     if repeated_silence_weight is not None:
         weights = weights.model_copy(update={"weight_repeated_silence": repeated_silence_weight})
@@ -135,15 +141,9 @@ def train(
     elif trainer == "vlm":
         from streamharness.train.vlm import VLMTrainConfig, train_vlm
 
-        if not tiny and not model:
-            _fail("--trainer vlm needs --model PATH (a local checkpoint) or --tiny")
         config = load_settings(VLMTrainConfig).model_copy(update=overrides)
-        if len(dataset) != 1:
-            _fail("--trainer vlm takes one --dataset")
         summary = train_vlm(dataset[0], out, config, weights, tiny=True if tiny else model, resume=resume)
         typer.echo(json.dumps(summary, indent=2, default=str))
-    else:
-        _fail("--trainer must be head or vlm")
 
 
 @app.command()
