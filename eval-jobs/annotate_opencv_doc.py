@@ -28,6 +28,7 @@ evidence stops supporting an annotation.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -167,7 +168,12 @@ def q(event_id, ask_at_s, text, window, mode, position, *, reference=None, choic
     ev = {"type": "question", "event_id": event_id, "ask_at_s": ask_at_s, "text": text,
           "window": list(window), "mode": mode, "position": position}
     if choices is not None:
-        ev.update(choices=choices, answer_index=answer_index)
+        # The right answer is written first above, for the reader; the episode rotates the choices by
+        # a hash of the event id, so that answers are spread over the letters and "always pick A"
+        # (the first-choice baseline) scores chance, not a prize.
+        shift = int(hashlib.sha256(event_id.encode()).hexdigest(), 16) % len(choices)
+        rotated = choices[shift:] + choices[:shift]
+        ev.update(choices=rotated, answer_index=rotated.index(choices[answer_index]))
     else:
         ev["reference"] = reference
     return ev
