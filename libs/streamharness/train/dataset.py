@@ -244,10 +244,10 @@ def build_sample_rows(sample: StreamSample, encoded: Sequence[EncodedSecond], co
     late = sum(1 for t in sample.triggers for r in t.responses if r.time * fps >= n)
     stats: dict[str, Any] = {"responses_after_video_end": late}
     step_rows = []
+    idx = 0  # steps go forward in time: the frame pointer only moves on
     for s in steps:
         # The frame of step k: the latest kept frame at or before t (the first one before that).
         t_ms = int(round(s.t_s * 1000))
-        idx = 0
         while idx + 1 < n_video and encoded[idx + 1].ts_ms <= t_ms:
             idx += 1
         e = encoded[idx]
