@@ -107,6 +107,7 @@ class DecisionStage(Stage):
         self.text = text
         self.triton = triton
         self.policy = policy
+        self._explicit_policy = policy is not None  # a policy given by the caller is never swapped
         self._text_encoder = text_encoder
         self.states: dict[str, StreamState] = {}
         self._batch: list = []
@@ -174,8 +175,8 @@ class DecisionStage(Stage):
     def _maybe_upgrade(self) -> None:
         from streamharness.decision.trained import TrainedPolicy
 
-        if (self.settings.policy != "trained" or isinstance(self.policy, TrainedPolicy) or self._text_encoder is None
-                or time.monotonic() - self._policy_tried < self.UPGRADE_EVERY_S):
+        if (self._explicit_policy or self.settings.policy != "trained" or isinstance(self.policy, TrainedPolicy)
+                or self._text_encoder is None or time.monotonic() - self._policy_tried < self.UPGRADE_EVERY_S):
             return
         self._policy_tried = time.monotonic()
         policy = served_trained_policy(self.settings, self._text_encoder.encode, self.triton)
