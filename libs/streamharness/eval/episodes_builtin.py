@@ -25,13 +25,13 @@ from typing import Any
 from streamharness.eval.episode import Episode, load_episodes, parse_episode, save_episode
 from streamharness.media import cache_dir, sample_path
 
+# One look for the evaluation episodes and Streaming-Train's procedural streams, so that a head
+# trained on the latter sees what it is judged on: streamharness.train.synthetic draws both.
+from streamharness.train.synthetic import COLOURS, FRAME_SIZE, LABELS, SHAPES, SINGLE_CENTRE, Obj, State, draw_frame
+
 OPENCV_DOC_PREFIX = "opencv-doc:"
 # The repository's eval-jobs/episodes; an installed package (the image) says where with SH_EVAL_EPISODES_DIR.
 SHIPPED_DIR = Path(os.environ.get("SH_EVAL_EPISODES_DIR") or Path(__file__).resolve().parents[3] / "eval-jobs" / "episodes")
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40)}
-LABELS = ("ALPHA", "BRAVO", "CEDAR", "DELTA", "EMBER", "FJORD", "GECKO", "HAZEL")
-FRAME_SIZE = (160, 120)  # width, height
 BLOCK_S = 300.0  # one block of events every 5 minutes of media time
 
 
@@ -180,25 +180,9 @@ def plan_synthetic(duration_s: int, seed: int = 0, video: str = "frames") -> tup
 
 
 def _draw(seg: Segment, nxt: Segment | None, t: int):
-    import cv2
-    import numpy as np
-
-    w, h = FRAME_SIZE
-    img = np.full((h, w, 3), 40, np.uint8)
-    colour = COLOURS[seg.colour][::-1]  # BGR for cv2
-    cx, cy, r = w // 2, h // 2 - 4, 28
-    if seg.shape == "circle":
-        cv2.circle(img, (cx, cy), r, colour, -1)
-    elif seg.shape == "square":
-        cv2.rectangle(img, (cx - r, cy - r), (cx + r, cy + r), colour, -1)
-    else:
-        pts = np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], np.int32)
-        cv2.fillPoly(img, [pts], colour)
-    cv2.putText(img, seg.label, (cx - 30, h - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
-    if nxt is not None:
-        cv2.putText(img, f"next: {nxt.shape}", (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (200, 200, 200), 1)
-    cv2.putText(img, f"{t}s", (w - 44, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (160, 160, 160), 1)
-    return img
+    """The BGR frame of second ``t``: the segment's shape centred, its label, the next shape's hint."""
+    return draw_frame(State(t, (Obj(0, seg.shape, seg.colour, *SINGLE_CENTRE),), seg.label,
+                            nxt.shape if nxt is not None else None))
 
 
 def generate_synthetic(out_dir: Path | str, duration_s: int, seed: int = 0) -> Path:

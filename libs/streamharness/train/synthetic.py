@@ -4,9 +4,8 @@ A stream is a folder of 160×120 JPEG frames at 1 FPS named by media millisecond
 (``frames/000000.jpg``) and a :class:`~streamharness.train.samples.StreamSample` whose scripted
 questions and instructions get exact responses, because the scene is known second by second. The
 frames look like the synthetic *evaluation* episodes (:mod:`streamharness.eval.episodes_builtin`):
-the same background, palette, shapes, label and ``next:`` hint, drawn with the same cv2 calls, so a
-model trained here sees the look it is evaluated on. (The constants are repeated here because the
-runtime may not import :mod:`streamharness.eval`; the tests check that they agree.)
+the same background, palette, shapes, label and ``next:`` hint — the evaluation episodes are drawn
+by :func:`draw_frame` too — so a model trained here sees the look it is evaluated on.
 
 Scenes (``style``):
 
@@ -55,7 +54,7 @@ from typing import Any
 
 from streamharness.train.samples import StreamSample, TimedText, Trigger
 
-# -- the look of streamharness.eval.episodes_builtin -------------------------------------------------
+# -- the look, shared with the evaluation episodes (streamharness.eval.episodes_builtin draws with draw_frame) --
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40)}  # RGB
 LABELS = ("ALPHA", "BRAVO", "CEDAR", "DELTA", "EMBER", "FJORD", "GECKO", "HAZEL")
