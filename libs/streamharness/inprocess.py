@@ -189,7 +189,7 @@ class InProcessPipeline:
             raise InvalidInput(f"decision_fps {decision_fps} is out of range (0, 30]")
         pending = list(queries)  # the replay loop puts them in media order
         for q in pending:
-            _client_message(q)  # an unknown kind is refused before anything is sent
+            client_message(q)  # an unknown kind is refused before anything is sent
         mapper = SessionMapper(tenant, uuid.uuid4().hex)
         start = mapper.start(session_pb2.ClientMessage(start=session_pb2.SessionStart(
             stream_id=stream_id, decision_fps=decision_fps,
@@ -205,7 +205,7 @@ class InProcessPipeline:
         self.bus.send(topics.QUERIES, key, start)
 
         def publish(q: TimedQuery) -> None:
-            query, _ack = mapper.query(_client_message(q))
+            query, _ack = mapper.query(client_message(q))
             if q.kind == "question":
                 asked.setdefault(q.event_id, time.monotonic())
             self.bus.send(topics.QUERIES, key, query)
@@ -286,7 +286,7 @@ class InProcessPipeline:
         return self.kafka.topic(self.encoder.settings.consumer_group)
 
 
-def _client_message(q: TimedQuery) -> session_pb2.ClientMessage:
+def client_message(q: TimedQuery) -> session_pb2.ClientMessage:
     """A timed query as the client message a gateway session would get."""
     if q.kind == "question":
         return session_pb2.ClientMessage(question=session_pb2.Question(question_id=q.event_id, text=q.text, media_ts_ms=q.media_ts_ms))
@@ -304,4 +304,5 @@ def image_encoding(image: bytes) -> int:
     return common_pb2.IMAGE_ENCODING_PNG if image[:8] == b"\x89PNG\r\n\x1a\n" else common_pb2.IMAGE_ENCODING_JPEG
 
 
-__all__ = ["InProcessConfig", "InProcessPipeline", "LocalBus", "LocalMemoryStub", "LocalResponse", "SessionResult", "TimedQuery"]
+__all__ = ["InProcessConfig", "InProcessPipeline", "LocalBus", "LocalMemoryStub", "LocalResponse", "SessionResult", "TimedQuery",
+           "client_message"]

@@ -120,15 +120,8 @@ def run_episode_in_process(pipeline, episode: Episode, *, send_fps: float = 2.0,
     services' own code without Kafka; see that module). Frames go in as fast as the pipeline takes
     them; a question's TTFT and end-to-end time run from the moment the first frame at or after its
     ``ask_at_s`` entered ingest to the first and the final chunk of its answer."""
-    from streamharness.inprocess import TimedQuery
-
     video = resolve_video(episode, base_dir)
-    initial = {e.event_id: e.text for e in episode.instructions if e.given_at_s == 0}
-    queries = [TimedQuery("question", q.event_id, int(q.ask_at_s * 1000), question_text(q)) for q in episode.questions]
-    queries += [TimedQuery("instruction_add", i.event_id, int(i.given_at_s * 1000), i.text)
-                for i in episode.instructions if i.given_at_s > 0]
-    queries += [TimedQuery("instruction_remove", i.event_id, int(i.withdrawn_at_s * 1000))
-                for i in episode.instructions if i.withdrawn_at_s is not None]
+    initial, queries = episode_queries(episode)
     frames = ((f.media_ts_ms, f.image) for f in iter_frames(video, send_fps, episode.duration_s))
     result = pipeline.run_session("eval", f"eval-{episode.episode_id}"[:128].replace("/", "-"), frames,
                                   instructions=initial, queries=queries, decision_fps=decision_fps, on_frame=on_frame)
@@ -145,6 +138,21 @@ def run_episode_in_process(pipeline, episode: Episode, *, send_fps: float = 2.0,
                                 "frame_errors": len(result.frame_errors), "dead_letters": result.dead_letters,
                                 "memory_points": result.memory_points,
                                 "wall_s": round(result.wall_s, 3)})
+
+
+def episode_queries(episode: Episode) -> tuple[dict[str, str], list]:
+    """What a session over ``episode`` is given: the standing instructions of its start (id → text)
+    and the timed queries after it (questions, instructions given later and withdrawals), as
+    :class:`~streamharness.inprocess.TimedQuery` (not sorted: the replay loop orders them)."""
+    from streamharness.inprocess import TimedQuery
+
+    initial = {e.event_id: e.text for e in episode.instructions if e.given_at_s == 0}
+    queries = [TimedQuery("question", q.event_id, int(q.ask_at_s * 1000), question_text(q)) for q in episode.questions]
+    queries += [TimedQuery("instruction_add", i.event_id, int(i.given_at_s * 1000), i.text)
+                for i in episode.instructions if i.given_at_s > 0]
+    queries += [TimedQuery("instruction_remove", i.event_id, int(i.withdrawn_at_s * 1000))
+                for i in episode.instructions if i.withdrawn_at_s is not None]
+    return initial, queries
 
 
 def run_baseline(episode: Episode, policy: str, k: int = 5, step_s: float = 1.0, seed: int = 0) -> EpisodeRun:

@@ -53,53 +53,45 @@ def encoded_frames_of(dataset_dirs: Sequence[Path | str], sample_ids: Sequence[s
 
 def run_decisions(episode: Episode, frames: Sequence, policy, *, system: str) -> EpisodeRun:
     """Replay one episode's encoded frames and timed queries through a :class:`DecisionStage`
-    with ``policy`` on the local host; every decision to respond is a response record."""
+    with ``policy`` on the local host; every decision to respond is a response record. The queries
+    are the ones the in-process runner gives a session (:func:`~streamharness.eval.runner.episode_queries`),
+    made into records by the gateway's own :class:`~streamharness.session.SessionMapper`."""
     from streamharness import topics
     from streamharness.decision.service import DecisionSettings, DecisionStage
+    from streamharness.eval.runner import episode_queries
     from streamharness.hosts.local import LocalHost
-    from streamharness.keys import make_key
-    from streamharness.v1 import common_pb2, events_pb2
+    from streamharness.inprocess import client_message
+    from streamharness.session import SessionMapper
+    from streamharness.v1 import common_pb2, events_pb2, session_pb2
 
-    Q = events_pb2.QueryEvent
-    key = make_key("eval", f"decisions-{episode.episode_id}"[:128].replace("/", "-"))
+    initial, queries = episode_queries(episode)
+    queries.sort(key=lambda q: q.media_ts_ms)
+    mapper = SessionMapper("eval", "decisions")
+    start = mapper.start(session_pb2.ClientMessage(start=session_pb2.SessionStart(
+        stream_id=f"decisions-{episode.episode_id}"[:128].replace("/", "-"), decision_fps=1.0,
+        instructions=[common_pb2.StandingInstruction(instruction_id=i, text=t) for i, t in initial.items()])))
     host = LocalHost()
     try:
         host.add(DecisionStage(DecisionSettings(), policy=policy))
         host.bus.subscribe("reader", [host.kafka.topic(topics.DECISIONS)])
-        initial = [common_pb2.StandingInstruction(instruction_id=i.event_id, text=i.text)
-                   for i in episode.instructions if i.given_at_s == 0]
-        host.bus.send(topics.QUERIES, key, Q(key=key, session_id="s", kind=Q.KIND_SESSION_START, instructions=initial,
-                                             decision_fps=1.0))
-        timed: list[tuple[int, Any]] = []
-        for q in episode.questions:
-            timed.append((int(q.ask_at_s * 1000), Q(key=key, session_id="s", kind=Q.KIND_QUESTION, question_id=q.event_id,
-                                                    text=q.text, media_ts_ms=int(q.ask_at_s * 1000))))
-        for i in episode.instructions:
-            if i.given_at_s > 0:
-                timed.append((int(i.given_at_s * 1000), Q(key=key, session_id="s", kind=Q.KIND_INSTRUCTION_ADD,
-                                                          instruction_id=i.event_id, text=i.text, media_ts_ms=int(i.given_at_s * 1000))))
-            if i.withdrawn_at_s is not None:
-                timed.append((int(i.withdrawn_at_s * 1000), Q(key=key, session_id="s", kind=Q.KIND_INSTRUCTION_REMOVE,
-                                                              instruction_id=i.event_id, media_ts_ms=int(i.withdrawn_at_s * 1000))))
-        timed.sort(key=lambda item: item[0])
-        k = 0
-        last = -1
+        host.bus.send(topics.QUERIES, mapper.key, start)
+        k, last = 0, -1
         for f in frames:
             if f.media_ts_ms > episode.duration_s * 1000:
                 break
-            while k < len(timed) and timed[k][0] <= f.media_ts_ms:
-                host.bus.send(topics.QUERIES, key, timed[k][1])
+            while k < len(queries) and queries[k].media_ts_ms <= f.media_ts_ms:
+                host.bus.send(topics.QUERIES, mapper.key, mapper.query(client_message(queries[k]))[0])
                 k += 1
             msg = events_pb2.EncodedFrameEvent()
             msg.CopyFrom(f)
-            msg.key.CopyFrom(key)
-            msg.session_id = "s"
-            host.bus.send(topics.EMBEDDINGS, key, msg)
+            msg.key.CopyFrom(mapper.key)
+            msg.session_id = mapper.session_id
+            host.bus.send(topics.EMBEDDINGS, mapper.key, msg)
             last = f.media_ts_ms
             host.run_until_idle()
-        for _, q in timed[k:]:
-            host.bus.send(topics.QUERIES, key, q)
-        host.bus.send(topics.QUERIES, key, Q(key=key, session_id="s", kind=Q.KIND_SESSION_END, media_ts_ms=last))
+        for q in queries[k:]:
+            host.bus.send(topics.QUERIES, mapper.key, mapper.query(client_message(q))[0])
+        host.bus.send(topics.QUERIES, mapper.key, mapper.end(last))
         host.run_until_idle()
         records = []
         for rec in host.bus.take(topics.DECISIONS, "reader"):
