@@ -278,6 +278,7 @@ def train_head(dataset_dirs, out_dir: Path | str, config: HeadTrainConfig | None
         metrics.rewind(start)
     # The batch order is a function of the step alone, so a resumed run draws what an uninterrupted one would.
     my_rows = np.asarray(dist.shard(range(len(train_pos))), np.int64)
+    val_loss = None  # the validation loss at the last step, logged and reported in head.json
     bar = progress_bar(config.steps, "decision head", initial=start) if progress else progress_bar(config.steps, main=False)
     t0 = time.monotonic()
     for step in range(start, config.steps):
@@ -295,7 +296,8 @@ def train_head(dataset_dirs, out_dir: Path | str, config: HeadTrainConfig | None
             metrics.log(done, loss=float(loss.detach()), lr=float(sched.get_last_lr()[0]),
                         positions_per_s=config.batch_size * (done - start) / max(1e-9, time.monotonic() - t0))
         if metrics is not None and len(val_pos) and (done % config.eval_every == 0 or done == config.steps):
-            metrics.log(done, val_loss=_loss_on(_unwrap(model), val_matrix, val_pos, weights))
+            val_loss = _loss_on(_unwrap(model), val_matrix, val_pos, weights)
+            metrics.log(done, val_loss=val_loss)
         if dist.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
             save_checkpoint(ckpt_dir, done, {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                                              "scheduler": sched.state_dict()}, keep_last=config.keep_checkpoints)
@@ -318,7 +320,7 @@ def train_head(dataset_dirs, out_dir: Path | str, config: HeadTrainConfig | None
             "format_version": HEAD_FORMAT_VERSION, "config": config.model_dump(), "weights": weights.model_dump(),
             "threshold": threshold, "window": config.window,
             "validation": {"split": "val" if len(val_pos) else "train", "sw_f1": val_f1, "tp": tp, "fp": fp, "fn": fn,
-                           "loss": _loss_on(head, judge_matrix, judge_pos, weights) if len(judge_pos) else None},
+                           "loss": val_loss if val_loss is not None else _loss_on(head, judge_matrix, judge_pos, weights)},
             "train_positions": len(train_pos), "val_positions": len(val_pos),
             "datasets": [str(d) for d in ([dataset_dirs] if isinstance(dataset_dirs, (str, Path)) else dataset_dirs)],
         }
