@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -235,6 +234,7 @@ def train_head(dataset_dirs, out_dir: Path | str, config: HeadTrainConfig | None
         DistributedContext,
         MetricsWriter,
         load_latest_checkpoint,
+        lr_factor,
         save_checkpoint,
         seed_everything,
     )
@@ -256,13 +256,8 @@ def train_head(dataset_dirs, out_dir: Path | str, config: HeadTrainConfig | None
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warm = max(1, config.steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, config.steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, total=config.steps, warmup=warm, schedule="cosine", min_ratio=0.1))
     start = 0
     ckpt_dir = out / "checkpoints"
     if resume:

@@ -23,6 +23,7 @@ extra), so importing this module needs only the standard library and NumPy.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -369,6 +370,20 @@ def load_latest_checkpoint(directory: str | Path, *, map_location: Any = "cpu",
     if restore_rng and (path / "rng.pt").is_file():
         set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
     return step, state
+
+
+# -- learning rate ---------------------------------------------------------------------------------
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """The LR multiplier after ``step`` optimizer steps: linear warmup over ``warmup`` steps, then
+    constant or a cosine from 1 down to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress_))
 
 
 # -- progress ------------------------------------------------------------------------------------------

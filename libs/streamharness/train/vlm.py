@@ -88,6 +88,7 @@ from streamharness.train.loop import (
     MetricsWriter,
     latest_checkpoint,
     load_latest_checkpoint,
+    lr_factor,
     progress,
     save_checkpoint,
     seed_everything,
@@ -775,19 +776,6 @@ def load_trainable_state(model, state: dict[str, Any]) -> None:
 
 
 # -- optimisation ----------------------------------------------------------------------------------------
-def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
-    """The LR multiplier after ``step`` optimizer steps: linear warmup over ``warmup`` steps, then
-    constant or a cosine from 1 down to ``min_ratio`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    if schedule != "cosine":
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-    progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress_))
-
-
 def make_optimizer(model, *, lr: float, weight_decay: float = 0.0, total_steps: int, warmup_steps: int = 0,
                    schedule: str = "cosine", min_lr_ratio: float = 0.0):
     """AdamW over the trainable parameters and its LR schedule (a ``LambdaLR`` of :func:`lr_factor`)."""
