@@ -1,7 +1,7 @@
 """The pipeline in one process, without Kafka: for quick evaluation runs and local experiments.
 
-The deployment's stages — ingest, encoder (on Triton), memory (Qdrant's engine), decision and
-responder (any generation backend) — run on the local host (:mod:`streamharness.hosts.local`):
+The deployment's stages — ingest, encoder (on Triton), memory (Qdrant's engine), the summariser,
+decision and responder (any generation backend; the summariser shares the responder's) — run on the local host (:mod:`streamharness.hosts.local`):
 the same stage classes, the same topology rows, every record serialised and parsed on the way, the
 same retry and dead-letter policy as on Kafka. A session's client messages are mapped to records by
 :class:`~streamharness.session.SessionMapper`, the gateway's own mapping, and the responder reads
@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from streamharness import topics
-from streamharness.errors import InvalidInput
+from streamharness.errors import InvalidInput, StreamHarnessError
 from streamharness.hosts.local import LocalBus, LocalHost
 from streamharness.keys import key_str
 from streamharness.records import DLQ_ERROR, DLQ_SOURCE_TOPIC
@@ -42,17 +44,42 @@ log = logging.getLogger(__name__)
 Q = events_pb2.QueryEvent
 
 
+class LocalRpcError(grpc.RpcError):
+    """A stage's error as the ``grpc.RpcError`` a stub raises (``code()``, ``details()``)."""
+
+    def __init__(self, error: StreamHarnessError) -> None:
+        super().__init__(str(error))
+        self._error = error
+
+    def code(self) -> grpc.StatusCode:
+        return self._error.code
+
+    def details(self) -> str:
+        return str(self._error)
+
+
 class LocalMemoryStub:
-    """``MemoryServiceStub``'s ``Context`` and ``Recall`` on a memory stage in this process."""
+    """``MemoryServiceStub``'s ``Context``, ``Recall`` and ``Items`` on a memory stage in this process.
+
+    The stage's errors are raised as the gRPC errors a stub would raise, so callers treat both alike."""
 
     def __init__(self, memory: Any) -> None:
         self._memory = memory
 
+    def _call(self, fn: Callable[[Any], Any], request: Any) -> Any:
+        try:
+            return fn(request)
+        except StreamHarnessError as err:
+            raise LocalRpcError(err) from err
+
     def Context(self, request: memory_pb2.ContextRequest, timeout: float | None = None) -> memory_pb2.ContextResponse:  # noqa: N802
-        return self._memory.context(request)
+        return self._call(self._memory.context, request)
 
     def Recall(self, request: memory_pb2.RecallRequest, timeout: float | None = None) -> memory_pb2.RecallResponse:  # noqa: N802
-        return self._memory.recall(request)
+        return self._call(self._memory.recall, request)
+
+    def Items(self, request: memory_pb2.ItemsRequest, timeout: float | None = None) -> memory_pb2.ItemsResponse:  # noqa: N802
+        return self._call(self._memory.items, request)
 
 
 # -- what a session is given and what it gives back ---------------------------------------------
@@ -101,7 +128,7 @@ class InProcessConfig:
 
 
 class InProcessPipeline:
-    """ingest → encoder → memory + decision → responder, in this process. See the module docstring.
+    """ingest → encoder → memory + summariser + decision → responder, in this process. See the module docstring.
 
     ``generator``: a :class:`~streamharness.generation.ResponseGenerator` to use instead of the one
     ``SH_GENERATION_*`` selects (e.g. one shared by several pipelines)."""
@@ -117,13 +144,19 @@ class InProcessPipeline:
         self.bus = self.host.bus
         self._tmp: Path | None = None
         self._loaded = False
+        self._owned_generator: Any = None
 
     def open(self) -> InProcessPipeline:
         from streamharness.decision.service import DecisionSettings, DecisionStage
         from streamharness.encoder.service import EncoderSettings, EncoderStage
         from streamharness.ingest.service import IngestSettings, IngestStage
+        from streamharness.generation import GenerationSettings, make_generator
         from streamharness.memory.service import MemorySettings, MemoryStage
+        from streamharness.memory.tiers import TierSettings
         from streamharness.responder.service import ResponderSettings, ResponderStage
+        from streamharness.summariser.backends import make_backend
+        from streamharness.summariser.settings import SummariserSettings
+        from streamharness.summariser.stage import SummariserStage
         from streamharness.text_encoder import TextEncoder, TextEncoderSettings
 
         self._text_encoder = self._text_encoder or TextEncoder(load_settings(TextEncoderSettings)).load()
@@ -134,8 +167,16 @@ class InProcessPipeline:
             memory_dir = self._tmp
         memory_settings = memory_settings.model_copy(update={"store": "edge", "data_dir": memory_dir})
         encoder_settings = load_settings(EncoderSettings).model_copy(update={"max_batch": self.config.encode_batch})
+        if self._generator is None:
+            # One generator for the responder and the summariser (one model in memory).
+            self._generator = make_generator(load_settings(GenerationSettings))
+            self._owned_generator = self._generator
+        tiers = load_settings(TierSettings)
+        summariser_settings = load_settings(SummariserSettings)
         try:
-            self.memory = self.host.add(MemoryStage(memory_settings, text_encoder=self._text_encoder))
+            self.memory = self.host.add(MemoryStage(memory_settings, tiers, text_encoder=self._text_encoder))
+            backend = make_backend(summariser_settings, generator=self._generator) if summariser_settings.backend == "generator" else None
+            self.summariser = self.host.add(SummariserStage(summariser_settings, tiers, backend=backend, memory=LocalMemoryStub(self.memory)))
             self.decision = self.host.add(DecisionStage(load_settings(DecisionSettings), triton=self.config.triton or load_settings(TritonSettings),
                                                         text_encoder=self._text_encoder))
             self.responder = self.host.add(ResponderStage(load_settings(ResponderSettings), generator=self._generator,
@@ -157,6 +198,9 @@ class InProcessPipeline:
         if self._loaded:
             self.host.close()
             self._loaded = False
+        if self._owned_generator is not None:
+            self._owned_generator.close()
+            self._owned_generator = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -277,7 +321,7 @@ class InProcessPipeline:
             headers = dict(letter.headers)
             if headers.get(DLQ_SOURCE_TOPIC) == frames_topic:  # the encoder could not read the frame
                 result.frame_errors.append(headers.get(DLQ_ERROR, b"").decode("utf-8", "replace"))
-        result.memory_points = self.memory.store.count(key_str(key))
+        result.memory_points = self.memory.store.count(key_str(key), ("short",))
         result.wall_s = time.monotonic() - started
         return result
 

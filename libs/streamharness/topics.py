@@ -4,6 +4,7 @@ FRAMES = "frames"  # FrameEvent: ingest -> encoder
 EMBEDDINGS = "embeddings"  # EncodedFrameEvent: encoder -> decision, memory
 QUERIES = "queries"  # QueryEvent: gateway -> decision
 DECISIONS = "decisions"  # DecisionEvent: decision -> responder
-RESPONSES = "responses"  # ResponseEvent: responder -> gateway
+RESPONSES = "responses"  # ResponseEvent: responder -> gateway, memory (Q&A history)
+SUMMARIES = "summaries"  # SummaryEvent: summariser -> memory
 
-PIPELINE = (FRAMES, EMBEDDINGS, QUERIES, DECISIONS, RESPONSES)
+PIPELINE = (FRAMES, EMBEDDINGS, QUERIES, DECISIONS, RESPONSES, SUMMARIES)

@@ -21,6 +21,8 @@ from streamharness.v1 import events_pb2, ingest_pb2, memory_pb2, session_pb2
 _KAFKA = "streamharness.settings:KafkaSettings"
 _TRITON = "streamharness.settings:TritonSettings"
 _TEXT = "streamharness.text_encoder:TextEncoderSettings"
+_TIERS = "streamharness.memory.tiers:TierSettings"
+_GENERATION = "streamharness.generation.settings:GenerationSettings"
 
 TOPOLOGY: dict[str, StageSpec] = {
     spec.name: spec
@@ -60,13 +62,33 @@ TOPOLOGY: dict[str, StageSpec] = {
         StageSpec(
             name="memory",
             factory="streamharness.memory.service:MemoryStage",
-            settings=("streamharness.memory.service:MemorySettings", _TEXT),
-            consumes={topics.EMBEDDINGS: events_pb2.EncodedFrameEvent},
+            settings=("streamharness.memory.service:MemorySettings", _TIERS, _TEXT),
+            # Frames (short-term), summaries (mid/long-term) and finished answers (the Q&A history).
+            consumes={
+                topics.EMBEDDINGS: events_pb2.EncodedFrameEvent,
+                topics.SUMMARIES: events_pb2.SummaryEvent,
+                topics.RESPONSES: events_pb2.ResponseEvent,
+            },
             group="memory",
             offset_reset="earliest",
-            offset_reset_reason="a new memory group must remember the frames produced before it joined (the "
-            "first deploy, or a replica that lost its volume replaying the topic); 'latest' would leave holes",
+            offset_reset_reason="a new memory group must remember the frames, summaries and answers produced before "
+            "it joined (the first deploy, or a replica that lost its volume replaying the topics); 'latest' would leave holes",
             grpc_services=(memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,),
+        ),
+        StageSpec(
+            name="summariser",
+            factory="streamharness.summariser.stage:SummariserStage",
+            settings=("streamharness.summariser.settings:SummariserSettings", _TIERS, _GENERATION),
+            # Captions always; the frames' JPEGs only for a backend that sees images (configure()).
+            consumes={topics.EMBEDDINGS: events_pb2.EncodedFrameEvent, topics.FRAMES: events_pb2.FrameEvent},
+            produces=(topics.SUMMARIES,),
+            group="summariser",
+            offset_reset="earliest",
+            offset_reset_reason="a new summariser group must summarise the chunks whose frames were produced "
+            "before it joined; 'latest' would leave chunks without a summary",
+            # A summary is written inside the handler of the frame at its chunk's cut: at most one
+            # summary and one block per batch keeps a batch well under max.poll.interval.ms.
+            batching=Batching(max_records=16),
         ),
         StageSpec(
             name="decision",
@@ -85,7 +107,7 @@ TOPOLOGY: dict[str, StageSpec] = {
         StageSpec(
             name="responder",
             factory="streamharness.responder.service:ResponderStage",
-            settings=("streamharness.responder.service:ResponderSettings", "streamharness.generation.settings:GenerationSettings"),
+            settings=("streamharness.responder.service:ResponderSettings", _GENERATION),
             consumes={topics.DECISIONS: events_pb2.DecisionEvent},
             produces=(topics.RESPONSES,),
             group="responder",

@@ -22,7 +22,7 @@ CHART = ROOT / "charts" / "streamharness"
 SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBE_VERSION = "1.31.0"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
-SERVICES = ("gateway", "ingest", "encoder", "decision", "memory", "responder")
+SERVICES = ("gateway", "ingest", "encoder", "decision", "memory", "summariser", "responder")
 SERVICE_VARIABLES = {"SH_SERVICE_NAME", "SH_GRPC_HOST", "SH_SHUTDOWN_GRACE_S", "OTEL_SERVICE_NAME", "SH_GRPC_PORT"}
 KAFKA_VARIABLES = {"SH_KAFKA_BOOTSTRAP_SERVERS", "SH_KAFKA_TOPIC_PREFIX"}
 TRAINING_JOBS = sorted((ROOT / "training-jobs").glob("*.yaml"))
@@ -180,8 +180,8 @@ def test_same_setting_names_as_local_runs(tmp_path):
 
 def test_services_probe_grpc_health_and_gateways_know_their_pod(tmp_path):
     deployments = workloads(render(tmp_path))
-    assert {"gateway", "ingest", "encoder", "decision", "memory", "responder", "generator", "triton"} <= set(deployments)
-    for name in ("gateway", "ingest", "encoder", "decision", "memory", "responder"):
+    assert {"gateway", "ingest", "encoder", "decision", "memory", "summariser", "responder", "generator", "triton"} <= set(deployments)
+    for name in SERVICES:
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         assert container["readinessProbe"]["grpc"]["port"] == 50051
         assert container["command"] == ["python", f"services/{name}/main.py"]
@@ -243,6 +243,7 @@ def test_memory_is_a_stateful_set_with_its_data_on_a_claim(tmp_path):
     assert memory["spec"]["replicas"] == 1
     # Clients keep using the ordinary Service.
     assert container_env(found["responder"])["SH_RESPONDER_MEMORY_ADDRESS"]["value"] == "sh-memory:50051"
+    assert container_env(found["summariser"])["SH_SUMMARISER_MEMORY_ADDRESS"]["value"] == "sh-memory:50051"
     assert any(d["kind"] == "Service" and d["metadata"]["name"] == "sh-memory" and "clusterIP" not in d["spec"] for d in docs)
     gpu_claim = workloads(render(tmp_path, CHART / "ci" / "gpu-values.yaml"))["memory"]["spec"]["volumeClaimTemplates"][0]
     assert gpu_claim["spec"]["storageClassName"] == "premium-rwo"

@@ -54,6 +54,9 @@ OPTIONAL: dict[str, tuple[str, bool]] = {
     "streamharness.text_encoder": ("models", False),
     # The frame encoder export (images/triton/Dockerfile stage "export", `streamharness dev triton export`).
     "streamharness.models.frame_encoder_export": ("models", False),
+    # SH_SUMMARISER_BACKEND=hf-vlm: a local Hugging Face VLM, torch and transformers in load() (an
+    # image with [models], e.g. the jobs target; the other backends need the base dependencies only).
+    "streamharness.summariser.backends": ("models", False),
 }
 
 # Import names of distributions whose import name is not the distribution name with "-" -> "_".

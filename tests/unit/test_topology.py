@@ -41,9 +41,12 @@ def test_every_row_names_a_stage_class_its_settings_and_a_reason_for_its_offset_
 
 
 def test_co_partitioned_readers_need_both_topics_assigned():
+    # The decision step must hold a stream's queries and frames in one member; memory and the
+    # summariser read several topics too, but each record stands alone (no cross-topic state).
     multi = [n for n, s in TOPOLOGY.items() if len(s.consumes) > 1]
-    assert multi == ["decision"]
-    assert all(TOPOLOGY[n].needs_assignment for n in multi)
+    assert multi == ["memory", "summariser", "decision"]
+    assert TOPOLOGY["decision"].needs_assignment
+    assert not TOPOLOGY["memory"].needs_assignment and not TOPOLOGY["summariser"].needs_assignment
 
 
 def test_every_stage_is_a_service_with_the_one_entry_point_shape():
@@ -66,6 +69,7 @@ def test_the_local_stack_starts_every_stage_from_its_service_folder(tmp_path):
     assert by_name["gateway-2"].env["SH_GATEWAY_INGEST_ADDRESS"] == f"127.0.0.1:{by_name['ingest'].port}"
     assert by_name["gateway-2"].env["SH_GATEWAY_REPLICA_ID"] == "gateway-2"
     assert by_name["responder"].env["SH_RESPONDER_MEMORY_ADDRESS"] == f"127.0.0.1:{by_name['memory'].port}"
+    assert by_name["summariser"].env["SH_SUMMARISER_MEMORY_ADDRESS"] == f"127.0.0.1:{by_name['memory'].port}"
     assert len({p.port for p in plan}) == len(plan)
 
 

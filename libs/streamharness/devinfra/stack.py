@@ -129,12 +129,17 @@ class LocalStack:
     def plan(self, generator_address: str) -> list[StageProc]:
         """Every stage of the topology as the processes to start, each from its
         ``services/<name>/main.py``; ports are chosen first so that each one's address is known to
-        the stages that call it (gateway → ingest, responder → memory and the generator)."""
+        the stages that call it (gateway → ingest, responder and summariser → memory and the generator)."""
         replicas = {name: (self.gateways if name == "gateway" else 1) for name in TOPOLOGY}
         ports = {(name, i): free_port() for name, n in replicas.items() for i in range(n)}
         addresses = {name: f"127.0.0.1:{ports[(name, 0)]}" for name in TOPOLOGY}
         wiring = {
             "gateway": {"SH_GATEWAY_INGEST_ADDRESS": addresses["ingest"]},
+            "summariser": {
+                "SH_SUMMARISER_MEMORY_ADDRESS": addresses["memory"],
+                "SH_GENERATION_BACKEND": "openai",
+                "SH_GENERATION_BASE_URL": f"http://{generator_address}/openai/v1",
+            },
             "responder": {
                 "SH_RESPONDER_MEMORY_ADDRESS": addresses["memory"],
                 "SH_GENERATION_BACKEND": "openai",
@@ -175,7 +180,7 @@ class LocalStack:
         codes: dict[str, int | None] = {}
         # Upstream first: the gateways stop taking sessions before the stages behind them go; memory
         # (which the responder calls) and the generator last.
-        order = ("gateway", "ingest", "encoder", "decision", "responder", "memory", "generator")
+        order = ("gateway", "ingest", "encoder", "decision", "responder", "summariser", "memory", "generator")
         procs = sorted(self.procs, key=lambda p: order.index(p.name.split("-")[0]) if p.name.split("-")[0] in order else 0)
         for proc in procs:
             if proc.popen.poll() is None:

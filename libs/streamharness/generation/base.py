@@ -27,7 +27,11 @@ class Prompt:
     """What one response is built from. The order of the rendered parts is fixed on purpose: the
     system text and the memory context come first and change only at memory-chunk boundaries, so a
     server with prefix caching (vLLM, SGLang) reuses their KV cache; recent captions and the
-    question, which change every call, come last."""
+    question, which change every call, come last.
+
+    A prompt asks a ``question``, fires a standing ``instruction``, or sets a ``task`` (a summary to
+    write, say): with a task the user text is the context as given (no heading: the caller titles
+    it), the recent captions, then the task."""
 
     system: str
     context: str = ""
@@ -35,21 +39,28 @@ class Prompt:
     question: str = ""
     instruction: str = ""
     max_new_tokens: int | None = None
+    task: str = ""
 
     def __post_init__(self) -> None:
-        if not (self.question.strip() or self.instruction.strip()):
-            raise InvalidInput("a prompt needs a question or an instruction")
+        if self.task.strip():
+            if self.question.strip() or self.instruction.strip():
+                raise InvalidInput("a prompt with a task takes no question or instruction")
+        elif not (self.question.strip() or self.instruction.strip()):
+            raise InvalidInput("a prompt needs a question, an instruction or a task")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InvalidInput(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     def user_text(self) -> str:
         parts: list[str] = []
         if self.context.strip():
-            parts.append(f"Memory of the stream so far:\n{self.context.strip()}")
+            context = self.context.strip()
+            parts.append(context if self.task.strip() else f"Memory of the stream so far:\n{context}")
         captions = [c.strip() for c in self.recent_captions if c.strip()]
         if captions:
             parts.append("What the camera shows now (oldest first):\n" + "\n".join(f"- {c}" for c in captions))
-        if self.question.strip():
+        if self.task.strip():
+            parts.append(self.task.strip())
+        elif self.question.strip():
             parts.append(f"Question: {self.question.strip()}")
         else:
             parts.append(

@@ -1,44 +1,48 @@
-"""The memory stage: keeps every encoded frame of every stream, answers ``Recall`` and ``Context``.
+"""The memory stage: three tiers per stream and the Q&A history, ``Recall``, ``Context`` and ``Items``.
 
-Intake: consumes ``embeddings`` (``EncodedFrameEvent``); each record
-becomes one point in the :class:`MemoryStore` (id from stream key + media time, so a redelivered
-record overwrites itself), embedded with the MiniLM :class:`TextEncoder` from its caption. The
-offset is committed after the upsert returned, which is when the write survives a crash (edge:
-write-ahead log; server: ``wait=True``); the store is also flushed every ``SH_MEMORY_FLUSH_INTERVAL_S``
-and at stop so that restarts do not replay a long log.
+Intake (topology row ``memory``), each record one upsert with a deterministic id, so redelivery
+overwrites instead of duplicating; the offset is committed after the upsert returned (durable):
+
+* ``embeddings`` (``EncodedFrameEvent``) → a **short-term** entry per frame (caption, labels, people).
+  When a stream's frames cross a chunk boundary, everything of that stream that ended before
+  ``newest - horizon`` (``SH_TIERS_HORIZON_S``) is deleted: frames, summaries, blocks and answers.
+* ``summaries`` (``SummaryEvent``, written by the summariser stage) → a **mid-term** chunk summary or
+  a **long-term** block. After a block, the stream's blocks are evicted to the newest
+  ``SH_TIERS_BLOCKS_KEPT`` whose text fits ``SH_TIERS_LONG_TOKENS``.
+* ``responses`` (``ResponseEvent``) → on each final record that carries ``answer_text``, a **Q&A**
+  entry (the question or instruction and the answer), so "what did you tell me at 10:05?" works.
 
 API (``streamharness.v1.MemoryService``), all on media time, never past the time asked about:
 
-* ``Recall(key, query, from_ms, to_ms, limit)``: frames of the stream whose captions are closest in
-  meaning to ``query`` (cosine of MiniLM embeddings), within ``[from_ms, to_ms]`` (0 = open), best
-  first; each item is one frame (``start_ms == end_ms``), tier SHORT, ``score`` = similarity.
-* ``Context(key, now_ms, max_recent)``:
+* ``Recall``: the stream's entries closest in meaning to the query across tiers, within the
+  request's range intersected with the time phrases read from the query ("around 10:30", "in the
+  first hour", "before the van arrived": :mod:`streamharness.memory.timephrases`); runs of frames
+  with the same caption come back as one item spanning the run. The response names the range
+  searched, the best item's span (the answer's time) and notes on how the query was read. A phrase
+  that cannot be read is ignored with a note, never an error.
+* ``Context(now)``: ``prefix_text`` = the long-term blocks and the mid-term summaries visible at
+  ``now`` (each becomes visible at its chunk's boundary), rendered oldest first. Its bytes change
+  only when ``now`` crosses a chunk boundary (and when a summary lands after its boundary, which the
+  ``memory_late_summaries`` meter counts): a prefix KV cache hits on every step of a chunk.
+  ``recent`` = the short-term tier (the frames after the newest visible summary);
+  ``history`` = the newest Q&A entries within ``SH_TIERS_QA_TOKENS``.
+* ``Items``: one tier's entries in a range, oldest first (the summariser reads back after a restart).
 
-  - ``recent``: the short-term tier: frames with ``now - T_s < media_ts_ms <= now``
-    (``SH_MEMORY_RECENT_WINDOW_S``, default 200 s), the newest ``max_recent`` of them, oldest first;
-  - ``summaries``: this issue's stand-in for the mid-term tier: a deterministic digest of each
-    completed chunk (``[k*C, (k+1)*C)`` of ``SH_MEMORY_CHUNK_S``, ending at or before ``now``): its
-    most frequent captions with counts and the most people seen, no model involved; the
-    summariser-written mid-term summaries and long-term ``blocks`` come with a later issue
-    (``blocks`` is empty);
-  - ``prefix_text``: the digests rendered one line per chunk; ``prefix_version``: a hash of it, so
-    it changes only when a chunk completes (or a late frame lands in a completed chunk).
-
-  A completed chunk also overlaps the recent window (the chunk ending at the last boundary is both
-  digested and partly shown frame by frame): nothing falls between the two tiers.
-
-Unknown streams are not an error: ``Recall`` and ``Context`` answer with nothing (a question may come
-before the first frame was remembered, and memory cannot tell "no such stream" from "nothing yet").
+Streams are per tenant: a ``Recall`` for a stream memory holds nothing of answers NOT_FOUND, and a
+call whose ``x-streamharness-tenant`` metadata names another tenant than the stream key's gets the
+same NOT_FOUND (never another tenant's data; verifiable internal identity is issue 13's). ``Context``
+and ``Items`` of an unknown stream answer empty: a question may come before the first frame landed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,18 +52,40 @@ import grpc
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streamharness.errors import InvalidInput
+from streamharness.errors import InvalidInput, NotFound
 from streamharness.keys import key_str, make_key
-from streamharness.memory.store import FrameRecord, MemoryStore, QdrantEdgeMemoryStore, QdrantServerMemoryStore
+from streamharness.memory.store import Entry, Hit, MemoryStore, QdrantEdgeMemoryStore, QdrantServerMemoryStore, Scope, Tier
+from streamharness.memory.tiers import TierSettings, estimate_tokens
+from streamharness.memory.timephrases import TimeScope, clock, parse_time_scope
 from streamharness.paths import cache_dir
 from streamharness.records import ConsumedEvent
 from streamharness.settings import load_settings
 from streamharness.stage import Stage, StageContext, StageSpec
+from streamharness.telemetry import meters
 from streamharness.text_encoder import TextEncoder, TextEncoderSettings
-from streamharness.v1 import events_pb2, memory_pb2, memory_pb2_grpc
+from streamharness.v1 import common_pb2, events_pb2, memory_pb2, memory_pb2_grpc
 from streamharness.v1.common_pb2 import StreamKey
 
 log = logging.getLogger(__name__)
+
+TENANT_METADATA = "x-streamharness-tenant"
+
+TIER_OF_PROTO: dict[int, Tier] = {
+    memory_pb2.MEMORY_TIER_SHORT: "short", memory_pb2.MEMORY_TIER_MID: "mid",
+    memory_pb2.MEMORY_TIER_LONG: "long", memory_pb2.MEMORY_TIER_QA: "qa",
+}
+PROTO_OF_TIER = {v: k for k, v in TIER_OF_PROTO.items()}
+
+#: Frame hits with the same caption at most this far apart are one item spanning the run.
+RUN_GAP_MS = 30_000
+#: Candidates searched per item asked for (runs of equal captions collapse into one item).
+CANDIDATES_PER_ITEM = 5
+#: A question about the dialogue itself: searched in the Q&A history first.
+ABOUT_DIALOGUE = re.compile(
+    r"\b(did|have|had) (you|i) (tell|told|say|said|answer|answered|ask|asked|mention|mentioned|reply|replied|warn|warned|alert|alerted)\b"
+    r"|\byou (told|said|answered|replied|mentioned|warned|alerted)\b|\bi (asked|said)\b",
+    re.IGNORECASE,
+)
 
 
 def _default_data_dir() -> Path:
@@ -67,7 +93,7 @@ def _default_data_dir() -> Path:
 
 
 class MemorySettings(BaseSettings):
-    """The memory service: where frames are kept, the tiers' sizes, API limits."""
+    """The memory service: where entries are kept and the API's limits (the tiers are ``SH_TIERS_*``)."""
 
     model_config = SettingsConfigDict(env_prefix="SH_MEMORY_", frozen=True, extra="forbid", case_sensitive=False)
 
@@ -79,19 +105,21 @@ class MemorySettings(BaseSettings):
     )
     server_url: str | None = Field(None, description="Qdrant server URL (store=server), e.g. http://qdrant:6333.")
     server_api_key: SecretStr | None = Field(None, description="Qdrant API key (store=server; a secret: mount it from a Kubernetes Secret).")
-    server_collection: str = Field("streamharness_frames", min_length=1, max_length=255, description="Qdrant collection of the frames (store=server).")
+    server_collection: str = Field("streamharness_memory", min_length=1, max_length=255, description="Qdrant collection of the entries (store=server).")
     server_timeout_s: float = Field(10.0, gt=0, le=300, description="Deadline of one Qdrant server request (store=server).")
     edge_search_threads: int = Field(0, ge=0, le=64, description="Search threads of the edge store; 0 = one per CPU.")
-    recent_window_s: float = Field(200.0, gt=0, le=86_400, description="Short-term tier T_s: Context returns frames of the last this many media seconds.")
-    chunk_s: float = Field(200.0, gt=0, le=86_400, description="Length of the chunks that Context digests into the prefix (media seconds).")
-    prefix_max_chunks: int = Field(216, ge=0, le=100_000, description="Newest completed chunks rendered into the prefix (216 x 200 s = 12 h).")
-    digest_cache_chunks: int = Field(100_000, ge=0, le=10_000_000, description="Chunk digests kept in memory (LRU) so Context does not rescan old frames.")
+    recent_window_s: float = Field(
+        400.0, gt=0, le=86_400,
+        description="Short-term tier when no summary is visible yet (or the summariser is behind): Context returns frames of the last this many media seconds.",
+    )
     context_default_recent: int = Field(200, ge=1, le=100_000, description="Recent frames Context returns when the request's max_recent is 0.")
     context_max_recent: int = Field(3600, ge=1, le=100_000, description="Largest max_recent a Context request may ask for.")
+    context_cache_streams: int = Field(10_000, ge=0, le=10_000_000, description="Streams whose current prefix is cached (LRU); 0 = rebuild on every Context.")
     recall_default_limit: int = Field(10, ge=1, le=10_000, description="Items Recall returns when the request's limit is 0.")
     recall_max_limit: int = Field(100, ge=1, le=10_000, description="Largest limit a Recall request may ask for.")
     recall_max_query_chars: int = Field(2000, ge=1, le=100_000, description="Longest Recall query accepted (characters).")
-    consumer_group: str = Field("memory", min_length=1, description="Kafka consumer group reading the embeddings topic (the topic prefix is added).")
+    items_max_limit: int = Field(5000, ge=1, le=100_000, description="Largest limit an Items request may ask for (also its default).")
+    consumer_group: str = Field("memory", min_length=1, description="Kafka consumer group reading embeddings, summaries and responses (the topic prefix is added).")
     flush_interval_s: float = Field(5.0, gt=0, le=3600, description="Longest time between store flushes while consuming (the WAL covers crashes in between).")
 
     @model_validator(mode="after")
@@ -108,10 +136,6 @@ class MemorySettings(BaseSettings):
     def recent_window_ms(self) -> int:
         return int(round(self.recent_window_s * 1000))
 
-    @property
-    def chunk_ms(self) -> int:
-        return int(round(self.chunk_s * 1000))
-
     def resolved_data_dir(self) -> Path:
         return self.data_dir if self.data_dir is not None else _default_data_dir()
 
@@ -127,161 +151,107 @@ def open_store(settings: MemorySettings) -> MemoryStore:
     return QdrantEdgeMemoryStore(settings.resolved_data_dir(), search_threads=settings.edge_search_threads or None)
 
 
-# -- frames ---------------------------------------------------------------------------------------
-def frame_text(record: FrameRecord) -> str:
-    """What a frame's embedding is computed from: its caption, else its labels."""
-    return record.caption.strip() or ", ".join(record.labels)
+# -- records → entries ----------------------------------------------------------------------------
+def _check_key(key: str, msg_key: StreamKey, what: str) -> None:
+    if (msg_key.tenant or msg_key.stream_id) and key_str(msg_key) != key:
+        raise InvalidInput(f"{what} key {key_str(msg_key)!r} differs from the record key {key!r}")
 
 
-def record_from_event(key: str, msg: events_pb2.EncodedFrameEvent) -> FrameRecord:
-    """A frame record from a consumed event; InvalidInput (dead-lettered, not retried) if it is unusable."""
-    if msg.HasField("key") and (msg.key.tenant or msg.key.stream_id) and key_str(msg.key) != key:
-        raise InvalidInput(f"message key {key_str(msg.key)!r} differs from the record key {key!r}")
+def frame_entry(key: str, msg: events_pb2.EncodedFrameEvent) -> Entry:
+    """A short-term entry from a consumed frame; InvalidInput (dead-lettered, not retried) if unusable."""
+    _check_key(key, msg.key, "message")
     if msg.media_ts_ms < 0:
         raise InvalidInput(f"media_ts_ms {msg.media_ts_ms} is negative")
-    return FrameRecord(
-        key=key,
-        media_ts_ms=int(msg.media_ts_ms),
-        caption=msg.caption.strip(),
-        labels=tuple(label.name for label in msg.labels if label.name),
-        person_count=max(0, int(msg.person_count)),
-        session_id=msg.session_id,
-        seq=int(msg.seq),
+    return Entry(
+        key=key, tier="short", start_ms=int(msg.media_ts_ms), end_ms=int(msg.media_ts_ms), text=msg.caption.strip(),
+        labels=tuple(label.name for label in msg.labels if label.name), person_count=max(0, int(msg.person_count)),
+        ref=msg.session_id, seq=int(msg.seq),
     )
 
 
-def frame_item(record: FrameRecord, score: float = 0.0) -> memory_pb2.MemoryItem:
-    return memory_pb2.MemoryItem(
-        tier=memory_pb2.MEMORY_TIER_SHORT,
-        start_ms=record.media_ts_ms,
-        end_ms=record.media_ts_ms,
-        text=frame_text(record),
-        labels=list(record.labels),
-        person_count=record.person_count,
-        score=score,
-        item_id=f"{record.key}/{record.media_ts_ms}",
+def summary_entry(key: str, msg: events_pb2.SummaryEvent) -> Entry:
+    _check_key(key, msg.key, "summary")
+    tier = TIER_OF_PROTO.get(msg.tier)
+    if tier not in ("mid", "long"):
+        raise InvalidInput(f"summary {msg.summary_id!r} has tier {msg.tier}; want MEMORY_TIER_MID or MEMORY_TIER_LONG")
+    if msg.index < 0 or msg.start_ms < 0 or msg.end_ms < msg.start_ms:
+        raise InvalidInput(f"summary {msg.summary_id!r}: index {msg.index}, span {msg.start_ms}..{msg.end_ms} is not a valid chunk")
+    if not msg.text.strip():
+        raise InvalidInput(f"summary {msg.summary_id!r} has no text")
+    return Entry(
+        key=key, tier=tier, start_ms=int(msg.start_ms), end_ms=int(msg.end_ms), text=msg.text.strip(),
+        labels=tuple(msg.labels), person_count=max(0, int(msg.max_people)), index=int(msg.index),
+        visible_from_ms=int(msg.visible_from_ms), fallback=msg.fallback, backend=msg.backend, frames=max(1, int(msg.frames)),
     )
 
 
-# -- chunk digests (the stand-in for mid-term summaries) -------------------------------------------
-@dataclass(frozen=True)
-class ChunkDigest:
-    """A deterministic summary of one chunk's frames: no model, same frames → same text."""
-
-    index: int
-    start_ms: int
-    end_ms: int  # exclusive
-    frames: int
-    text: str
-    labels: tuple[str, ...]
-    max_people: int
-
-    def item(self, key: str) -> memory_pb2.MemoryItem:
-        return memory_pb2.MemoryItem(
-            tier=memory_pb2.MEMORY_TIER_MID,
-            start_ms=self.start_ms,
-            end_ms=self.end_ms,
-            text=self.text,
-            labels=list(self.labels),
-            person_count=self.max_people,
-            item_id=f"{key}/chunk/{self.start_ms}-{self.end_ms}",
-        )
-
-
-TOP_CAPTIONS = 3  # captions named per chunk line
-TOP_LABELS = 5
-
-
-def digest_chunk(index: int, start_ms: int, end_ms: int, records: Iterable[FrameRecord]) -> ChunkDigest | None:
-    """Most frequent captions (ties: first seen first), most frequent labels, most people in one frame."""
-    captions: Counter[str] = Counter()
-    labels: Counter[str] = Counter()
-    frames = 0
-    max_people = 0
-    for record in records:
-        frames += 1
-        captions[frame_text(record) or "(nothing recognised)"] += 1
-        labels.update(record.labels)
-        max_people = max(max_people, record.person_count)
-    if not frames:
+def answer_entry(key: str, msg: events_pb2.ResponseEvent) -> Entry | None:
+    """A Q&A entry from the final record of a response (None for the other records)."""
+    if not msg.final or not msg.answer_text.strip() or not msg.response_id:
         return None
-    named = captions.most_common(TOP_CAPTIONS)  # Counter keeps first-seen order among equal counts
-    parts = [f"{caption} ({count}x)" for caption, count in named]
-    if len(captions) > len(named):
-        parts.append(f"{len(captions) - len(named)} other scenes")
-    text = f"{frames} frames: " + "; ".join(parts) + f"; up to {max_people} {'person' if max_people == 1 else 'people'}"
-    return ChunkDigest(index, start_ms, end_ms, frames, text, tuple(n for n, _ in labels.most_common(TOP_LABELS)), max_people)
+    _check_key(key, msg.key, "response")
+    kind = "question" if msg.trigger == common_pb2.TRIGGER_QUESTION else "instruction"
+    return Entry(key=key, tier="qa", start_ms=max(0, int(msg.media_ts_ms)), end_ms=max(0, int(msg.media_ts_ms)),
+                 text=msg.answer_text.strip(), prompt_text=msg.prompt_text.strip(), ref=msg.response_id, labels=(kind,))
 
 
-def _clock(ms: int) -> str:
-    seconds = ms // 1000
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def to_item(entry: Entry, score: float = 0.0, *, end_ms: int | None = None, frames: int | None = None) -> memory_pb2.MemoryItem:
+    ref = entry.start_ms if entry.tier == "short" else entry.ref if entry.tier == "qa" else entry.index
+    return memory_pb2.MemoryItem(
+        tier=PROTO_OF_TIER[entry.tier], start_ms=entry.start_ms, end_ms=entry.end_ms if end_ms is None else end_ms,
+        text=entry.embed_text if entry.tier == "short" else entry.text, labels=list(entry.labels),
+        person_count=entry.person_count, score=score, item_id=f"{entry.key}/{entry.tier}/{ref}", fallback=entry.fallback,
+        prompt_text=entry.prompt_text, frames=entry.frames if frames is None else frames,
+    )
 
 
-def render_prefix(digests: list[ChunkDigest]) -> str:
-    """The memory text a prompt starts with: one line per digested chunk, oldest first."""
-    if not digests:
-        return ""
-    lines = ["Earlier in this stream (media time, one line per chunk):"]
-    lines += [f"[{_clock(d.start_ms)}-{_clock(d.end_ms)}] {d.text}" for d in digests]
-    return "\n".join(lines) + "\n"
+# -- the stable prefix -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prefix:
+    """What Context renders for one stream at one chunk: blocks and summaries visible at its start."""
+
+    blocks: tuple[Entry, ...]
+    summaries: tuple[Entry, ...]
+    text: str
+    version: str
+    covered_end_ms: int  # the last media time the visible summaries cover (-1: none)
+
+    @property
+    def tokens(self) -> int:
+        return estimate_tokens(self.text)
+
+
+def _line(entry: Entry) -> str:
+    mark = " (automatic digest)" if entry.fallback else ""
+    return f"[{clock(entry.start_ms)}–{clock(entry.end_ms)}]{mark} {' '.join(entry.text.split())}"
+
+
+def render_prefix(blocks: list[Entry], summaries: list[Entry]) -> str:
+    """The memory text a prompt starts with: blocks, then chunk summaries, oldest first."""
+    parts: list[str] = []
+    if blocks:
+        parts.append("Long-term memory of this stream (media time, oldest first):\n" + "\n".join(_line(b) for b in blocks))
+    if summaries:
+        parts.append("Recent chunks (media time, oldest first):\n" + "\n".join(_line(s) for s in summaries))
+    return "\n\n".join(parts) + ("\n" if parts else "")
 
 
 def prefix_version(prefix_text: str) -> str:
     return hashlib.sha256(prefix_text.encode()).hexdigest()[:16]
 
 
-class _DigestCache:
-    """Digests of completed chunks per (stream, chunk index), LRU-bounded.
-
-    A write into a chunk drops that chunk's digest. A reader caches what it computed only for chunks
-    that nobody wrote into since it started reading (write stamps per chunk), so a digest never hides
-    a frame, while writes into the live chunk do not stop older chunks from being cached.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        self._digests: OrderedDict[tuple[str, int], ChunkDigest | None] = OrderedDict()
-        self._clock = 0  # counts writes
-        self._written: OrderedDict[tuple[str, int], int] = OrderedDict()  # chunk -> stamp of its last write
-        self._forgotten = 0  # newest stamp dropped from _written (its chunk is unknown from then on)
-
-    def stamp(self) -> int:
-        with self._lock:
-            return self._clock
-
-    def get(self, key: str, index: int) -> tuple[bool, ChunkDigest | None]:
-        with self._lock:
-            if (key, index) not in self._digests:
-                return False, None
-            self._digests.move_to_end((key, index))
-            return True, self._digests[(key, index)]
-
-    def put_all(self, key: str, since: int, digests: dict[int, ChunkDigest | None]) -> None:
-        """Cache ``digests`` computed from a read that began at stamp ``since``."""
-        if not self.capacity:
-            return
-        with self._lock:
-            if self._forgotten > since:
-                return
-            for index, digest in digests.items():
-                if self._written.get((key, index), 0) > since:
-                    continue  # written during the read: the digest may miss that frame
-                self._digests[(key, index)] = digest
-                self._digests.move_to_end((key, index))
-            while len(self._digests) > self.capacity:
-                self._digests.popitem(last=False)
-
-    def written(self, key: str, index: int) -> None:
-        with self._lock:
-            self._clock += 1
-            self._written[(key, index)] = self._clock
-            self._written.move_to_end((key, index))
-            while len(self._written) > max(self.capacity, 1):
-                _, stamp = self._written.popitem(last=False)
-                self._forgotten = max(self._forgotten, stamp)
-            self._digests.pop((key, index), None)
+def fit_newest(entries: list[Entry], budget: int, count: int | None = None) -> list[Entry]:
+    """The newest of ``entries`` (oldest first) within ``budget`` tokens and ``count``; oldest first."""
+    kept: list[Entry] = []
+    used = 0
+    for entry in reversed(entries):
+        if count is not None and len(kept) >= count:
+            break
+        if used + entry.tokens > budget:
+            break
+        kept.append(entry)
+        used += entry.tokens
+    return kept[::-1]
 
 
 # -- the service -----------------------------------------------------------------------------------
@@ -291,11 +261,22 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     def Recall(self, request: memory_pb2.RecallRequest, context: grpc.ServicerContext) -> memory_pb2.RecallResponse:  # noqa: N802
         with self._memory.in_flight():
-            return self._memory.recall(request)
+            return self._memory.recall(request, caller_tenant=_caller_tenant(context))
 
     def Context(self, request: memory_pb2.ContextRequest, context: grpc.ServicerContext) -> memory_pb2.ContextResponse:  # noqa: N802
         with self._memory.in_flight():
-            return self._memory.context(request)
+            return self._memory.context(request, caller_tenant=_caller_tenant(context))
+
+    def Items(self, request: memory_pb2.ItemsRequest, context: grpc.ServicerContext) -> memory_pb2.ItemsResponse:  # noqa: N802
+        with self._memory.in_flight():
+            return self._memory.items(request, caller_tenant=_caller_tenant(context))
+
+
+def _caller_tenant(context: grpc.ServicerContext) -> str | None:
+    for name, value in context.invocation_metadata() or ():
+        if name == TENANT_METADATA:
+            return str(value)
+    return None
 
 
 class MemoryStage(Stage):
@@ -306,19 +287,26 @@ class MemoryStage(Stage):
     def __init__(
         self,
         settings: MemorySettings | None = None,
+        tiers: TierSettings | None = None,
         text: TextEncoderSettings | None = None,
+        *,
         text_encoder: TextEncoder | None = None,
         store: MemoryStore | None = None,
     ) -> None:
         """``text_encoder`` / ``store``: use these (loaded or opened at ``open``) instead of new ones."""
         self.settings = settings or load_settings(MemorySettings)
+        self.tiers = tiers or load_settings(TierSettings)
         self.text = text
         self.text_encoder = text_encoder
         self.store = store
-        self._digests: _DigestCache | None = None
         self._last_flush = time.monotonic()
         self._calls = 0  # RPCs running now: the store stays open until they finished (or the deadline)
         self._calls_done = threading.Condition()
+        self._lock = threading.Lock()
+        self._chunk_seen: dict[str, int] = {}  # stream -> newest chunk index whose frames were seen (eviction)
+        self._cutoffs: dict[str, int] = {}  # stream -> media time before which everything was deleted
+        self._versions: dict[str, int] = {}  # stream -> summary writes (invalidates cached prefixes)
+        self._prefixes: OrderedDict[str, tuple[int, int, Prefix]] = OrderedDict()  # stream -> (chunk, version, prefix)
 
     def configure(self, spec: StageSpec) -> StageSpec:
         return replace(spec, group=self.settings.consumer_group)
@@ -326,7 +314,6 @@ class MemoryStage(Stage):
     # -- lifecycle -------------------------------------------------------------------------------
     def open(self, ctx: StageContext) -> None:
         self.text_encoder = (self.text_encoder or TextEncoder(self.text or load_settings(TextEncoderSettings))).load()
-        self._digests = _DigestCache(self.settings.digest_cache_chunks)
         if self.store is None:
             self.store = open_store(self.settings)
 
@@ -340,7 +327,6 @@ class MemoryStage(Stage):
     def close(self, deadline: float) -> None:
         """Intake has stopped; let running RPCs answer, then flush and close the store."""
         with self._calls_done:
-            # The runner stopped taking RPCs before stopping the host; let the running ones answer.
             self._calls_done.wait_for(lambda: self._calls == 0, timeout=max(0.0, deadline - time.monotonic()))
         if self.store is not None and self.store.is_open:
             self.store.close()
@@ -357,89 +343,263 @@ class MemoryStage(Stage):
                 self._calls_done.notify_all()
 
     # -- intake ----------------------------------------------------------------------------------
-    def handle(self, event: ConsumedEvent[events_pb2.EncodedFrameEvent]) -> None:
-        """Keep one encoded frame."""
-        assert self.store is not None and self.text_encoder is not None and self._digests is not None and self.settings
-        record = record_from_event(event.key, event.message)
-        vector = self.text_encoder.encode([frame_text(record)])
-        self.store.upsert([record], vector)  # durable on return (WAL / wait=True): the offset may be committed
-        self._digests.written(record.key, record.media_ts_ms // self.settings.chunk_ms)
+    def handle(self, event: ConsumedEvent) -> None:
+        msg = event.message
+        if isinstance(msg, events_pb2.EncodedFrameEvent):
+            entry = frame_entry(event.key, msg)
+            self._evict_past_horizon(entry)
+            self._write(entry)
+        elif isinstance(msg, events_pb2.SummaryEvent):
+            entry = summary_entry(event.key, msg)
+            self._write(entry)
+            if entry.tier == "long":
+                self._evict_blocks(entry.key)
+            with self._lock:
+                self._versions[entry.key] = self._versions.get(entry.key, 0) + 1
+            self._count_late(entry, msg)
+        elif isinstance(msg, events_pb2.ResponseEvent):
+            entry = answer_entry(event.key, msg)
+            if entry is not None:
+                self._write(entry)
+        else:
+            raise InvalidInput(f"memory does not keep {type(msg).__name__} records")
         now = time.monotonic()
         if now - self._last_flush >= self.settings.flush_interval_s:
-            self.store.flush()
+            self.store.flush()  # type: ignore[union-attr]
             self._last_flush = now
 
+    def _write(self, entry: Entry) -> None:
+        assert self.store is not None and self.text_encoder is not None
+        with self._lock:
+            cutoff = self._cutoffs.get(entry.key, 0)
+        if entry.end_ms < cutoff:
+            # Already past the horizon (a late or replayed record): storing it would only grow memory.
+            meters.memory_past_horizon().add(1, {"tier": entry.tier})
+            return
+        self.store.upsert([entry], self.text_encoder.encode([entry.embed_text]))  # durable on return
+
+    def _count_late(self, entry: Entry, msg: events_pb2.SummaryEvent) -> None:
+        with self._lock:
+            seen = self._chunk_seen.get(entry.key)
+        if seen is not None and msg.visible_from_ms and seen * self.tiers.chunk_ms > msg.visible_from_ms:
+            # The stream is already past this summary's boundary: the prefix changes mid-chunk.
+            meters.memory_late_summaries().add(1, {"tier": entry.tier})
+
+    def _evict_past_horizon(self, frame: Entry) -> None:
+        """At a stream's chunk boundary: delete what ended more than the horizon before its newest frame."""
+        assert self.store is not None
+        chunk = self.tiers.chunk_index(frame.start_ms)
+        with self._lock:
+            previous = self._chunk_seen.get(frame.key)
+            if previous is not None and chunk <= previous:
+                return
+            self._chunk_seen[frame.key] = chunk
+        cutoff = frame.start_ms - self.tiers.horizon_ms
+        if cutoff > 0:
+            self.store.delete_ended_before(frame.key, cutoff)
+            with self._lock:
+                self._cutoffs[frame.key] = max(cutoff, self._cutoffs.get(frame.key, 0))
+                self._versions[frame.key] = self._versions.get(frame.key, 0) + 1
+
+    def _evict_blocks(self, key: str) -> None:
+        """Keep the newest ``blocks_kept`` blocks whose text fits ``long_tokens``; delete the older ones."""
+        assert self.store is not None
+        blocks = list(self.store.scan(Scope(key, ("long",))))
+        kept = fit_newest(blocks, self.tiers.long_tokens, self.tiers.blocks_kept) or blocks[-1:]
+        if len(kept) < len(blocks):
+            self.store.delete_ended_before(key, kept[0].start_ms, ("long",))
+            log.info("memory %s: evicted %d long-term blocks (kept %d)", key, len(blocks) - len(kept), len(kept))
+
     # -- API -------------------------------------------------------------------------------------
-    def recall(self, request: memory_pb2.RecallRequest) -> memory_pb2.RecallResponse:
-        assert self.store is not None and self.text_encoder is not None and self.settings is not None
-        key = _key(request.key)
+    def recall(self, request: memory_pb2.RecallRequest, *, caller_tenant: str | None = None) -> memory_pb2.RecallResponse:
+        assert self.store is not None and self.text_encoder is not None
+        s = self.settings
+        key = _key(request.key, caller_tenant)
         query = request.query.strip()
         if not query:
             raise InvalidInput("query is empty: say what to look for, e.g. 'a person with a red bag'")
-        if len(query) > self.settings.recall_max_query_chars:
-            raise InvalidInput(f"query has {len(query)} characters; at most {self.settings.recall_max_query_chars} (SH_MEMORY_RECALL_MAX_QUERY_CHARS)")
-        if request.from_ms < 0 or request.to_ms < 0:
-            raise InvalidInput(f"from_ms ({request.from_ms}) and to_ms ({request.to_ms}) must be >= 0 (0 = open end)")
+        if len(query) > s.recall_max_query_chars:
+            raise InvalidInput(f"query has {len(query)} characters; at most {s.recall_max_query_chars} (SH_MEMORY_RECALL_MAX_QUERY_CHARS)")
+        if request.from_ms < 0 or request.to_ms < 0 or request.now_ms < 0:
+            raise InvalidInput(f"from_ms ({request.from_ms}), to_ms ({request.to_ms}) and now_ms ({request.now_ms}) must be >= 0 (0 = open)")
         if request.to_ms and request.from_ms > request.to_ms:
             raise InvalidInput(f"from_ms ({request.from_ms}) is after to_ms ({request.to_ms})")
-        limit = request.limit or self.settings.recall_default_limit
-        if limit > self.settings.recall_max_limit:
-            raise InvalidInput(f"limit {limit} is above {self.settings.recall_max_limit} (SH_MEMORY_RECALL_MAX_LIMIT)")
-        vector = self.text_encoder.encode([query])[0]
-        hits = self.store.search(key, vector, from_ms=request.from_ms or None, to_ms=request.to_ms or None, limit=limit)
-        # Equal captions score equally: among them, the earlier frame first, so answers are stable.
-        hits.sort(key=lambda h: (-round(h.score, 6), h.record.media_ts_ms))
-        return memory_pb2.RecallResponse(items=[frame_item(h.record, h.score) for h in hits])
+        limit = request.limit or s.recall_default_limit
+        if limit > s.recall_max_limit:
+            raise InvalidInput(f"limit {limit} is above {s.recall_max_limit} (SH_MEMORY_RECALL_MAX_LIMIT)")
+        tiers = self._tiers(request.tiers)
+        newest = self.store.edge(key, newest=True)
+        if newest is None:
+            raise NotFound(f"memory holds nothing of stream {request.key.stream_id!r}")
+        first = self.store.edge(key, newest=False)
+        now = int(request.now_ms) or newest.end_ms
+        scope = TimeScope(query=query) if request.literal else parse_time_scope(query, now_ms=now, stream_start_ms=first.start_ms if first else 0)
+        notes = list(scope.notes)
+        lo = max([v for v in (request.from_ms or None, scope.from_ms) if v is not None], default=None)
+        hi = min([v for v in (request.to_ms or None, scope.to_ms, now) if v is not None])
+        if scope.anchor:
+            anchor = self._best(Scope(key, ("short", "mid"), lo, hi), scope.anchor, 1)
+            if anchor:
+                at = anchor[0]
+                notes.append(f"found '{scope.anchor}' at {clock(at.entry.start_ms)} (similarity {at.score:.2f})")
+                if scope.anchor_side == "before":
+                    hi = min(hi, at.entry.start_ms - 1)
+                else:
+                    lo = max(lo or 0, at.entry.end_ms + 1)
+            else:
+                notes.append(f"did not find '{scope.anchor}' in memory; searched without it")
+        items: list[memory_pb2.MemoryItem] = []
+        if lo is None or lo <= hi:
+            candidates = min(limit * CANDIDATES_PER_ITEM, 1000)
+            hits: list[Hit] = []
+            if not tiers and ABOUT_DIALOGUE.search(query):
+                # "What did you tell me at 10:05?" is about the dialogue, not about what the camera showed.
+                hits = self._best(Scope(key, ("qa",), lo, hi), scope.query, candidates)
+                notes.append("searched what was asked and answered (the Q&A history)" if hits
+                             else "nothing was asked or answered in that time; searched everything")
+                if hits and scope.from_ms is not None and scope.to_ms is not None:
+                    # "... at 10:05": the exchange nearest that time is the one meant.
+                    centre = (scope.from_ms + scope.to_ms) / 2
+                    nearest = min(hits, key=lambda h: abs(h.entry.start_ms - centre))
+                    return self._answer(scope, notes, lo, hi, _collapse_runs([nearest]) + [
+                        i for i in _collapse_runs(hits) if i.item_id != to_item(nearest.entry).item_id][:limit - 1])
+            if not hits:
+                hits = self._best(Scope(key, tiers, lo, hi), scope.query, candidates)
+            if scope.anchor and scope.anchor_side == "before":
+                hits = [h for h in hits if h.entry.end_ms <= hi]  # wholly before the event
+            items = _collapse_runs(hits)[:limit]
+        else:
+            notes.append("the time range read from the query is empty; nothing searched")
+        return self._answer(scope, notes, lo, hi, items)
 
-    def context(self, request: memory_pb2.ContextRequest) -> memory_pb2.ContextResponse:
-        assert self.store is not None and self.settings is not None
-        key = _key(request.key)
+    @staticmethod
+    def _answer(scope: TimeScope, notes: list[str], lo: int | None, hi: int, items: list[memory_pb2.MemoryItem]) -> memory_pb2.RecallResponse:
+        best = items[0] if items else None
+        return memory_pb2.RecallResponse(
+            items=items, from_ms=lo or 0, to_ms=hi, notes=notes, searched_text=scope.query,
+            span_start_ms=best.start_ms if best else 0, span_end_ms=best.end_ms if best else 0,
+        )
+
+    def _best(self, scope: Scope, text: str, limit: int) -> list[Hit]:
+        assert self.store is not None and self.text_encoder is not None
+        return self.store.search(scope, self.text_encoder.encode([text])[0], limit)
+
+    def context(self, request: memory_pb2.ContextRequest, *, caller_tenant: str | None = None) -> memory_pb2.ContextResponse:
+        assert self.store is not None
+        s, t = self.settings, self.tiers
+        key = _key(request.key, caller_tenant)
         now = int(request.now_ms)
         if now < 0:
             raise InvalidInput(f"now_ms {now} is negative")
-        max_recent = request.max_recent or self.settings.context_default_recent
-        if max_recent > self.settings.context_max_recent:
-            raise InvalidInput(f"max_recent {max_recent} is above {self.settings.context_max_recent} (SH_MEMORY_CONTEXT_MAX_RECENT)")
-        after = now - self.settings.recent_window_ms
-        recent = self.store.window(key, after_ms=after if after >= 0 else None, until_ms=now, limit=max_recent)
-        digests = self._chunk_digests(key, now)
-        text = render_prefix(digests)
+        max_recent = request.max_recent or s.context_default_recent
+        if max_recent > s.context_max_recent:
+            raise InvalidInput(f"max_recent {max_recent} is above {s.context_max_recent} (SH_MEMORY_CONTEXT_MAX_RECENT)")
+        chunk_start = t.chunk_index(now) * t.chunk_ms
+        prefix = self._prefix(key, chunk_start)
+        after = prefix.covered_end_ms if prefix.covered_end_ms >= 0 else now - s.recent_window_ms
+        after = max(after, now - s.recent_window_ms - t.chunk_ms)  # a stalled summariser never unbounds it
+        recent = self.store.newest(Scope(key, ("short",), after + 1 if after >= 0 else None, now), max_recent)
+        answers = self.store.newest(Scope(key, ("qa",), None, now), t.qa_history) if t.qa_history else []
+        history = fit_newest(answers, t.qa_tokens)
         return memory_pb2.ContextResponse(
-            recent=[frame_item(r) for r in recent],
-            summaries=[d.item(key) for d in digests],
-            blocks=[],
-            prefix_text=text,
-            prefix_version=prefix_version(text),
+            recent=[to_item(e) for e in recent if e.start_ms <= now],
+            summaries=[to_item(e) for e in prefix.summaries],
+            blocks=[to_item(e) for e in prefix.blocks],
+            history=[to_item(e) for e in history],
+            prefix_text=prefix.text,
+            prefix_version=prefix.version,
+            chunk_start_ms=chunk_start,
+            prefix_tokens=prefix.tokens,
         )
 
-    def _chunk_digests(self, key: str, now_ms: int) -> list[ChunkDigest]:
-        """Digests of the newest ``prefix_max_chunks`` chunks that ended at or before ``now_ms``."""
-        assert self.store is not None and self.settings is not None and self._digests is not None
-        chunk = self.settings.chunk_ms
-        completed = now_ms // chunk  # chunks 0 .. completed-1 lie entirely at or before now
-        first = max(0, completed - self.settings.prefix_max_chunks)
-        found: dict[int, ChunkDigest | None] = {}
-        missing: list[int] = []
-        for index in range(first, completed):
-            cached, digest = self._digests.get(key, index)
-            if cached:
-                found[index] = digest
-            else:
-                missing.append(index)
-        if missing:
-            since = self._digests.stamp()
-            lo, hi = missing[0], missing[-1] + 1  # one ordered scan over the uncached span
-            per_chunk: dict[int, list[FrameRecord]] = {i: [] for i in range(lo, hi)}
-            for record in self.store.scan(key, from_ms=lo * chunk, before_ms=hi * chunk):
-                per_chunk[record.media_ts_ms // chunk].append(record)
-            computed = {i: digest_chunk(i, i * chunk, (i + 1) * chunk, per_chunk[i]) for i in missing}
-            self._digests.put_all(key, since, computed)
-            found.update(computed)
-        return [found[i] for i in range(first, completed) if found.get(i) is not None]  # type: ignore[misc]
+    def _prefix(self, key: str, chunk_start: int) -> Prefix:
+        """Blocks and summaries visible from ``chunk_start`` (cached per stream until a summary lands)."""
+        assert self.store is not None
+        with self._lock:
+            version = self._versions.get(key, 0)
+            cached = self._prefixes.get(key)
+            if cached is not None and cached[0] == chunk_start and cached[1] == version:
+                self._prefixes.move_to_end(key)
+                return cached[2]
+        t = self.tiers
+        blocks = [b for b in self.store.scan(Scope(key, ("long",), None, chunk_start)) if b.visible_from_ms <= chunk_start]
+        blocks = fit_newest(blocks, t.long_tokens, t.blocks_kept)
+        covered = {c for b in blocks for c in t.block_chunks(b.index)}
+        candidates = self.store.newest(Scope(key, ("mid",), None, chunk_start), 4 * t.summaries_per_block + 8)
+        summaries = [m for m in candidates if m.visible_from_ms <= chunk_start and m.index not in covered
+                     and (not blocks or m.start_ms >= blocks[-1].start_ms)]
+        summaries = fit_newest(summaries, t.mid_tokens)
+        text = render_prefix(blocks, summaries)
+        covered_end = max([e.end_ms for e in (*blocks, *summaries)], default=-1)
+        prefix = Prefix(tuple(blocks), tuple(summaries), text, prefix_version(text), covered_end)
+        if self.settings.context_cache_streams:
+            with self._lock:
+                if self._versions.get(key, 0) == version:
+                    self._prefixes[key] = (chunk_start, version, prefix)
+                    self._prefixes.move_to_end(key)
+                    while len(self._prefixes) > self.settings.context_cache_streams:
+                        self._prefixes.popitem(last=False)
+        return prefix
+
+    def items(self, request: memory_pb2.ItemsRequest, *, caller_tenant: str | None = None) -> memory_pb2.ItemsResponse:
+        assert self.store is not None
+        key = _key(request.key, caller_tenant)
+        tier = TIER_OF_PROTO.get(request.tier)
+        if tier is None:
+            raise InvalidInput("tier is required: MEMORY_TIER_SHORT, _MID, _LONG or _QA")
+        if request.from_ms < 0 or request.to_ms < 0 or (request.to_ms and request.from_ms > request.to_ms):
+            raise InvalidInput(f"from_ms ({request.from_ms}) .. to_ms ({request.to_ms}) is not a range (0 = open)")
+        limit = request.limit or self.settings.items_max_limit
+        if limit > self.settings.items_max_limit:
+            raise InvalidInput(f"limit {limit} is above {self.settings.items_max_limit} (SH_MEMORY_ITEMS_MAX_LIMIT)")
+        out: list[memory_pb2.MemoryItem] = []
+        for entry in self.store.scan(Scope(key, (tier,), request.from_ms or None, request.to_ms or None)):
+            out.append(to_item(entry))
+            if len(out) >= limit:
+                break
+        return memory_pb2.ItemsResponse(items=out)
+
+    @staticmethod
+    def _tiers(requested: object) -> tuple[Tier, ...]:
+        tiers: list[Tier] = []
+        for value in requested:  # type: ignore[attr-defined]
+            tier = TIER_OF_PROTO.get(int(value))
+            if tier is None:
+                raise InvalidInput(f"unknown memory tier {value}")
+            tiers.append(tier)
+        return tuple(tiers)
 
 
-def _key(key: StreamKey) -> str:
+def _collapse_runs(hits: list[Hit]) -> list[memory_pb2.MemoryItem]:
+    """Frames with the same caption within RUN_GAP_MS of each other become one item spanning them
+    (scored by the run's best frame); summaries, blocks and answers stay one item each. Best first;
+    among equal scores the earlier first, so answers are stable."""
+    runs: list[list[Hit]] = []
+    by_text: dict[str, list[list[Hit]]] = {}
+    for hit in sorted(hits, key=lambda h: h.entry.start_ms):
+        if hit.entry.tier != "short":
+            runs.append([hit])
+            continue
+        groups = by_text.setdefault(hit.entry.embed_text, [])
+        if groups and hit.entry.start_ms - groups[-1][-1].entry.end_ms <= RUN_GAP_MS:
+            groups[-1].append(hit)
+        else:
+            group = [hit]
+            groups.append(group)
+            runs.append(group)
+    items = []
+    for run in runs:
+        top = max(run, key=lambda h: h.score)
+        items.append(to_item(run[0].entry, top.score, end_ms=run[-1].entry.end_ms, frames=len(run) if run[0].entry.tier == "short" else None))
+    items.sort(key=lambda i: (-round(i.score, 6), i.start_ms))
+    return items
+
+
+def _key(key: StreamKey, caller_tenant: str | None = None) -> str:
+    if caller_tenant is not None and caller_tenant != key.tenant:
+        # Never say that another tenant's stream exists.
+        raise NotFound(f"memory holds nothing of stream {key.stream_id!r}")
     return key_str(make_key(key.tenant, key.stream_id))  # InvalidInput names the bad part
 
 
-__all__ = ["ChunkDigest", "MemoryStage", "MemorySettings", "digest_chunk", "open_store", "prefix_version", "render_prefix"]
+__all__ = ["MemorySettings", "MemoryStage", "Prefix", "TENANT_METADATA", "open_store", "prefix_version", "render_prefix"]

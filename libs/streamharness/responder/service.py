@@ -1,10 +1,12 @@
 """The responder: turns each RESPOND decision into a streamed response.
 
 For every ``DecisionEvent`` on ``decisions`` it asks memory for the stream's context at the
-decision's media time (``Context``, and ``Recall`` for questions), builds the prompt (memory prefix,
-recent captions, the question or the triggered instruction), streams the generation backend and
-publishes one ``ResponseEvent`` per chunk on ``responses``. The last record of a response has
-``final=True`` (its text may be empty).
+decision's media time (``Context``, and ``Recall`` for questions), builds the prompt (memory's stable
+prefix of long-term blocks and chunk summaries, the earlier Q&A, recent captions, the moments
+recalled for a question, then the question or the triggered instruction), streams the generation
+backend and publishes one ``ResponseEvent`` per chunk on ``responses``. The last record of a
+response has ``final=True`` (its text may be empty) and carries the question or instruction and the
+whole answer (``prompt_text``, ``answer_text``), which memory keeps as the stream's Q&A history.
 
 - **Memory is optional at run time.** When it is down or slow, the response is built from what the
   decision carries (the question or instruction, the policy's reason), logged and counted.
@@ -75,6 +77,7 @@ class ResponderSettings(BaseSettings):
     )
     recent_captions: int = Field(8, ge=0, le=200, description="Recent frame captions (short-term memory) put in the prompt.")
     recall_limit: int = Field(4, ge=0, le=50, description="Moments recalled from memory for a question; 0 = no recall.")
+    history: int = Field(6, ge=0, le=200, description="Earlier questions and answers of the stream (memory's Q&A history) put in the prompt.")
     max_prompt_chars: int = Field(
         6000, ge=500, le=500_000,
         description="Upper bound on the prompt's length; memory is trimmed (oldest first) to fit.",
@@ -88,6 +91,23 @@ class ResponderSettings(BaseSettings):
 def _clock(ms: int) -> str:
     seconds = max(0, ms) // 1000
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _span(item: memory_pb2.MemoryItem) -> str:
+    if item.end_ms > item.start_ms:
+        return f"[{_clock(item.start_ms)}-{_clock(item.end_ms)}]"
+    return f"[{_clock(item.start_ms)}]"
+
+
+def _moment(item: memory_pb2.MemoryItem) -> str:
+    if item.tier == memory_pb2.MEMORY_TIER_QA:
+        return f"{_span(item)} you were asked: {item.prompt_text.strip()} You answered: {item.text.strip()}"
+    return f"{_span(item)} {item.text.strip()}"
+
+
+def _said(item: memory_pb2.MemoryItem) -> str:
+    asked = "asked" if "question" in item.labels else "instruction"
+    return f"{_span(item)} {asked}: {item.prompt_text.strip()} -> you said: {item.text.strip()}"
 
 
 def _stamp(hop: str) -> common_pb2.HopStamp:
@@ -108,6 +128,8 @@ class ResponseBuilder:
             return fn(request, timeout=self._settings.memory_timeout_s)  # type: ignore[operator]
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else None  # type: ignore[union-attr]
+            if code == grpc.StatusCode.NOT_FOUND:
+                return None  # nothing remembered of the stream yet: not a degradation
             reason = code.name if code is not None else "error"
             log.warning("memory %s failed (%s: %s); answering without it", name, reason,
                         err.details() if hasattr(err, "details") else err)  # type: ignore[union-attr]
@@ -123,18 +145,23 @@ class ResponseBuilder:
             ctx = self._call("Context", self._memory.Context, memory_pb2.ContextRequest(
                 key=key, now_ms=decision.media_ts_ms, max_recent=s.recent_captions))
         if ctx is not None:
+            # The stable prefix first (its bytes change only at chunk boundaries), then what changes.
             if ctx.prefix_text.strip():
                 context_parts.append(ctx.prefix_text.strip())
+            if s.history and ctx.history:
+                lines = [_said(i) for i in list(ctx.history)[-s.history:]]
+                context_parts.append("What you said earlier in this session (media time):\n" + "\n".join(lines))
             for item in list(ctx.recent)[-s.recent_captions:] if s.recent_captions else ():
                 if item.text.strip():
                     captions.append(f"[{_clock(item.start_ms)}] {item.text.strip()}")
         if is_question and s.recall_limit and self._memory is not None:
             recalled = self._call("Recall", self._memory.Recall, memory_pb2.RecallRequest(
-                key=key, query=decision.prompt_text, to_ms=decision.media_ts_ms, limit=s.recall_limit))
+                key=key, query=decision.prompt_text, now_ms=decision.media_ts_ms, to_ms=decision.media_ts_ms,
+                limit=s.recall_limit))
             if recalled is not None and recalled.items:
-                lines = [f"[{_clock(i.start_ms)}-{_clock(i.end_ms)}] {i.text.strip()}" for i in recalled.items if i.text.strip()]
+                lines = [_moment(i) for i in recalled.items if i.text.strip()]
                 if lines:
-                    context_parts.append("Moments that match the question:\n" + "\n".join(lines))
+                    context_parts.append("Moments of the stream that match the question (best first):\n" + "\n".join(lines))
         if ctx is None and decision.reason.strip():
             # Memory is unavailable: what the decision step saw is all there is.
             context_parts.append(f"What the decision step noted at {_clock(decision.media_ts_ms)}: {decision.reason.strip()}")
@@ -287,9 +314,11 @@ class ResponderStage(Stage):
             return self._chunk(stream_key, decision, index, text, final=final, hops=hops)
 
         pieces: Iterator[str] = self._generator.stream(prompt)
+        answer: list[str] = []
         try:
             for text in pieces:
                 futures.append(self.out.send(topics.RESPONSES, key, chunk(text, final=False)))
+                answer.append(text)
                 index += 1
         except Exception as err:
             meters.responses_failed().add(1, {"error": type(err).__name__})
@@ -305,7 +334,9 @@ class ResponderStage(Stage):
             close = getattr(pieces, "close", None)
             if close is not None:
                 close()
-        futures.append(self.out.send(topics.RESPONSES, key, chunk("", final=True)))
+        last = chunk("", final=True)
+        last.prompt_text, last.answer_text = decision.prompt_text, "".join(answer).strip()  # memory keeps the dialogue
+        futures.append(self.out.send(topics.RESPONSES, key, last))
         self._wait(futures)
         log.info("response %s: %d chunks", decision.decision_id, index)
 

@@ -72,3 +72,29 @@ def record_hops(hops, final_hop: str, now_ns: int) -> None:
     for stamp in hops[1:]:
         hop_latency().record(max(0, stamp.wall_unix_ns - start) / 1e9, {"hop": stamp.hop})
     hop_latency().record(max(0, now_ns - start) / 1e9, {"hop": final_hop})
+
+
+@cache
+def memory_late_summaries() -> metrics.Counter:
+    return _meter().create_counter(
+        "sh.memory.late_summaries",
+        description="Summaries that reached memory after their chunk boundary had passed (the Context prefix changed mid-chunk), by tier.",
+    )
+
+
+@cache
+def summaries_written() -> metrics.Counter:
+    return _meter().create_counter("sh.summariser.summaries", description="Summaries and blocks written, by tier, backend and fallback.")
+
+
+@cache
+def summary_lag() -> metrics.Histogram:
+    return _meter().create_histogram(
+        "sh.summariser.lag", unit="s",
+        description="Wall seconds from the frame at a chunk's cut (SH_SUMMARISER_LEAD_FRAMES before the boundary) to the publication of its summary (and block), by tier.",
+    )
+
+
+@cache
+def memory_past_horizon() -> metrics.Counter:
+    return _meter().create_counter("sh.memory.past_horizon", description="Records not stored because they ended before the stream's horizon, by tier.")

@@ -1,4 +1,5 @@
 from streamharness.v1 import common_pb2 as _common_pb2
+from streamharness.v1 import memory_pb2 as _memory_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -159,7 +160,7 @@ class DecisionEvent(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., action: _Optional[_Union[DecisionEvent.Action, str]] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., reason: _Optional[str] = ..., score: _Optional[float] = ..., policy: _Optional[str] = ..., reply_to: _Optional[str] = ..., decision_id: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ...) -> None: ...
 
 class ResponseEvent(_message.Message):
-    __slots__ = ("key", "session_id", "response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "reply_to", "hops")
+    __slots__ = ("key", "session_id", "response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "reply_to", "hops", "prompt_text", "answer_text")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +173,8 @@ class ResponseEvent(_message.Message):
     MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
     REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TEXT_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.StreamKey
     session_id: str
     response_id: str
@@ -184,4 +187,38 @@ class ResponseEvent(_message.Message):
     media_ts_ms: int
     reply_to: str
     hops: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopStamp]
-    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ...) -> None: ...
+    prompt_text: str
+    answer_text: str
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., prompt_text: _Optional[str] = ..., answer_text: _Optional[str] = ...) -> None: ...
+
+class SummaryEvent(_message.Message):
+    __slots__ = ("key", "summary_id", "tier", "index", "start_ms", "end_ms", "visible_from_ms", "text", "labels", "max_people", "frames", "backend", "fallback", "hops")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    VISIBLE_FROM_MS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PEOPLE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    key: _common_pb2.StreamKey
+    summary_id: str
+    tier: _memory_pb2.MemoryTier
+    index: int
+    start_ms: int
+    end_ms: int
+    visible_from_ms: int
+    text: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    max_people: int
+    frames: int
+    backend: str
+    fallback: bool
+    hops: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopStamp]
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., summary_id: _Optional[str] = ..., tier: _Optional[_Union[_memory_pb2.MemoryTier, str]] = ..., index: _Optional[int] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., visible_from_ms: _Optional[int] = ..., text: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., max_people: _Optional[int] = ..., frames: _Optional[int] = ..., backend: _Optional[str] = ..., fallback: _Optional[bool] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ...) -> None: ...

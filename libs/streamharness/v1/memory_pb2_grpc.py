@@ -44,6 +44,11 @@ class MemoryServiceStub:
                 request_serializer=streamharness_dot_v1_dot_memory__pb2.ContextRequest.SerializeToString,
                 response_deserializer=streamharness_dot_v1_dot_memory__pb2.ContextResponse.FromString,
                 _registered_method=True)
+        self.Items = channel.unary_unary(
+                '/streamharness.v1.MemoryService/Items',
+                request_serializer=streamharness_dot_v1_dot_memory__pb2.ItemsRequest.SerializeToString,
+                response_deserializer=streamharness_dot_v1_dot_memory__pb2.ItemsResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -65,6 +70,14 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Items(self, request, context):
+        """The stored items of one tier in a media-time range, oldest first (the summariser reads a
+        chunk's frames and a block's summaries back after a restart).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Context,
                     request_deserializer=streamharness_dot_v1_dot_memory__pb2.ContextRequest.FromString,
                     response_serializer=streamharness_dot_v1_dot_memory__pb2.ContextResponse.SerializeToString,
+            ),
+            'Items': grpc.unary_unary_rpc_method_handler(
+                    servicer.Items,
+                    request_deserializer=streamharness_dot_v1_dot_memory__pb2.ItemsRequest.FromString,
+                    response_serializer=streamharness_dot_v1_dot_memory__pb2.ItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +151,33 @@ class MemoryService:
             '/streamharness.v1.MemoryService/Context',
             streamharness_dot_v1_dot_memory__pb2.ContextRequest.SerializeToString,
             streamharness_dot_v1_dot_memory__pb2.ContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Items(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamharness.v1.MemoryService/Items',
+            streamharness_dot_v1_dot_memory__pb2.ItemsRequest.SerializeToString,
+            streamharness_dot_v1_dot_memory__pb2.ItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,
