@@ -202,6 +202,7 @@ def to_item(entry: Entry, score: float = 0.0, *, end_ms: int | None = None, fram
         text=entry.embed_text if entry.tier == "short" else entry.text, labels=list(entry.labels),
         person_count=entry.person_count, score=score, item_id=f"{entry.key}/{entry.tier}/{ref}", fallback=entry.fallback,
         prompt_text=entry.prompt_text, frames=entry.frames if frames is None else frames,
+        index=entry.index if entry.tier in ("mid", "long") else 0,
     )
 
 
@@ -438,7 +439,7 @@ class MemoryStage(Stage):
         lo = max([v for v in (request.from_ms or None, scope.from_ms) if v is not None], default=None)
         hi = min([v for v in (request.to_ms or None, scope.to_ms, now) if v is not None])
         if scope.anchor:
-            anchor = self._best(Scope(key, ("short", "mid"), lo, hi), scope.anchor, 1)
+            anchor = self._best(Scope(key, ("short", "mid"), lo, hi, now), scope.anchor, 1)
             if anchor:
                 at = anchor[0]
                 notes.append(f"found '{scope.anchor}' at {clock(at.entry.start_ms)} (similarity {at.score:.2f})")
@@ -454,7 +455,7 @@ class MemoryStage(Stage):
             hits: list[Hit] = []
             if not tiers and ABOUT_DIALOGUE.search(query):
                 # "What did you tell me at 10:05?" is about the dialogue, not about what the camera showed.
-                hits = self._best(Scope(key, ("qa",), lo, hi), scope.query, candidates)
+                hits = self._best(Scope(key, ("qa",), lo, hi, now), scope.query, candidates)
                 notes.append("searched what was asked and answered (the Q&A history)" if hits
                              else "nothing was asked or answered in that time; searched everything")
                 if hits and scope.from_ms is not None and scope.to_ms is not None:
@@ -464,7 +465,9 @@ class MemoryStage(Stage):
                     return self._answer(scope, notes, lo, hi, _collapse_runs([nearest]) + [
                         i for i in _collapse_runs(hits) if i.item_id != to_item(nearest.entry).item_id][:limit - 1])
             if not hits:
-                hits = self._best(Scope(key, tiers, lo, hi), scope.query, candidates)
+                # Nothing that ends after now: a summary written ahead of its boundary covers frames
+                # past a question asked before them.
+                hits = self._best(Scope(key, tiers, lo, hi, now), scope.query, candidates)
             if scope.anchor and scope.anchor_side == "before":
                 hits = [h for h in hits if h.entry.end_ms <= hi]  # wholly before the event
             items = _collapse_runs(hits)[:limit]

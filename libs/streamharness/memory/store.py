@@ -135,6 +135,7 @@ class Scope:
     tiers: tuple[Tier, ...] = ()  # empty = every tier
     from_ms: int | None = None  # entries with end_ms >= from_ms
     to_ms: int | None = None  # ... and start_ms <= to_ms
+    ended_by_ms: int | None = None  # ... and end_ms <= ended_by_ms (nothing that runs past it)
 
 
 class _Engine(abc.ABC):
@@ -299,6 +300,8 @@ class _EdgeEngine(_Engine):
             must.append(qe.FieldCondition("start_ms", range=qe.RangeFloat(lte=float(scope.to_ms))))
         if scope.from_ms is not None:
             must.append(qe.FieldCondition("end_ms", range=qe.RangeFloat(gte=float(scope.from_ms))))
+        if scope.ended_by_ms is not None:
+            must.append(qe.FieldCondition("end_ms", range=qe.RangeFloat(lte=float(scope.ended_by_ms))))
         if end_before is not None:
             must.append(qe.FieldCondition("end_ms", range=qe.RangeFloat(lt=float(end_before))))
         if order is not None and order[2] is not None:
@@ -403,6 +406,8 @@ class _ServerEngine(_Engine):
             must.append(m.FieldCondition(key="start_ms", range=m.Range(lte=scope.to_ms)))
         if scope.from_ms is not None:
             must.append(m.FieldCondition(key="end_ms", range=m.Range(gte=scope.from_ms)))
+        if scope.ended_by_ms is not None:
+            must.append(m.FieldCondition(key="end_ms", range=m.Range(lte=scope.ended_by_ms)))
         if end_before is not None:
             must.append(m.FieldCondition(key="end_ms", range=m.Range(lt=end_before)))
         if order is not None and order[2] is not None:

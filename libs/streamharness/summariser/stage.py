@@ -220,7 +220,7 @@ class SummariserStage(Stage):
         items = self._items(key, memory_pb2.MEMORY_TIER_MID, first * self.tiers.chunk_ms, 0)
         if items is None:
             return chunk  # memory unreachable: do not guess
-        have = {int(i.item_id.rsplit("/", 1)[-1]) for i in items}
+        have = {int(i.index) for i in items}
         for k in range(first, chunk):
             if k not in have:
                 log.info("summariser %s: chunk %d has no summary in memory; catching up", key, k)
@@ -270,9 +270,8 @@ class SummariserStage(Stage):
         if len(pieces) < len(chunks):
             lo = chunks[0] * self.tiers.chunk_ms - self.tiers.chunk_ms
             for item in self._items(key, memory_pb2.MEMORY_TIER_MID, max(0, lo), self.tiers.boundary_ms(chunks[-1])) or ():
-                index = int(item.item_id.rsplit("/", 1)[-1])
-                if index in chunks:
-                    pieces.setdefault(index, SummaryPiece(index, item.start_ms, item.end_ms, item.text, item.fallback))
+                if item.index in chunks:
+                    pieces.setdefault(int(item.index), SummaryPiece(int(item.index), item.start_ms, item.end_ms, item.text, item.fallback))
         if not pieces:
             return
         ordered = tuple(pieces[i] for i in sorted(pieces))

@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from streamharness.v1 import common_pb2 as streamharness_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstreamharness/v1/memory.proto\x12\x10streamharness.v1\x1a\x1dstreamharness/v1/common.proto\"\xc5\x01\n\rRecallRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12\r\n\x05query\x18\x02 \x01(\t\x12\x0f\n\x07\x66rom_ms\x18\x03 \x01(\x03\x12\r\n\x05to_ms\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\r\x12\x0e\n\x06now_ms\x18\x06 \x01(\x03\x12+\n\x05tiers\x18\x07 \x03(\x0e\x32\x1c.streamharness.v1.MemoryTier\x12\x0f\n\x07literal\x18\x08 \x01(\x08\"\xe5\x01\n\nMemoryItem\x12*\n\x04tier\x18\x01 \x01(\x0e\x32\x1c.streamharness.v1.MemoryTier\x12\x10\n\x08start_ms\x18\x02 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x03 \x01(\x03\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x14\n\x0cperson_count\x18\x06 \x01(\x05\x12\r\n\x05score\x18\x07 \x01(\x02\x12\x0f\n\x07item_id\x18\x08 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\t \x01(\x08\x12\x13\n\x0bprompt_text\x18\n \x01(\t\x12\x0e\n\x06\x66rames\x18\x0b \x01(\x05\"\xaf\x01\n\x0eRecallResponse\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem\x12\x0f\n\x07\x66rom_ms\x18\x02 \x01(\x03\x12\r\n\x05to_ms\x18\x03 \x01(\x03\x12\r\n\x05notes\x18\x04 \x03(\t\x12\x15\n\rspan_start_ms\x18\x05 \x01(\x03\x12\x13\n\x0bspan_end_ms\x18\x06 \x01(\x03\x12\x15\n\rsearched_text\x18\x07 \x01(\t\"^\n\x0e\x43ontextRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12\x0e\n\x06now_ms\x18\x02 \x01(\x03\x12\x12\n\nmax_recent\x18\x03 \x01(\r\"\xa9\x02\n\x0f\x43ontextResponse\x12,\n\x06recent\x18\x01 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem\x12/\n\tsummaries\x18\x02 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem\x12,\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem\x12\x13\n\x0bprefix_text\x18\x04 \x01(\t\x12\x16\n\x0eprefix_version\x18\x05 \x01(\t\x12-\n\x07history\x18\x06 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem\x12\x16\n\x0e\x63hunk_start_ms\x18\x07 \x01(\x03\x12\x15\n\rprefix_tokens\x18\x08 \x01(\x05\"\x93\x01\n\x0cItemsRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12*\n\x04tier\x18\x02 \x01(\x0e\x32\x1c.streamharness.v1.MemoryTier\x12\x0f\n\x07\x66rom_ms\x18\x03 \x01(\x03\x12\r\n\x05to_ms\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\r\"<\n\rItemsResponse\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem*\x7f\n\nMemoryTier\x12\x1b\n\x17MEMORY_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11MEMORY_TIER_SHORT\x10\x01\x12\x13\n\x0fMEMORY_TIER_MID\x10\x02\x12\x14\n\x10MEMORY_TIER_LONG\x10\x03\x12\x12\n\x0eMEMORY_TIER_QA\x10\x04\x32\xf6\x01\n\rMemoryService\x12K\n\x06Recall\x12\x1f.streamharness.v1.RecallRequest\x1a .streamharness.v1.RecallResponse\x12N\n\x07\x43ontext\x12 .streamharness.v1.ContextRequest\x1a!.streamharness.v1.ContextResponse\x12H\n\x05Items\x12\x1e.streamharness.v1.ItemsRequest\x1a\x1f.streamharness.v1.ItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstreamharness/v1/memory.proto\x12\x10streamharness.v1\x1a\x1dstreamharness/v1/common.proto\"\xc5\x01\n\rRecallRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12\r\n\x05query\x18\x02 \x01(\t\x12\x0f\n\x07\x66rom_ms\x18\x03 \x01(\x03\x12\r\n\x05to_ms\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\r\x12\x0e\n\x06now_ms\x18\x06 \x01(\x03\x12+\n\x05tiers\x18\x07 \x03(\x0e\x32\x1c.streamharness.v1.MemoryTier\x12\x0f\n\x07literal\x18\x08 \x01(\x08\"\xf4\x01\n\nMemoryItem\x12*\n\x04tier\x18\x01 \x01(\x0e\x32\x1c.streamharness.v1.MemoryTier\x12\x10\n\x08start_ms\x18\x02 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x03 \x01(\x03\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x14\n\x0cperson_count\x18\x06 \x01(\x05\x12\r\n\x05score\x18\x07 \x01(\x02\x12\x0f\n\x07item_id\x18\x08 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\t \x01(\x08\x12\x13\n\x0bprompt_text\x18\n \x01(\t\x12\x0e\n\x06\x66rames\x18\x0b \x01(\x05\x12\r\n\x05index\x18\x0c \x01(\x03\"\xaf\x01\n\x0eRecallResponse\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem\x12\x0f\n\x07\x66rom_ms\x18\x02 \x01(\x03\x12\r\n\x05to_ms\x18\x03 \x01(\x03\x12\r\n\x05notes\x18\x04 \x03(\t\x12\x15\n\rspan_start_ms\x18\x05 \x01(\x03\x12\x13\n\x0bspan_end_ms\x18\x06 \x01(\x03\x12\x15\n\rsearched_text\x18\x07 \x01(\t\"^\n\x0e\x43ontextRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12\x0e\n\x06now_ms\x18\x02 \x01(\x03\x12\x12\n\nmax_recent\x18\x03 \x01(\r\"\xa9\x02\n\x0f\x43ontextResponse\x12,\n\x06recent\x18\x01 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem\x12/\n\tsummaries\x18\x02 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem\x12,\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem\x12\x13\n\x0bprefix_text\x18\x04 \x01(\t\x12\x16\n\x0eprefix_version\x18\x05 \x01(\t\x12-\n\x07history\x18\x06 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem\x12\x16\n\x0e\x63hunk_start_ms\x18\x07 \x01(\x03\x12\x15\n\rprefix_tokens\x18\x08 \x01(\x05\"\x93\x01\n\x0cItemsRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12*\n\x04tier\x18\x02 \x01(\x0e\x32\x1c.streamharness.v1.MemoryTier\x12\x0f\n\x07\x66rom_ms\x18\x03 \x01(\x03\x12\r\n\x05to_ms\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\r\"<\n\rItemsResponse\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.streamharness.v1.MemoryItem*\x7f\n\nMemoryTier\x12\x1b\n\x17MEMORY_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11MEMORY_TIER_SHORT\x10\x01\x12\x13\n\x0fMEMORY_TIER_MID\x10\x02\x12\x14\n\x10MEMORY_TIER_LONG\x10\x03\x12\x12\n\x0eMEMORY_TIER_QA\x10\x04\x32\xf6\x01\n\rMemoryService\x12K\n\x06Recall\x12\x1f.streamharness.v1.RecallRequest\x1a .streamharness.v1.RecallResponse\x12N\n\x07\x43ontext\x12 .streamharness.v1.ContextRequest\x1a!.streamharness.v1.ContextResponse\x12H\n\x05Items\x12\x1e.streamharness.v1.ItemsRequest\x1a\x1f.streamharness.v1.ItemsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'streamharness.v1.memory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMORYTIER']._serialized_start=1300
-  _globals['_MEMORYTIER']._serialized_end=1427
+  _globals['_MEMORYTIER']._serialized_start=1315
+  _globals['_MEMORYTIER']._serialized_end=1442
   _globals['_RECALLREQUEST']._serialized_start=83
   _globals['_RECALLREQUEST']._serialized_end=280
   _globals['_MEMORYITEM']._serialized_start=283
-  _globals['_MEMORYITEM']._serialized_end=512
-  _globals['_RECALLRESPONSE']._serialized_start=515
-  _globals['_RECALLRESPONSE']._serialized_end=690
-  _globals['_CONTEXTREQUEST']._serialized_start=692
-  _globals['_CONTEXTREQUEST']._serialized_end=786
-  _globals['_CONTEXTRESPONSE']._serialized_start=789
-  _globals['_CONTEXTRESPONSE']._serialized_end=1086
-  _globals['_ITEMSREQUEST']._serialized_start=1089
-  _globals['_ITEMSREQUEST']._serialized_end=1236
-  _globals['_ITEMSRESPONSE']._serialized_start=1238
-  _globals['_ITEMSRESPONSE']._serialized_end=1298
-  _globals['_MEMORYSERVICE']._serialized_start=1430
-  _globals['_MEMORYSERVICE']._serialized_end=1676
+  _globals['_MEMORYITEM']._serialized_end=527
+  _globals['_RECALLRESPONSE']._serialized_start=530
+  _globals['_RECALLRESPONSE']._serialized_end=705
+  _globals['_CONTEXTREQUEST']._serialized_start=707
+  _globals['_CONTEXTREQUEST']._serialized_end=801
+  _globals['_CONTEXTRESPONSE']._serialized_start=804
+  _globals['_CONTEXTRESPONSE']._serialized_end=1101
+  _globals['_ITEMSREQUEST']._serialized_start=1104
+  _globals['_ITEMSREQUEST']._serialized_end=1251
+  _globals['_ITEMSRESPONSE']._serialized_start=1253
+  _globals['_ITEMSRESPONSE']._serialized_end=1313
+  _globals['_MEMORYSERVICE']._serialized_start=1445
+  _globals['_MEMORYSERVICE']._serialized_end=1691
 # @@protoc_insertion_point(module_scope)

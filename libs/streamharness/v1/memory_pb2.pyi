@@ -42,7 +42,7 @@ class RecallRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., query: _Optional[str] = ..., from_ms: _Optional[int] = ..., to_ms: _Optional[int] = ..., limit: _Optional[int] = ..., now_ms: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[MemoryTier, str]]] = ..., literal: _Optional[bool] = ...) -> None: ...
 
 class MemoryItem(_message.Message):
-    __slots__ = ("tier", "start_ms", "end_ms", "text", "labels", "person_count", "score", "item_id", "fallback", "prompt_text", "frames")
+    __slots__ = ("tier", "start_ms", "end_ms", "text", "labels", "person_count", "score", "item_id", "fallback", "prompt_text", "frames", "index")
     TIER_FIELD_NUMBER: _ClassVar[int]
     START_MS_FIELD_NUMBER: _ClassVar[int]
     END_MS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class MemoryItem(_message.Message):
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     tier: MemoryTier
     start_ms: int
     end_ms: int
@@ -65,7 +66,8 @@ class MemoryItem(_message.Message):
     fallback: bool
     prompt_text: str
     frames: int
-    def __init__(self, tier: _Optional[_Union[MemoryTier, str]] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., text: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., person_count: _Optional[int] = ..., score: _Optional[float] = ..., item_id: _Optional[str] = ..., fallback: _Optional[bool] = ..., prompt_text: _Optional[str] = ..., frames: _Optional[int] = ...) -> None: ...
+    index: int
+    def __init__(self, tier: _Optional[_Union[MemoryTier, str]] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., text: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., person_count: _Optional[int] = ..., score: _Optional[float] = ..., item_id: _Optional[str] = ..., fallback: _Optional[bool] = ..., prompt_text: _Optional[str] = ..., frames: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class RecallResponse(_message.Message):
     __slots__ = ("items", "from_ms", "to_ms", "notes", "span_start_ms", "span_end_ms", "searched_text")
