@@ -77,7 +77,7 @@ def test_memory_keeps_every_frame_and_answers_use_it(pipeline):
                                   queries=[TimedQuery("question", "q1", 5000, "What did you see so far?")])
     key = key_str(make_key("acme", "memory-check"))
     assert result.frames_published == len(frames) == 7
-    assert pipeline.memory.store.count(key) == result.memory_points == 7
+    assert pipeline.memory.store.count(key, ("short",)) == result.memory_points == 7
     # The same Context call the responder makes: the recent tier holds the frames up to now.
     from streamharness.v1 import memory_pb2
 
@@ -85,6 +85,10 @@ def test_memory_keeps_every_frame_and_answers_use_it(pipeline):
     assert [item.start_ms for item in ctx.recent] == [ts for ts, _ in frames if ts <= 5000]
     [answer] = result.responses
     assert answer.question_id == "q1" and answer.media_ts_ms == 5000 and answer.text.strip()
+    # ... and the answer is remembered: the question and the whole text, once.
+    [said] = ctx.history
+    assert (said.prompt_text, said.text, said.start_ms) == ("What did you see so far?", answer.text.strip(), 5000)
+    assert pipeline.memory.store.count(key, ("qa",)) == 1
 
 
 def test_damaged_frames_are_reported_and_the_session_goes_on(pipeline):
@@ -111,7 +115,7 @@ def test_a_frame_the_encoder_cannot_read_is_dead_lettered_not_fatal(pipeline):
     result = pipeline.run_session("acme", "bad-record", frames)
     assert len(result.frame_errors) == 1 and "seq 1" in result.frame_errors[0]
     assert result.frames_published == 3
-    assert pipeline.memory.store.count(key_str(key)) == 3
+    assert pipeline.memory.store.count(key_str(key), ("short",)) == 3
 
 
 def test_a_question_after_the_last_frame_is_still_answered(pipeline):
