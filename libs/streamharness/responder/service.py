@@ -39,6 +39,7 @@ from streamharness import topics
 from streamharness.errors import InvalidInput
 from streamharness.generation import GenerationSettings, Prompt, ResponseGenerator, make_generator
 from streamharness.keys import parse_key
+from streamharness.memory.timephrases import clock
 from streamharness.records import ConsumedEvent
 from streamharness.settings import load_settings
 from streamharness.stage import Outbox, Stage, StageContext, StageSpec
@@ -88,15 +89,10 @@ class ResponderSettings(BaseSettings):
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, min_length=1, description="System prompt of every response.")
 
 
-def _clock(ms: int) -> str:
-    seconds = max(0, ms) // 1000
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def _span(item: memory_pb2.MemoryItem) -> str:
     if item.end_ms > item.start_ms:
-        return f"[{_clock(item.start_ms)}-{_clock(item.end_ms)}]"
-    return f"[{_clock(item.start_ms)}]"
+        return f"[{clock(item.start_ms)}-{clock(item.end_ms)}]"
+    return f"[{clock(item.start_ms)}]"
 
 
 def _moment(item: memory_pb2.MemoryItem) -> str:
@@ -153,7 +149,7 @@ class ResponseBuilder:
                 context_parts.append("What you said earlier in this session (media time):\n" + "\n".join(lines))
             for item in list(ctx.recent)[-s.recent_captions:] if s.recent_captions else ():
                 if item.text.strip():
-                    captions.append(f"[{_clock(item.start_ms)}] {item.text.strip()}")
+                    captions.append(f"[{clock(item.start_ms)}] {item.text.strip()}")
         if is_question and s.recall_limit and self._memory is not None:
             recalled = self._call("Recall", self._memory.Recall, memory_pb2.RecallRequest(
                 key=key, query=decision.prompt_text, now_ms=decision.media_ts_ms, to_ms=decision.media_ts_ms,
@@ -164,7 +160,7 @@ class ResponseBuilder:
                     context_parts.append("Moments of the stream that match the question (best first):\n" + "\n".join(lines))
         if ctx is None and decision.reason.strip():
             # Memory is unavailable: what the decision step saw is all there is.
-            context_parts.append(f"What the decision step noted at {_clock(decision.media_ts_ms)}: {decision.reason.strip()}")
+            context_parts.append(f"What the decision step noted at {clock(decision.media_ts_ms)}: {decision.reason.strip()}")
         context, captions = self._fit("\n\n".join(context_parts), captions, decision.prompt_text)
         if is_question:
             return Prompt(system=s.system_prompt, context=context, recent_captions=tuple(captions),

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from streamharness.memory.timephrases import clock  # noqa: F401 - one media clock for prompts and notes
+
 if TYPE_CHECKING:  # the backends module imports this one
     from streamharness.summariser.backends import BlockInput, ChunkFrame, ChunkInput
 
@@ -35,12 +37,6 @@ BLOCK_SYSTEM = (
     "stays short: you are given several consecutive records of the stream and you write one record "
     "that keeps what matters from all of them. Write plain sentences."
 )
-
-
-def clock(ms: int) -> str:
-    """Media time as ``H:MM:SS`` (hours not padded)."""
-    seconds = max(0, int(ms)) // 1000
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def span(start_ms: int, end_ms: int) -> str:
