@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from streamharness.generation.base import GenerationError, GenerationRejected, Prompt, ResponseGenerator
 from streamharness.generation.settings import GenerationSettings
@@ -51,21 +52,25 @@ def iter_sse_data(lines: Iterator[str]) -> Iterator[str]:
         yield "\n".join(data)
 
 
+def openai_http_client(base_url: str, api_key: SecretStr | None, *, accept: str, timeout: httpx.Timeout,
+                       transport: httpx.BaseTransport | None = None) -> httpx.Client:
+    """An HTTP client for an OpenAI-compatible API root (``.../v1``), with the bearer token if any."""
+    httpx_log = logging.getLogger("httpx")
+    if httpx_log.level == logging.NOTSET:
+        # httpx logs every request at INFO: the readiness probe alone would flood the logs.
+        httpx_log.setLevel(logging.WARNING)
+    headers = {"Accept": accept}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
+    return httpx.Client(base_url=base_url.rstrip("/") + "/", headers=headers, timeout=timeout, transport=transport)
+
+
 class OpenAICompatibleGenerator(ResponseGenerator):
     def __init__(self, settings: GenerationSettings, *, transport: httpx.BaseTransport | None = None) -> None:
         self._settings = settings
-        httpx_log = logging.getLogger("httpx")
-        if httpx_log.level == logging.NOTSET:
-            # httpx logs every request at INFO: the readiness probe alone would flood the logs.
-            httpx_log.setLevel(logging.WARNING)
-        headers = {"Accept": "text/event-stream"}
-        if settings.api_key is not None:
-            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
-        self._client = httpx.Client(
-            base_url=settings.base_url + "/",
-            headers=headers,
-            timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),
-            transport=transport,
+        self._client = openai_http_client(
+            settings.base_url, settings.api_key, accept="text/event-stream",
+            timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s), transport=transport,
         )
 
     def _payload(self, prompt: Prompt) -> dict[str, Any]:

@@ -92,8 +92,8 @@ class TimeScope:
 
 def clock(ms: int) -> str:
     """``"H:MM:SS"`` of a media time (3_723_000 -> ``"1:02:03"``); hours are not taken modulo 24."""
-    sign = "-" if ms < 0 else ""
-    s = abs(ms) // SECOND_MS
+    s = abs(int(ms)) // SECOND_MS
+    sign = "-" if ms < 0 and s else ""  # less than a second before 0 reads as 0:00:00
     return f"{sign}{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 

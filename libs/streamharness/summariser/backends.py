@@ -39,7 +39,7 @@ from streamharness.generation.base import (
     Prompt,
     ResponseGenerator,
 )
-from streamharness.generation.openai_client import error_message
+from streamharness.generation.openai_client import error_message, openai_http_client
 from streamharness.summariser import prompts
 from streamharness.summariser.prompts import clock, span
 from streamharness.summariser.settings import SummariserSettings
@@ -405,17 +405,9 @@ class OpenAIVisionSummariser(SummariserBackend):
         self._settings = settings
         self._base = settings.vlm_base_url.rstrip("/")
         self._digest = DigestSummariser()
-        httpx_log = logging.getLogger("httpx")
-        if httpx_log.level == logging.NOTSET:
-            httpx_log.setLevel(logging.WARNING)
-        headers = {"Accept": "application/json"}
-        if settings.vlm_api_key is not None:
-            headers["Authorization"] = f"Bearer {settings.vlm_api_key.get_secret_value()}"
-        self._client = httpx.Client(
-            base_url=self._base + "/",
-            headers=headers,
-            timeout=httpx.Timeout(settings.timeout_s, connect=min(10.0, settings.timeout_s)),
-            transport=transport,
+        self._client = openai_http_client(
+            self._base, settings.vlm_api_key, accept="application/json",
+            timeout=httpx.Timeout(settings.timeout_s, connect=min(10.0, settings.timeout_s)), transport=transport,
         )
 
     def chunk_messages(self, chunk: ChunkInput) -> list[dict[str, Any]]:
