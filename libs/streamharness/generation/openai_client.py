@@ -65,6 +65,21 @@ def openai_http_client(base_url: str, api_key: SecretStr | None, *, accept: str,
     return httpx.Client(base_url=base_url.rstrip("/") + "/", headers=headers, timeout=timeout, transport=transport)
 
 
+def served_models(client: httpx.Client, timeout_s: float) -> set[str] | None:
+    """The model ids ``GET models`` lists, or None when the server does not answer it properly."""
+    try:
+        response = client.get("models", timeout=timeout_s)
+    except httpx.TransportError as err:
+        log.debug("%s not reachable: %r", client.base_url, err)
+        return None
+    if response.status_code != 200:
+        return None
+    try:
+        return {m.get("id") for m in response.json().get("data") or ()}
+    except (ValueError, AttributeError):
+        return None
+
+
 class OpenAICompatibleGenerator(ResponseGenerator):
     def __init__(self, settings: GenerationSettings, *, transport: httpx.BaseTransport | None = None) -> None:
         self._settings = settings
@@ -116,18 +131,8 @@ class OpenAICompatibleGenerator(ResponseGenerator):
             raise GenerationError(f"cannot reach the generation backend at {self._settings.base_url}: {err!r}") from err
 
     def ready(self) -> bool:
-        try:
-            response = self._client.get("models", timeout=self._settings.ready_timeout_s)
-        except httpx.TransportError as err:
-            log.debug("generation backend not reachable: %r", err)
-            return False
-        if response.status_code != 200:
-            return False
-        try:
-            ids = {m.get("id") for m in response.json().get("data") or ()}
-        except (ValueError, AttributeError):
-            return False
-        return self._settings.model in ids
+        ids = served_models(self._client, self._settings.ready_timeout_s)
+        return ids is not None and self._settings.model in ids
 
     def close(self) -> None:
         self._client.close()

@@ -39,7 +39,7 @@ from streamharness.generation.base import (
     Prompt,
     ResponseGenerator,
 )
-from streamharness.generation.openai_client import error_message, openai_http_client
+from streamharness.generation.openai_client import error_message, openai_http_client, served_models
 from streamharness.summariser import prompts
 from streamharness.summariser.prompts import clock, span
 from streamharness.summariser.settings import SummariserSettings
@@ -460,18 +460,8 @@ class OpenAIVisionSummariser(SummariserBackend):
         return content
 
     def ready(self) -> bool:
-        try:
-            response = self._client.get("models", timeout=min(5.0, self._settings.timeout_s))
-        except httpx.TransportError as err:
-            log.debug("VLM not reachable: %r", err)
-            return False
-        if response.status_code != 200:
-            return False
-        try:
-            ids = {m.get("id") for m in response.json().get("data") or ()}
-        except (ValueError, AttributeError):
-            return False
-        return not ids or self._settings.vlm_model in ids
+        ids = served_models(self._client, min(5.0, self._settings.timeout_s))
+        return ids is not None and (not ids or self._settings.vlm_model in ids)
 
     def close(self) -> None:
         self._client.close()
