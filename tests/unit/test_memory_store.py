@@ -247,3 +247,14 @@ def test_edge_upsert_survives_a_crash_without_flush_or_close(tmp_path: Path) -> 
         assert [e.start_ms for e in everything(store, KEY, "short")] == [0, 1000, 2000]
     finally:
         store.close()
+
+
+def test_compacting_after_deletes_keeps_what_was_not_deleted(store: MemoryStore) -> None:
+    n = 3000
+    store.upsert([frame(KEY, i * 1000, f"c{i % 7}") for i in range(n)], random_unit(n))
+    store.delete_ended_before(KEY, 2_000_000)
+    store.compact()  # vacuums the deleted points (edge); a server does it by itself
+    assert store.count(KEY) == 1000
+    assert [e.start_ms for e in everything(store, KEY, "short")][:3] == [2_000_000, 2_001_000, 2_002_000]
+    store.upsert([frame(KEY, n * 1000, "after")], random_unit(1, seed=3))
+    assert store.count(KEY) == 1001

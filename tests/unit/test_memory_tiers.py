@@ -134,6 +134,11 @@ def test_eviction_removes_exactly_what_is_past_the_horizon(small: Pipeline) -> N
     assert min(m.end_ms for m in small.summaries("mid")) < 240_000  # ... and nothing newer was removed
     blocks = small.summaries("long")
     assert len(blocks) <= 2 and all(b.end_ms >= 220_000 for b in blocks)
+    # Deleted points are vacuumed in the background (SH_MEMORY_COMPACT_INTERVAL_S).
+    compaction = small.memory.compact_in_background()
+    assert compaction is not None
+    compaction.join(60)
+    assert len(list(store.scan(Scope(SKEY, ("short",))))) == 210
     # Bounded: a longer stream keeps the same amount.
     small.frames(range(430, 830), scene)
     assert len(list(store.scan(Scope(SKEY, ("short",))))) == 210
@@ -282,3 +287,17 @@ def test_a_summariser_model_that_fails_or_hangs_gives_a_marked_fallback(tmp_path
     (m,) = q.summaries("mid")
     assert m.fallback and slow.calls == 1  # timed out once: no second try past the deadline
     q.host.close()
+
+
+def test_a_jump_in_media_time_skips_the_empty_chunks_and_closes_the_open_block(tmp_path: Path, encoder: TextEncoder) -> None:
+    p = Pipeline(tmp_path, encoder, TierSettings(chunk_s=20, summaries_per_block=3, blocks_kept=2, horizon_s=200_000))
+    p.frames(range(0, 30), scene)  # chunk 0 written at its cut (15 s); chunk 1 open
+    calls: list = []
+    real = p.summariser._items  # noqa: SLF001
+    p.summariser._items = lambda *a: calls.append(a) or real(*a)  # noqa: SLF001
+    p.frames([20 * 3600 + s for s in range(0, 40)], scene)  # the stream resumes 20 h later
+    mids = p.summaries("mid")
+    assert [m.index for m in mids] == [0, 1, 3600, 3601] and mids[1].end_ms == 29_000
+    assert [b.index for b in p.summaries("long")] == [0]  # the block of chunks 0-2, closed by the jump
+    assert calls == []  # nothing was read back from memory for the thousands of empty chunks
+    p.host.close()

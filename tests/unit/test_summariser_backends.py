@@ -247,7 +247,9 @@ def test_digest_block_keeps_spans_and_end_states() -> None:
     lines = text.split("\n")
     assert len(lines) == 5
     assert lines[0] == "[0:00:00–0:03:19] A car parks at [0:00:05]. At the end the lot holds 0 cars."
-    assert lines[2] == "[0:06:40–0:09:59] At the end (0:06:17): a dog on a road; labels: dog; no people."
+    # A digest keeps what happened (its scenes, with their times) and its end state, cut to fit.
+    assert lines[2].startswith("[0:06:40–0:09:59] Scenes: 0:03:20–0:03:47 a car on a road, 2 people;")
+    assert "At the end (0:06:17): a dog on a road" in lines[2]
     assert len(text.split()) <= prompts.BLOCK_WORDS + 10
     assert digest.compress(b) == text
     long = BlockInput(KEY, 0, 0, 999_999, tuple(

@@ -78,8 +78,12 @@ PROTO_OF_TIER = {v: k for k, v in TIER_OF_PROTO.items()}
 
 #: Frame hits with the same caption at most this far apart are one item spanning the run.
 RUN_GAP_MS = 30_000
-#: Candidates searched per item asked for (runs of equal captions collapse into one item).
+#: Candidates searched per item asked for (runs of equal captions collapse into one item), and the
+#: most a Recall looks at when too few distinct items came back.
 CANDIDATES_PER_ITEM = 5
+MAX_CANDIDATES = 2000
+#: How far the best item's run is followed to find the whole event's span.
+RUN_EXTEND_MS = 600_000
 #: A question about the dialogue itself: searched in the Q&A history first.
 ABOUT_DIALOGUE = re.compile(
     r"\b(did|have|had) (you|i) (tell|told|say|said|answer|answered|ask|asked|mention|mentioned|reply|replied|warn|warned|alert|alerted)\b"
@@ -121,6 +125,10 @@ class MemorySettings(BaseSettings):
     items_max_limit: int = Field(5000, ge=1, le=100_000, description="Largest limit an Items request may ask for (also its default).")
     consumer_group: str = Field("memory", min_length=1, description="Kafka consumer group reading embeddings, summaries and responses (the topic prefix is added).")
     flush_interval_s: float = Field(5.0, gt=0, le=3600, description="Longest time between store flushes while consuming (the WAL covers crashes in between).")
+    compact_interval_s: float = Field(
+        300.0, ge=0, le=86_400,
+        description="Shortest wall time between two compactions of the store after evictions (a background vacuum of deleted points; 0 = after every eviction).",
+    )
 
     @model_validator(mode="after")
     def _server_needs_url(self) -> MemorySettings:
@@ -306,6 +314,9 @@ class MemoryStage(Stage):
         self._lock = threading.Lock()
         self._chunk_seen: dict[str, int] = {}  # stream -> newest chunk index whose frames were seen (eviction)
         self._cutoffs: dict[str, int] = {}  # stream -> media time before which everything was deleted
+        self._evicted = False  # something was deleted since the last compaction
+        self._last_compact = time.monotonic()
+        self._compacting: threading.Thread | None = None
         self._versions: dict[str, int] = {}  # stream -> summary writes (invalidates cached prefixes)
         self._prefixes: OrderedDict[str, tuple[int, int, Prefix]] = OrderedDict()  # stream -> (chunk, version, prefix)
 
@@ -329,6 +340,8 @@ class MemoryStage(Stage):
         """Intake has stopped; let running RPCs answer, then flush and close the store."""
         with self._calls_done:
             self._calls_done.wait_for(lambda: self._calls == 0, timeout=max(0.0, deadline - time.monotonic()))
+        if self._compacting is not None:
+            self._compacting.join(timeout=max(0.0, deadline - time.monotonic()))
         if self.store is not None and self.store.is_open:
             self.store.close()
 
@@ -368,6 +381,28 @@ class MemoryStage(Stage):
         if now - self._last_flush >= self.settings.flush_interval_s:
             self.store.flush()  # type: ignore[union-attr]
             self._last_flush = now
+        if self._evicted and now - self._last_compact >= self.settings.compact_interval_s:
+            self.compact_in_background()
+
+    def compact_in_background(self) -> threading.Thread | None:
+        """Vacuum deleted points off the consumer's thread (one compaction at a time)."""
+        if self._compacting is not None and self._compacting.is_alive():
+            return None
+        self._evicted = False
+        self._last_compact = time.monotonic()
+
+        def run() -> None:
+            started = time.monotonic()
+            try:
+                self.store.compact()  # type: ignore[union-attr]
+                log.info("memory: store compacted in %.1f s", time.monotonic() - started)
+            except Exception:  # noqa: BLE001 - a failed vacuum is retried after the next eviction
+                log.exception("memory: compacting the store failed")
+                self._evicted = True
+
+        self._compacting = threading.Thread(target=run, name="memory-compact", daemon=True)
+        self._compacting.start()
+        return self._compacting
 
     def _write(self, entry: Entry) -> None:
         assert self.store is not None and self.text_encoder is not None
@@ -398,6 +433,7 @@ class MemoryStage(Stage):
         cutoff = frame.start_ms - self.tiers.horizon_ms
         if cutoff > 0:
             self.store.delete_ended_before(frame.key, cutoff)
+            self._evicted = True
             with self._lock:
                 self._cutoffs[frame.key] = max(cutoff, self._cutoffs.get(frame.key, 0))
                 self._versions[frame.key] = self._versions.get(frame.key, 0) + 1
@@ -409,6 +445,7 @@ class MemoryStage(Stage):
         kept = fit_newest(blocks, self.tiers.long_tokens, self.tiers.blocks_kept) or blocks[-1:]
         if len(kept) < len(blocks):
             self.store.delete_ended_before(key, kept[0].start_ms, ("long",))
+            self._evicted = True
             log.info("memory %s: evicted %d long-term blocks (kept %d)", key, len(blocks) - len(kept), len(kept))
 
     # -- API -------------------------------------------------------------------------------------
@@ -468,9 +505,16 @@ class MemoryStage(Stage):
                 # Nothing that ends after now: a summary written ahead of its boundary covers frames
                 # past a question asked before them.
                 hits = self._best(Scope(key, tiers, lo, hi, now), scope.query, candidates)
+                # Runs of equal captions collapse into one item each: look further while too few
+                # distinct items came back and there may be more.
+                while len(_collapse_runs(hits)) < limit and len(hits) == candidates and candidates < MAX_CANDIDATES:
+                    candidates = min(candidates * 4, MAX_CANDIDATES)
+                    hits = self._best(Scope(key, tiers, lo, hi, now), scope.query, candidates)
             if scope.anchor and scope.anchor_side == "before":
                 hits = [h for h in hits if h.entry.end_ms <= hi]  # wholly before the event
             items = _collapse_runs(hits)[:limit]
+            if items and items[0].tier == memory_pb2.MEMORY_TIER_SHORT:
+                self._extend_run(key, items[0], lo, hi)
         else:
             notes.append("the time range read from the query is empty; nothing searched")
         return self._answer(scope, notes, lo, hi, items)
@@ -482,6 +526,26 @@ class MemoryStage(Stage):
             items=items, from_ms=lo or 0, to_ms=hi, notes=notes, searched_text=scope.query,
             span_start_ms=best.start_ms if best else 0, span_end_ms=best.end_ms if best else 0,
         )
+
+    def _extend_run(self, key: str, item: memory_pb2.MemoryItem, lo: int | None, hi: int) -> None:
+        """Widen the best item's span to the whole run of its caption (within RUN_EXTEND_MS and the
+        range searched): the answer's time span is the event's, not only the frames that were hits."""
+        assert self.store is not None
+        start, end = item.start_ms, item.end_ms
+        window = Scope(key, ("short",), max(lo or 0, start - RUN_EXTEND_MS), min(hi, end + RUN_EXTEND_MS))
+        same = [e.start_ms for e in self.store.scan(window) if e.embed_text == item.text]
+        before = [t for t in same if t <= start]
+        after = [t for t in same if t >= end]
+        for t in reversed(before):  # walk outwards while the run has no gap past RUN_GAP_MS
+            if start - t > RUN_GAP_MS:
+                break
+            start = t
+        for t in after:
+            if t - end > RUN_GAP_MS:
+                break
+            end = t
+        inside = len([t for t in same if start <= t <= end])
+        item.start_ms, item.end_ms, item.frames = start, end, max(item.frames, inside)
 
     def _best(self, scope: Scope, text: str, limit: int) -> list[Hit]:
         assert self.store is not None and self.text_encoder is not None

@@ -262,25 +262,27 @@ class DigestSummariser(SummariserBackend):
         budget = max(12, prompts.BLOCK_WORDS // len(block.summaries) - 2)
         lines = []
         for piece in block.summaries:
-            lines.append(f"[{span(piece.start_ms, piece.end_ms)}] {_words(self._gist(piece.text), budget)}")
+            lines.append(f"[{span(piece.start_ms, piece.end_ms)}] {self._gist(piece.text, budget)}")
         text = "\n".join(lines)
         if len(text.split()) > prompts.BLOCK_WORDS + 2 * len(lines):
             text = _words(text, prompts.BLOCK_WORDS)
         return text
 
     @staticmethod
-    def _gist(text: str) -> str:
-        """A summary's first sentence and its end-state sentence (the digest's 'At the end ...')."""
+    def _gist(text: str, budget: int) -> str:
+        """What a summary says happened (its first sentence that is not the digest's bare header:
+        the scenes, with their times) and its end state (the digest's 'At the end ...'), in about
+        ``budget`` words: two thirds for what happened, the rest for the end state."""
         sentences = [s.strip() for s in _SENTENCE_SPLIT.split(text) if s.strip()]
         if not sentences:
             return "(empty)"
         end = next((s for s in sentences if _END_SENTENCE.match(s)), None)
-        first = next((s for s in sentences if not _END_SENTENCE.match(s)), sentences[0])
+        told = [s for s in sentences if not _END_SENTENCE.match(s) and not re.fullmatch(r"[\d:–-]+, \d+ frames?\.", s)]
+        first = told[0] if told else sentences[0]
         if end is None or end == first:
-            return first
-        if re.fullmatch(r"[\d:–-]+, \d+ frames?\.", first):  # the digest's header says nothing
-            return end
-        return f"{first} {end}"
+            return _words(first, budget)
+        happened = max(6, budget * 2 // 3)
+        return f"{_words(first, happened)} {_words(end, max(4, budget - happened))}"
 
 
 # -- a text generator over the captions ----------------------------------------------------------

@@ -194,6 +194,17 @@ class SummariserStage(Stage):
             state.next_chunk = k + 1
             if (k + 1) % self.tiers.summaries_per_block == 0:  # the block's last chunk (even when empty)
                 self._compress_block(key, state, self.tiers.block_of(k))
+            elif self._gap_until(state, chunk):
+                # Media time jumped (a paused stream): the chunks up to the current one saw nothing.
+                if self.tiers.block_of(k) < self.tiers.block_of(chunk):
+                    self._compress_block(key, state, self.tiers.block_of(k))
+                state.next_chunk = chunk
+
+    def _gap_until(self, state: _Stream, chunk: int) -> bool:
+        """No frame to summarise before ``chunk``'s range, and none to read back from memory."""
+        lo = self.cut_ms(state.next_chunk - 1, state)
+        hi = self.cut_ms(chunk - 1, state)
+        return lo >= state.seen_from_ms and not any(lo <= ts < hi for ts in state.frames)
 
     # -- chunk arithmetic ------------------------------------------------------------------------
     def lead_ms(self, state: _Stream) -> int:
@@ -267,7 +278,8 @@ class SummariserStage(Stage):
     def _compress_block(self, key: str, state: _Stream, b: int) -> None:
         chunks = self.tiers.block_chunks(b)
         pieces = {i: p for i, p in state.pieces.items() if i in chunks}
-        if len(pieces) < len(chunks):
+        if len(pieces) < len(chunks) and self.cut_ms(chunks[0] - 1, state) < state.seen_from_ms:
+            # This process did not write all of the block's summaries: read the others back.
             lo = chunks[0] * self.tiers.chunk_ms - self.tiers.chunk_ms
             for item in self._items(key, memory_pb2.MEMORY_TIER_MID, max(0, lo), self.tiers.boundary_ms(chunks[-1])) or ():
                 if item.index in chunks:
