@@ -1,5 +1,5 @@
 """End to end: real videos through the running services (Kafka broker, tritonserver, KServe
-generator, gateway ×2, ingest, encoder, decision, memory, responder as separate processes)."""
+generator, gateway ×2, ingest, encoder, decision, memory, summariser, responder as separate processes)."""
 
 from __future__ import annotations
 
