@@ -301,3 +301,16 @@ def test_a_jump_in_media_time_skips_the_empty_chunks_and_closes_the_open_block(t
     assert [b.index for b in p.summaries("long")] == [0]  # the block of chunks 0-2, closed by the jump
     assert calls == []  # nothing was read back from memory for the thousands of empty chunks
     p.host.close()
+
+
+def test_a_question_that_is_only_a_time_gets_what_memory_holds_of_that_time(small: Pipeline) -> None:
+    def caption(s: int) -> str:
+        return "a fire engine with flashing lights" if 100 <= s < 110 else scene(s)
+
+    small.frames(range(0, 190), caption)
+    reply = small.recall("what happened at 0:01:45?", now_s=190)  # +-30 s around 105 s
+    assert (reply.from_ms, reply.to_ms) == (75_000, 135_000) and any("names no subject" in n for n in reply.notes)
+    first = reply.items[0]
+    assert first.tier == memory_pb2.MEMORY_TIER_MID and first.start_ms <= 105_000 <= first.end_ms
+    runs = [i for i in reply.items if i.tier == memory_pb2.MEMORY_TIER_SHORT]
+    assert runs[0].text == "a fire engine with flashing lights" and (runs[0].start_ms, runs[0].end_ms, runs[0].frames) == (100_000, 109_000, 10)

@@ -82,8 +82,9 @@ RUN_GAP_MS = 30_000
 #: most a Recall looks at when too few distinct items came back.
 CANDIDATES_PER_ITEM = 5
 MAX_CANDIDATES = 2000
-#: How far the best item's run is followed to find the whole event's span.
+#: How far the best item's run is followed to find the whole event's span, a window at a time.
 RUN_EXTEND_MS = 600_000
+RUN_STEP_MS = 60_000
 #: A question about the dialogue itself: searched in the Q&A history first.
 ABOUT_DIALOGUE = re.compile(
     r"\b(did|have|had) (you|i) (tell|told|say|said|answer|answered|ask|asked|mention|mentioned|reply|replied|warn|warned|alert|alerted)\b"
@@ -487,10 +488,16 @@ class MemoryStage(Stage):
             else:
                 notes.append(f"did not find '{scope.anchor}' in memory; searched without it")
         items: list[memory_pb2.MemoryItem] = []
+        about_dialogue = not tiers and ABOUT_DIALOGUE.search(query) is not None
+        if (scope.from_ms is not None or scope.to_ms is not None) and not tiers and not about_dialogue \
+                and _says_nothing(scope.query) and (lo is None or lo <= hi):
+            # "What happened around 10:30?": nothing to search by meaning, the time is the question.
+            notes.append("the question names no subject: what memory holds of that time, nearest first")
+            return self._answer(scope, notes, lo, hi, self._around(key, lo or 0, hi, limit))
         if lo is None or lo <= hi:
             candidates = min(limit * CANDIDATES_PER_ITEM, 1000)
             hits: list[Hit] = []
-            if not tiers and ABOUT_DIALOGUE.search(query):
+            if about_dialogue:
                 # "What did you tell me at 10:05?" is about the dialogue, not about what the camera showed.
                 hits = self._best(Scope(key, ("qa",), lo, hi, now), scope.query, candidates)
                 notes.append("searched what was asked and answered (the Q&A history)" if hits
@@ -527,25 +534,53 @@ class MemoryStage(Stage):
             span_start_ms=best.start_ms if best else 0, span_end_ms=best.end_ms if best else 0,
         )
 
-    def _extend_run(self, key: str, item: memory_pb2.MemoryItem, lo: int | None, hi: int) -> None:
-        """Widen the best item's span to the whole run of its caption (within RUN_EXTEND_MS and the
-        range searched): the answer's time span is the event's, not only the frames that were hits."""
+    def _around(self, key: str, lo: int, hi: int, limit: int) -> list[memory_pb2.MemoryItem]:
+        """The chunk summaries and runs of frames of ``[lo, hi]``, nearest its middle first."""
         assert self.store is not None
-        start, end = item.start_ms, item.end_ms
-        window = Scope(key, ("short",), max(lo or 0, start - RUN_EXTEND_MS), min(hi, end + RUN_EXTEND_MS))
-        same = [e.start_ms for e in self.store.scan(window) if e.embed_text == item.text]
-        before = [t for t in same if t <= start]
-        after = [t for t in same if t >= end]
-        for t in reversed(before):  # walk outwards while the run has no gap past RUN_GAP_MS
-            if start - t > RUN_GAP_MS:
-                break
-            start = t
-        for t in after:
-            if t - end > RUN_GAP_MS:
-                break
-            end = t
-        inside = len([t for t in same if start <= t <= end])
-        item.start_ms, item.end_ms, item.frames = start, end, max(item.frames, inside)
+        centre = (lo + hi) // 2
+        items = [to_item(e) for e in self.store.scan(Scope(key, ("mid",), lo, hi, hi))]
+        runs: list[list[Entry]] = []
+        for frame in self.store.scan(Scope(key, ("short",), lo, hi)):
+            if runs and runs[-1][-1].embed_text == frame.embed_text and frame.start_ms - runs[-1][-1].end_ms <= RUN_GAP_MS:
+                runs[-1].append(frame)
+            else:
+                runs.append([frame])
+        items += [to_item(run[0], end_ms=run[-1].end_ms, frames=len(run)) for run in runs]
+
+        def distance(item: memory_pb2.MemoryItem) -> int:
+            return 0 if item.start_ms <= centre <= item.end_ms else min(abs(item.start_ms - centre), abs(item.end_ms - centre))
+
+        # A summary that holds the middle first (it tells the whole time), then the nearest moments.
+        items.sort(key=lambda i: (distance(i), i.tier != memory_pb2.MEMORY_TIER_MID, i.start_ms))
+        return items[:limit]
+
+    def _extend_run(self, key: str, item: memory_pb2.MemoryItem, lo: int | None, hi: int) -> None:
+        """Widen the best item's span to the whole run of its caption (up to RUN_EXTEND_MS each way,
+        within the range searched): the answer's time span is the event's, not only the frames that
+        were hits. Reads outwards a window at a time, only as far as the run goes."""
+        assert self.store is not None
+        start, end, frames = item.start_ms, item.end_ms, item.frames
+        for direction in (-1, 1):
+            edge = start if direction < 0 else end
+            limit = max(lo or 0, start - RUN_EXTEND_MS) if direction < 0 else min(hi, end + RUN_EXTEND_MS)
+            while (edge > limit) if direction < 0 else (edge < limit):
+                a, b = (max(limit, edge - RUN_STEP_MS), edge) if direction < 0 else (edge, min(limit, edge + RUN_STEP_MS))
+                same = sorted((e.start_ms for e in self.store.scan(Scope(key, ("short",), a, b)) if e.embed_text == item.text),
+                              reverse=direction < 0)
+                moved = False
+                for t in same:
+                    if abs(t - edge) > RUN_GAP_MS:
+                        break
+                    edge, moved = t, moved or t != edge
+                if not moved or abs(edge - (b if direction > 0 else a)) > RUN_GAP_MS:
+                    break  # the run ended inside this window
+            if direction < 0:
+                start = edge
+            else:
+                end = edge
+        if (start, end) != (item.start_ms, item.end_ms):
+            frames = sum(1 for e in self.store.scan(Scope(key, ("short",), start, end)) if e.embed_text == item.text)
+        item.start_ms, item.end_ms, item.frames = start, end, frames
 
     def _best(self, scope: Scope, text: str, limit: int) -> list[Hit]:
         assert self.store is not None and self.text_encoder is not None
@@ -635,6 +670,19 @@ class MemoryStage(Stage):
                 raise InvalidInput(f"unknown memory tier {value}")
             tiers.append(tier)
         return tuple(tiers)
+
+
+#: Words that do not say what to look for ("what happened", "what did you see", "anything").
+_EMPTY_WORDS = frozenset(
+    "what whats what's happened happen happening happens was were is are be been there going go on did do does you your "
+    "see saw seen show shown showing anything something everything tell me describe the a an any screen camera video stream "
+    "in at then it that this of how about notice noticed going has have had".split()
+)
+
+
+def _says_nothing(query: str) -> bool:
+    words = re.findall(r"[a-z']+", query.lower())
+    return all(w in _EMPTY_WORDS for w in words)
 
 
 def _collapse_runs(hits: list[Hit]) -> list[memory_pb2.MemoryItem]:

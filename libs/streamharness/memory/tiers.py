@@ -11,7 +11,7 @@ mid-term summaries not folded into a block yet, and the blocks): the paper's 200
 frames, summaries, blocks and the Q&A history older than ``newest media time - horizon``.
 
 The 24-hour profile (docs/memory.md): ``SH_TIERS_SUMMARIES_PER_BLOCK=6``,
-``SH_TIERS_BLOCKS_KEPT=71``, ``SH_TIERS_LONG_TOKENS=21000`` → 200 * (1 + 6 + 426) = 86,600 s.
+``SH_TIERS_BLOCKS_KEPT=71``, ``SH_TIERS_LONG_TOKENS=22000`` → 200 * (1 + 6 + 426) = 86,600 s.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ class TierSettings(BaseSettings):
     horizon_s: float = Field(0.0, ge=0, le=30 * 86_400, description="Media seconds a stream remembers; older frames, summaries, blocks and Q&A are deleted. 0 = chunk_s * (1 + M + M*L) (12 h by default).")
     mid_tokens: int = Field(2000, ge=0, le=1_000_000, description="Token budget of the mid-term summaries in a Context prefix (the newest fit).")
     long_tokens: int = Field(
-        12000, ge=0, le=1_000_000,
+        13000, ge=0, le=1_000_000,
         description="Token budget of the long-term blocks: blocks past it are evicted, newest kept. Keep it >= L x a block's "
-        "tokens (the digest's run ~240-290, SH_SUMMARISER_BLOCK_MAX_NEW_TOKENS for a model), or fewer than L blocks stay.",
+        "tokens (the digest's run ~275-305, SH_SUMMARISER_BLOCK_MAX_NEW_TOKENS for a model), or fewer than L blocks stay.",
     )
     qa_history: int = Field(40, ge=0, le=10_000, description="Questions and answers a Context returns (the newest).")
     qa_tokens: int = Field(1500, ge=0, le=1_000_000, description="Token budget of the Q&A history in a Context (the newest fit).")
