@@ -85,6 +85,9 @@ MAX_CANDIDATES = 2000
 #: How far the best item's run is followed to find the whole event's span, a window at a time.
 RUN_EXTEND_MS = 600_000
 RUN_STEP_MS = 60_000
+#: What a Recall searches unless it names tiers: what the stream showed (the Q&A history only for
+#: questions about the dialogue itself, ABOUT_DIALOGUE).
+SEEN_TIERS: tuple[Tier, ...] = ("short", "mid", "long")
 #: A question about the dialogue itself: searched in the Q&A history first.
 ABOUT_DIALOGUE = re.compile(
     r"\b(did|have|had) (you|i) (tell|told|say|said|answer|answered|ask|asked|mention|mentioned|reply|replied|warn|warned|alert|alerted)\b"
@@ -509,8 +512,11 @@ class MemoryStage(Stage):
                     return self._answer(scope, notes, lo, hi, _collapse_runs([nearest]) + [
                         i for i in _collapse_runs(hits) if i.item_id != to_item(nearest.entry).item_id][:limit - 1])
             if not hits:
-                # Nothing that ends after now: a summary written ahead of its boundary covers frames
-                # past a question asked before them.
+                # What was seen, not what was said (an earlier answer to the same question would
+                # match best by meaning, right or wrong), unless the Q&A tier is asked for by name.
+                # Nothing that ends after now: a summary written ahead of its boundary covers
+                # frames past a question asked before them.
+                tiers = tiers or SEEN_TIERS
                 hits = self._best(Scope(key, tiers, lo, hi, now), scope.query, candidates)
                 # Runs of equal captions collapse into one item each: look further while too few
                 # distinct items came back and there may be more.

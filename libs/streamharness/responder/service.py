@@ -78,7 +78,12 @@ class ResponderSettings(BaseSettings):
     )
     recent_captions: int = Field(8, ge=0, le=200, description="Recent frame captions (short-term memory) put in the prompt.")
     recall_limit: int = Field(4, ge=0, le=50, description="Moments recalled from memory for a question; 0 = no recall.")
-    history: int = Field(6, ge=0, le=200, description="Earlier questions and answers of the stream (memory's Q&A history) put in the prompt.")
+    history: int = Field(
+        0, ge=0, le=200,
+        description="Earlier questions and answers of the stream (memory's Q&A history) put in every prompt. 0 by default: "
+        "SmolLM2-135M copies them instead of answering; questions about the dialogue ('what did you tell me at 10:05?') "
+        "get the earlier answers through Recall either way.",
+    )
     max_prompt_chars: int = Field(
         6000, ge=500, le=500_000,
         description="Upper bound on the prompt's length; memory is trimmed (oldest first) to fit.",
