@@ -314,3 +314,11 @@ def test_a_question_that_is_only_a_time_gets_what_memory_holds_of_that_time(smal
     assert first.tier == memory_pb2.MEMORY_TIER_MID and first.start_ms <= 105_000 <= first.end_ms
     runs = [i for i in reply.items if i.tier == memory_pb2.MEMORY_TIER_SHORT]
     assert runs[0].text == "a fire engine with flashing lights" and (runs[0].start_ms, runs[0].end_ms, runs[0].frames) == (100_000, 109_000, 10)
+
+
+def test_a_question_about_a_long_window_gets_its_summaries_in_time_order(small: Pipeline) -> None:
+    small.frames(range(0, 190), scene)
+    reply = small.recall("what happened in the last 2 minutes?", now_s=189)
+    assert [i.tier for i in reply.items] == [memory_pb2.MEMORY_TIER_MID] * len(reply.items) and len(reply.items) >= 5
+    assert [i.start_ms for i in reply.items] == sorted(i.start_ms for i in reply.items)
+    assert reply.items[0].end_ms >= 69_000 and reply.items[-1].end_ms <= 189_000

@@ -541,10 +541,19 @@ class MemoryStage(Stage):
         )
 
     def _around(self, key: str, lo: int, hi: int, limit: int) -> list[memory_pb2.MemoryItem]:
-        """The chunk summaries and runs of frames of ``[lo, hi]``, nearest its middle first."""
+        """What memory holds of ``[lo, hi]``: for a window of more than four chunks ("in the last
+        hour") its chunk summaries in time order; for a shorter one ("around 10:30", +-5 min) the
+        summary holding its middle and the runs of frames nearest the middle. ``score`` is nearness
+        in time."""
         assert self.store is not None
+        summaries = [to_item(e) for e in self.store.scan(Scope(key, ("mid",), lo, hi, hi))]
+        if hi - lo > 4 * self.tiers.chunk_ms and summaries:
+            for item in summaries:
+                item.score = 1.0
+            return summaries[-limit:]
         centre = (lo + hi) // 2
-        items = [to_item(e) for e in self.store.scan(Scope(key, ("mid",), lo, hi, hi))]
+        half = max(1, (hi - lo) // 2)
+        items = summaries
         runs: list[list[Entry]] = []
         for frame in self.store.scan(Scope(key, ("short",), lo, hi)):
             if runs and runs[-1][-1].embed_text == frame.embed_text and frame.start_ms - runs[-1][-1].end_ms <= RUN_GAP_MS:
@@ -558,6 +567,8 @@ class MemoryStage(Stage):
 
         # A summary that holds the middle first (it tells the whole time), then the nearest moments.
         items.sort(key=lambda i: (distance(i), i.tier != memory_pb2.MEMORY_TIER_MID, i.start_ms))
+        for item in items:
+            item.score = max(0.0, 1.0 - distance(item) / half)
         return items[:limit]
 
     def _extend_run(self, key: str, item: memory_pb2.MemoryItem, lo: int | None, hi: int) -> None:
