@@ -382,8 +382,11 @@ def test_memory_and_summariser_killed_mid_stream_resume_without_duplicates_or_ga
             procs[name].send_signal(signal.SIGKILL)
             procs[name].wait(30)
         produce(kafka_settings, [(topics.EMBEDDINGS, encoded_frame(s)) for s in range(70, 200)])
-        procs = {"memory": _service("memory", kafka_settings, port, data, extra),
-                 "summariser": _service("summariser", kafka_settings, free_port(), data, extra)}
+        # The summariser comes back first and reaches chunk 2's cut while memory is still down: it
+        # must wait for memory to catch up before reading chunk 2's first frames (55-69 s) back.
+        procs = {"summariser": _service("summariser", kafka_settings, free_port(), data, extra)}
+        time.sleep(8)
+        procs["memory"] = _service("memory", kafka_settings, port, data, extra)
         # Frames 0..199: cuts at 25, 55, ..., 175 s -> chunks 0..5 summarised, blocks 0 and 1.
         wait_until(lambda: len(summaries(memory_pb2.MEMORY_TIER_MID)) == 6 and len(summaries(memory_pb2.MEMORY_TIER_LONG)) == 2,
                    "every summary after the restart", timeout_s=180)

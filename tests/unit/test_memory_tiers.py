@@ -294,7 +294,7 @@ def test_a_jump_in_media_time_skips_the_empty_chunks_and_closes_the_open_block(t
     p.frames(range(0, 30), scene)  # chunk 0 written at its cut (15 s); chunk 1 open
     calls: list = []
     real = p.summariser._items  # noqa: SLF001
-    p.summariser._items = lambda *a: calls.append(a) or real(*a)  # noqa: SLF001
+    p.summariser._items = lambda *a, **k: calls.append(a) or real(*a, **k)  # noqa: SLF001
     p.frames([20 * 3600 + s for s in range(0, 40)], scene)  # the stream resumes 20 h later
     mids = p.summaries("mid")
     assert [m.index for m in mids] == [0, 1, 3600, 3601] and mids[1].end_ms == 29_000

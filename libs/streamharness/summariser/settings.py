@@ -51,6 +51,10 @@ class SummariserSettings(BaseSettings):
         description="Memory gRPC host:port: after a restart the summariser reads the chunk's frames and the block's summaries back from it.",
     )
     memory_timeout_s: float = Field(5.0, gt=0, le=120, description="Deadline of one memory call.")
+    memory_wait_s: float = Field(
+        60.0, ge=0, le=600,
+        description="After a restart, how long a summary waits for memory to catch up before reading the chunk's earlier frames back from it.",
+    )
     consumer_group: str = Field("summariser", min_length=1, description="Kafka consumer group (gets SH_KAFKA_TOPIC_PREFIX).")
     publish_timeout_s: float = Field(10.0, gt=0, le=300, description="How long to wait for the broker to acknowledge a summary.")
 

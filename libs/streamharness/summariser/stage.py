@@ -243,7 +243,9 @@ class SummariserStage(Stage):
         frames = {ts: f for ts, f in state.frames.items() if lo <= ts < hi}
         interval = state.interval_ms()
         if lo < state.seen_from_ms and (not frames or min(frames) > lo + 2 * interval):
-            # This process did not see the chunk's start (it started or restarted inside it).
+            # This process did not see the chunk's start (it started or restarted inside it): read
+            # those frames back from memory, once memory has caught up to where this process began.
+            self._wait_for_memory(key, state.seen_from_ms)
             for item in self._items(key, memory_pb2.MEMORY_TIER_SHORT, lo, hi - 1) or ():
                 if lo <= item.start_ms < hi:
                     frames.setdefault(item.start_ms, ChunkFrame(item.start_ms, item.text, tuple(item.labels), item.person_count))
@@ -335,10 +337,24 @@ class SummariserStage(Stage):
         log.info("summariser %s: %s %d [%d..%d] by %s%s", key, tier, summary.index, summary.start_ms, summary.end_ms,
                  summary.backend, " (fallback)" if summary.fallback else "")
 
-    def _items(self, key: str, tier: int, from_ms: int, to_ms: int) -> list[memory_pb2.MemoryItem] | None:
+    def _wait_for_memory(self, key: str, ts: int) -> None:
+        """Wait (up to SH_SUMMARISER_MEMORY_WAIT_S) until memory holds a frame of the stream at or
+        after ``ts``: it consumes the same frames and may be behind (both restarted), and frames it
+        has not stored yet cannot be read back. Past the wait the summary goes on without them."""
+        deadline = time.monotonic() + self.settings.memory_wait_s
+        while True:
+            found = self._items(key, memory_pb2.MEMORY_TIER_SHORT, ts, 0, limit=1)
+            if found:
+                return
+            if time.monotonic() >= deadline or (self.stopping is not None and self.stopping.is_set()):
+                log.warning("summariser %s: memory has no frame from %d ms on yet; summarising without the frames it lacks", key, ts)
+                return
+            time.sleep(0.5)
+
+    def _items(self, key: str, tier: int, from_ms: int, to_ms: int, limit: int = 0) -> list[memory_pb2.MemoryItem] | None:
         if self._memory is None:
             return None
-        request = memory_pb2.ItemsRequest(key=parse_key(key), tier=tier, from_ms=max(0, from_ms), to_ms=max(0, to_ms))
+        request = memory_pb2.ItemsRequest(key=parse_key(key), tier=tier, from_ms=max(0, from_ms), to_ms=max(0, to_ms), limit=limit)
         try:
             return list(self._memory.Items(request, timeout=self.settings.memory_timeout_s).items)
         except grpc.RpcError as err:
