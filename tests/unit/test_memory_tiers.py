@@ -27,7 +27,7 @@ from streamharness.memory.tiers import TierSettings
 from streamharness.summariser.backends import DigestSummariser
 from streamharness.summariser.settings import SummariserSettings
 from streamharness.summariser.stage import SummariserStage
-from streamharness.text_encoder import TextEncoder, default_model_dir, export_text_encoder, is_exported
+from streamharness.text_encoder import TextEncoder
 from streamharness.v1 import common_pb2, events_pb2, memory_pb2
 
 TENANT = "acme"
@@ -35,11 +35,9 @@ KEY = make_key(TENANT, "cam-1")
 SKEY = "acme/cam-1"
 
 
-@pytest.fixture(scope="module")
-def encoder() -> TextEncoder:
-    if not is_exported(default_model_dir()):
-        pytest.importorskip("torch", reason="exporting the text encoder needs the models extra (torch)")
-    return TextEncoder(model_dir=export_text_encoder()).load()
+@pytest.fixture
+def encoder(exported_text_encoder: TextEncoder) -> TextEncoder:
+    return exported_text_encoder
 
 
 class Pipeline:

@@ -55,6 +55,7 @@ from streamharness.summariser.backends import (
     SummaryPiece,
     make_backend,
 )
+from streamharness.summariser.prompts import label_frames
 from streamharness.summariser.settings import SummariserSettings
 from streamharness.telemetry import meters
 from streamharness.v1 import common_pb2, events_pb2, memory_pb2, memory_pb2_grpc
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_MS = 1000  # a stream's frame interval until a few frames were seen
 MAX_STREAMS = 100_000  # per-process stream states kept (LRU); an evicted stream reads back from memory
+TOP_LABELS = 5  # salient labels a chunk summary carries
 
 
 @dataclass
@@ -111,7 +113,6 @@ class SummariserStage(Stage):
         self.out: Outbox | None = None
         self.written: list[events_pb2.SummaryEvent] = []  # the newest few, for tests and the bench
         self.stopping = None
-        self._cut_at = time.monotonic()  # when the summary being written started (its cut frame arrived)
 
     def configure(self, spec: StageSpec) -> StageSpec:
         consumes = dict(spec.consumes)
@@ -190,14 +191,14 @@ class SummariserStage(Stage):
         state.frames[ts] = ChunkFrame(ts, msg.caption.strip(), tuple(lb.name for lb in msg.labels if lb.name), max(0, int(msg.person_count)))
         while state.next_chunk < chunk:
             k = state.next_chunk
-            self._summarise_chunk(key, state, k)
+            cut_at = self._summarise_chunk(key, state, k)
             state.next_chunk = k + 1
             if (k + 1) % self.tiers.summaries_per_block == 0:  # the block's last chunk (even when empty)
-                self._compress_block(key, state, self.tiers.block_of(k))
+                self._compress_block(key, state, self.tiers.block_of(k), cut_at)
             elif self._gap_until(state, chunk):
                 # Media time jumped (a paused stream): the chunks up to the current one saw nothing.
                 if self.tiers.block_of(k) < self.tiers.block_of(chunk):
-                    self._compress_block(key, state, self.tiers.block_of(k))
+                    self._compress_block(key, state, self.tiers.block_of(k), cut_at)
                 state.next_chunk = chunk
 
     def _gap_until(self, state: _Stream, chunk: int) -> bool:
@@ -260,24 +261,26 @@ class SummariserStage(Stage):
             del state.images[ts]
         return out
 
-    def _summarise_chunk(self, key: str, state: _Stream, k: int) -> None:
-        self._cut_at = time.monotonic()
+    def _summarise_chunk(self, key: str, state: _Stream, k: int) -> float:
+        """Write chunk ``k``'s summary; returns when its cut was handled (the lag of the block after it)."""
+        cut_at = time.monotonic()
         frames = self._chunk_frames(key, state, k)
         if not frames:
-            return  # nothing was seen in this chunk (the stream paused): no summary
+            return cut_at  # nothing was seen in this chunk (the stream paused): no summary
         chunk = ChunkInput(key=key, index=k, start_ms=frames[0].media_ts_ms, end_ms=frames[-1].media_ts_ms, frames=tuple(frames))
         text, backend, fallback = self._write(self.backend.summarise, self._fallback.summarise, chunk)  # type: ignore[union-attr]
-        labels = _top_labels(frames)
+        labels = [name for name, _ in label_frames(frames)[:TOP_LABELS]]
         state.pieces[k] = SummaryPiece(k, chunk.start_ms, chunk.end_ms, text, fallback)
         for old in [i for i in state.pieces if self.tiers.block_of(i) < self.tiers.block_of(k)]:
             del state.pieces[old]
-        self._publish(key, events_pb2.SummaryEvent(
+        self._publish(key, cut_at, events_pb2.SummaryEvent(
             summary_id=summary_id(key, "mid", k), tier=memory_pb2.MEMORY_TIER_MID, index=k,
             start_ms=chunk.start_ms, end_ms=chunk.end_ms, visible_from_ms=self.tiers.boundary_ms(k), text=text,
             labels=labels, max_people=max(f.person_count for f in frames), frames=len(frames), backend=backend, fallback=fallback,
         ))
+        return cut_at
 
-    def _compress_block(self, key: str, state: _Stream, b: int) -> None:
+    def _compress_block(self, key: str, state: _Stream, b: int, cut_at: float) -> None:
         chunks = self.tiers.block_chunks(b)
         pieces = {i: p for i, p in state.pieces.items() if i in chunks}
         if len(pieces) < len(chunks) and self.cut_ms(chunks[0] - 1, state) < state.seen_from_ms:
@@ -291,7 +294,7 @@ class SummariserStage(Stage):
         ordered = tuple(pieces[i] for i in sorted(pieces))
         block = BlockInput(key=key, index=b, start_ms=ordered[0].start_ms, end_ms=ordered[-1].end_ms, summaries=ordered)
         text, backend, fallback = self._write(self.backend.compress, self._fallback.compress, block)  # type: ignore[union-attr]
-        self._publish(key, events_pb2.SummaryEvent(
+        self._publish(key, cut_at, events_pb2.SummaryEvent(
             summary_id=summary_id(key, "long", b), tier=memory_pb2.MEMORY_TIER_LONG, index=b,
             start_ms=block.start_ms, end_ms=block.end_ms, visible_from_ms=self.tiers.boundary_ms(chunks[-1]), text=text,
             frames=len(ordered), backend=backend, fallback=fallback or all(p.fallback for p in ordered),
@@ -324,13 +327,13 @@ class SummariserStage(Stage):
                     what.key, what.index, self.backend.name, error)  # type: ignore[union-attr]
         return fallback(what), self._fallback.name, True
 
-    def _publish(self, key: str, summary: events_pb2.SummaryEvent) -> None:
+    def _publish(self, key: str, cut_at: float, summary: events_pb2.SummaryEvent) -> None:
         assert self.out is not None
         summary.key.CopyFrom(parse_key(key))
         summary.hops.append(common_pb2.HopStamp(hop="summariser", wall_unix_ns=time.time_ns()))
         self.out.send(topics.SUMMARIES, key, summary).get(timeout=self.settings.publish_timeout_s)
         tier = "mid" if summary.tier == memory_pb2.MEMORY_TIER_MID else "long"
-        meters.summary_lag().record(time.monotonic() - self._cut_at, {"tier": tier})
+        meters.summary_lag().record(time.monotonic() - cut_at, {"tier": tier})
         meters.summaries_written().add(1, {"tier": tier, "backend": summary.backend, "fallback": str(summary.fallback).lower()})
         self.written.append(summary)
         del self.written[:-256]
@@ -361,14 +364,6 @@ class SummariserStage(Stage):
             log.warning("summariser %s: memory Items failed (%s); going on with what this process saw", key,
                         err.code().name if hasattr(err, "code") else err)  # type: ignore[union-attr]
             return None
-
-
-def _top_labels(frames: list[ChunkFrame], n: int = 5) -> list[str]:
-    counts: dict[str, int] = {}
-    for frame in frames:
-        for label in frame.labels:
-            counts[label] = counts.get(label, 0) + 1
-    return [name for name, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
 
 __all__ = ["SummariserStage"]
