@@ -8,7 +8,7 @@
 ``tritonclient.grpc``.
 """
 
-from streamharness.generation.base import GenerationError, GenerationRejected, Prompt, ResponseGenerator
+from streamharness.generation.base import FrameImage, GenerationError, GenerationRejected, Prompt, ResponseGenerator
 from streamharness.generation.local_smollm2 import LocalSmolLM2Generator
 from streamharness.generation.openai_client import OpenAICompatibleGenerator
 from streamharness.generation.settings import GenerationSettings
@@ -22,6 +22,7 @@ def make_generator(settings: GenerationSettings) -> ResponseGenerator:
 
 
 __all__ = [
+    "FrameImage",
     "GenerationError",
     "GenerationRejected",
     "GenerationSettings",

@@ -23,6 +23,14 @@ class GenerationRejected(InvalidInput):
 
 
 @dataclass(frozen=True)
+class FrameImage:
+    """One frame a prompt shows the model: its media time and its JPEG bytes."""
+
+    media_ts_ms: int
+    jpeg: bytes
+
+
+@dataclass(frozen=True)
 class Prompt:
     """What one response is built from. The order of the rendered parts is fixed on purpose: the
     system text and the memory context come first and change only at memory-chunk boundaries, so a
@@ -40,6 +48,8 @@ class Prompt:
     instruction: str = ""
     max_new_tokens: int | None = None
     task: str = ""
+    stream: str = ""  # "tenant/stream": per-stream caches (the engine) and per-tenant cache isolation (cache_salt)
+    images: Sequence[FrameImage] = field(default_factory=tuple)  # recent frames, oldest first
 
     def __post_init__(self) -> None:
         if self.task.strip():
