@@ -54,6 +54,7 @@ class Evidence:
     labels: Sequence[tuple[str, float]]
     person_count: int
     caption: str
+    jpeg: bytes = b""  # the frame itself, for a policy that sees frames (the model policy)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Decision:
     prompt_text: str
     reason: str
     score: float
+    text: str = ""  # the response itself, when the policy wrote it (the model policy)
 
 
 class DecisionPolicy(abc.ABC):

@@ -98,3 +98,17 @@ def summary_lag() -> metrics.Histogram:
 @cache
 def memory_past_horizon() -> metrics.Counter:
     return _meter().create_counter("sh.memory.past_horizon", description="Records not stored because they ended before the stream's horizon, by tier.")
+
+
+@cache
+def engine_evictions() -> metrics.Counter:
+    return _meter().create_counter(
+        "sh.engine.evictions", description="Streams whose KV cache the engine dropped, by reason (idle, memory: another stream needed the slot)."
+    )
+
+
+@cache
+def engine_rebuilds() -> metrics.Counter:
+    return _meter().create_counter(
+        "sh.engine.rebuilds", description="Per-stream cache rebuilds, by reason (boundary: a new memory prefix; full: the cache reached its capacity; missing: evicted or new)."
+    )

@@ -1,0 +1,371 @@
+"""The streaming engine: per-stream KV caches on one model, batched per-second steps, background
+rebuilds at memory-chunk boundaries, and a bounded memory budget.
+
+A stream's cache holds its **prefix** (the system text and memory's stable context, whose bytes
+change only at chunk boundaries) and the **turns** appended since (each second's user turn and the
+previous reply). Nothing is ever re-prefilled on a step:
+
+* :meth:`StreamingEngine.append` runs one forward for many streams at once (each its own KV slot,
+  its own length, a lower-right causal mask) and returns each stream's next-token logits;
+* :meth:`StreamingEngine.decide` is a step: append each stream's turn, then choose among a few
+  token sequences (the protocol's ``</silence>`` / ``</response>``) by constrained greedy decoding
+  over their token trie — one forward when each option is one token (a model trained by
+  Streaming-Train), one more when they share a first token (a prompted model that never saw them);
+* :meth:`StreamingEngine.generate` continues a stream greedily on its cache (the response text);
+* :meth:`StreamingEngine.rebuild` builds a new prefix (plus the turns to carry) in a spare slot on a
+  background thread, catches up on what the live cache got meanwhile and swaps it in between two
+  steps: a boundary never stalls a step, it only waits for the model between two of the rebuild's
+  prefill pieces (``prefill_piece`` tokens each).
+
+Memory is fixed at start: ``slots`` KV slots of ``capacity`` tokens (from a byte budget), int8 KV
+optional. A stream that is idle for ``idle_evict_s`` (or the least recently used one, when a new
+stream needs a slot and none is free) is evicted; ``evictions`` counts them and ``on_evict`` is
+called, and its owner rebuilds it on its next step. A stream whose cache would overflow gets
+:class:`CacheFull` (its owner rebuilds with a shorter carry).
+
+No pydantic, no OpenTelemetry here (the GPU benchmark imports this on a bare image); the settings
+are :class:`EngineConfig`, filled from ``SH_ENGINE_*`` by :mod:`streamharness.engine.settings`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from streamharness.engine.kv import KVPool
+from streamharness.engine.model import EngineModel, TokenChunk
+
+log = logging.getLogger(__name__)
+
+
+class CacheFull(RuntimeError):
+    """The stream's KV slot has no room for this append."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    capacity: int = 4096  # tokens a stream's cache holds (prefix + turns)
+    margin: int = 1024  # the longest single append (a turn, a prefill piece, a generation step)
+    slots: int = 0  # KV slots; 0 = as many as budget_bytes holds
+    budget_bytes: int = 256 << 20  # the KV pool's size when slots = 0
+    int8_kv: bool = False
+    idle_evict_s: float = 600.0
+    max_batch: int = 64  # streams in one forward
+    prefill_piece: int = 512  # a rebuild's prefill is cut into pieces of this many tokens
+    spare_slots: int = 2  # slots kept for background rebuilds
+
+
+@dataclass
+class _Stream:
+    name: str
+    slot: int
+    length: int = 0
+    next_pos: int = 0
+    ids: list[int] = field(default_factory=list)
+    pos_after: list[int] = field(default_factory=list)  # next RoPE position after each token
+    last_used: float = field(default_factory=time.monotonic)
+    prefix_key: str = ""
+    rebuild: _Rebuild | None = None
+
+
+@dataclass
+class _Rebuild:
+    shadow: _Stream
+    chunks: list[TokenChunk]
+    key: str
+    log: list[TokenChunk] = field(default_factory=list)  # appended to the live cache since it began
+    done: threading.Event = field(default_factory=threading.Event)
+    failed: BaseException | None = None
+
+
+class StreamingEngine:
+    def __init__(self, model: EngineModel, config: EngineConfig = EngineConfig(), *,
+                 on_evict: Callable[[str, str], None] | None = None) -> None:
+        self.model = model
+        self.config = config
+        element = model._torch.tensor([], dtype=model.dtype).element_size()
+        per_token = model.shape.bytes_per_token(element, config.int8_kv)
+        per_slot = per_token * (config.capacity + config.margin)
+        slots = config.slots or max(1, config.budget_bytes // per_slot)
+        self.bytes_per_token = per_token
+        self.pool = KVPool(model.shape, slots, config.capacity, config.margin, model.dtype, model.device, config.int8_kv)
+        self._free = list(range(slots))
+        self.streams: dict[str, _Stream] = {}
+        self._lock = threading.RLock()  # one forward at a time; held across a swap
+        self.evictions = 0
+        self.rebuild_failures = 0
+        self.on_evict = on_evict
+        self.before_rebuild: Callable[[str], None] | None = None  # tests: runs on the rebuild thread first
+        log.info("engine: %d KV slots x %d tokens (%.1f MiB, %s KV)", slots, config.capacity,
+                 self.pool.bytes / 2**20, "int8" if config.int8_kv else str(model.dtype).replace("torch.", ""))
+
+    # -- slots -------------------------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return self.pool.slots
+
+    def has(self, name: str) -> bool:
+        return name in self.streams
+
+    def length(self, name: str) -> int:
+        return self.streams[name].length if name in self.streams else 0
+
+    def tokens(self, name: str) -> list[int]:
+        return list(self.streams[name].ids) if name in self.streams else []
+
+    def prefix_key(self, name: str) -> str:
+        return self.streams[name].prefix_key if name in self.streams else ""
+
+    def _take_slot(self, busy: set[str], spare: bool = False) -> int:
+        reserve = 0 if spare else min(self.config.spare_slots, self.pool.slots - 1)
+        while len(self._free) <= reserve:
+            victims = [s for s in self.streams.values() if s.name not in busy and s.rebuild is None]
+            if not victims:
+                if spare:
+                    raise CacheFull("no KV slot free for a rebuild")
+                raise CacheFull(f"all {self.pool.slots} KV slots are in use by streams of this step")
+            self._evict(min(victims, key=lambda s: s.last_used), "memory")
+        self._free.sort()
+        return self._free.pop(0)
+
+    def _evict(self, stream: _Stream, reason: str) -> None:
+        self.streams.pop(stream.name, None)
+        self._free.append(stream.slot)
+        self.evictions += 1
+        log.info("engine: evicted stream %s (%s)", stream.name, reason)
+        if self.on_evict is not None:
+            self.on_evict(stream.name, reason)
+
+    def evict_idle(self, now: float | None = None) -> int:
+        """Evict streams unused for ``idle_evict_s``; the count evicted."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            idle = [s for s in self.streams.values() if s.rebuild is None and now - s.last_used >= self.config.idle_evict_s]
+            for s in idle:
+                self._evict(s, "idle")
+            return len(idle)
+
+    def close(self, name: str) -> None:
+        with self._lock:
+            stream = self.streams.pop(name, None)
+            if stream is not None:
+                self._free.append(stream.slot)  # a rebuild in flight sees it is gone and frees its own slot
+
+    # -- forwards ----------------------------------------------------------------------------------
+    def _forward(self, rows: list[tuple[_Stream, TokenChunk]]):
+        for stream, chunk in rows:
+            if not len(chunk):
+                raise ValueError("an empty chunk")
+            if len(chunk) > self.config.margin:
+                raise ValueError(f"an append of {len(chunk)} tokens is longer than the engine's margin ({self.config.margin})")
+            if stream.length + len(chunk) > self.config.capacity:
+                raise CacheFull(f"stream {stream.name}: {stream.length} + {len(chunk)} tokens exceed its capacity {self.config.capacity}")
+        positions = []
+        for stream, chunk in rows:
+            pos, nxt = self.model.positions(chunk, stream.next_pos)
+            positions.append((pos, nxt))
+        logits = self.model.forward(self.pool, [s.slot for s, _ in rows], [s.length for s, _ in rows],
+                                    [c for _, c in rows], [p for p, _ in positions])
+        now = time.monotonic()
+        for (stream, chunk), (pos, nxt) in zip(rows, positions):
+            stream.length += len(chunk)
+            stream.ids.extend(chunk.ids)
+            # positions after each token: the 1-D position + 1, or the running max + 1 for M-RoPE
+            flat = pos if pos.dim() == 1 else pos.max(dim=0).values
+            after = (flat.cummax(0).values + 1).tolist()
+            stream.pos_after.extend(int(a) for a in after)
+            stream.next_pos = nxt
+            stream.last_used = now
+        return logits
+
+    def append(self, items: Sequence[tuple[str, TokenChunk]]):
+        """Append ``chunk`` to each named stream (opened when new; each name at most once) in
+        forwards of at most ``max_batch`` streams; next-token logits ``[len(items), vocab]``."""
+        torch = self.model._torch
+        names = [n for n, _ in items]
+        if len(set(names)) != len(names):
+            raise ValueError("a stream appears twice in one append")
+        out = []
+        with self._lock:
+            busy = set(names)
+            rows = []
+            for name, chunk in items:
+                stream = self.streams.get(name)
+                if stream is None:
+                    stream = self.streams[name] = _Stream(name, self._take_slot(busy))
+                rows.append((stream, chunk))
+            # The batch in slot order, so that a run of neighbouring slots is read without a copy.
+            order = sorted(range(len(rows)), key=lambda i: rows[i][0].slot)
+            logits: list = [None] * len(rows)
+            for start in range(0, len(order), self.config.max_batch):
+                part = order[start:start + self.config.max_batch]
+                result = self._forward([rows[i] for i in part])
+                for j, i in enumerate(part):
+                    logits[i] = result[j]
+            for stream, chunk in rows:
+                if stream.rebuild is not None:
+                    stream.rebuild.log.append(chunk)
+            out = torch.stack(logits)
+        return out
+
+    def prefill(self, name: str, chunks: Sequence[TokenChunk]):
+        """Append ``chunks`` to one stream in pieces of ``prefill_piece`` tokens; the last logits."""
+        logits = None
+        for chunk in chunks:
+            for piece in chunk.split(self.config.prefill_piece):
+                logits = self.append([(name, piece)])[0]
+        return logits
+
+    def truncate(self, name: str, length: int) -> None:
+        """Forget everything after the first ``length`` tokens (their slots are simply overwritten)."""
+        with self._lock:
+            s = self.streams[name]
+            if not 0 <= length <= s.length:
+                raise ValueError(f"cannot truncate {name} to {length} of {s.length} tokens")
+            s.length = length
+            del s.ids[length:], s.pos_after[length:]
+            s.next_pos = s.pos_after[-1] if s.pos_after else 0
+
+    # -- rebuilds ----------------------------------------------------------------------------------
+    def rebuild(self, name: str, chunks: Sequence[TokenChunk], *, key: str = "", background: bool = True) -> bool:
+        """Replace the stream's cache by ``chunks`` (a new prefix and the turns to carry). A new
+        stream, or ``background=False``, is built now; otherwise the build runs on a thread and is
+        swapped in once it holds ``chunks`` plus everything appended to the live cache meanwhile.
+        False when a background rebuild of this stream is already running."""
+        chunks = list(chunks)
+        with self._lock:
+            live = self.streams.get(name)
+            if live is not None and live.rebuild is not None:
+                return False
+            if live is None or not background:
+                if live is not None:
+                    self.streams.pop(name)
+                    self._free.append(live.slot)
+                self.streams[name] = _Stream(name, self._take_slot({name}), prefix_key=key)
+                build_now = True
+            else:
+                shadow = _Stream(name, self._take_slot({name}, spare=True), prefix_key=key)
+                live.rebuild = _Rebuild(shadow, chunks, key)
+                build_now = False
+        if build_now:
+            self.prefill(name, chunks)
+            return True
+        threading.Thread(target=self._run_rebuild, args=(live,), name=f"engine-rebuild-{name}", daemon=True).start()
+        return True
+
+    def rebuilding(self, name: str) -> bool:
+        s = self.streams.get(name)
+        return s is not None and s.rebuild is not None
+
+    def wait_rebuild(self, name: str, timeout: float | None = None) -> bool:
+        s = self.streams.get(name)
+        if s is None or s.rebuild is None:
+            return True
+        return s.rebuild.done.wait(timeout)
+
+    def _shadow_append(self, shadow: _Stream, chunk: TokenChunk) -> None:
+        for piece in chunk.split(self.config.prefill_piece):
+            with self._lock:
+                self._forward([(shadow, piece)])
+
+    def _run_rebuild(self, live: _Stream) -> None:
+        job = live.rebuild
+        assert job is not None
+        try:
+            if self.before_rebuild is not None:
+                self.before_rebuild(live.name)
+            for chunk in job.chunks:
+                self._shadow_append(job.shadow, chunk)
+            while True:
+                with self._lock:
+                    if self.streams.get(live.name) is not live:
+                        self._free.append(job.shadow.slot)  # the stream was closed or evicted meanwhile
+                        return
+                    if not job.log:
+                        # Caught up: swap between two appends (the lock is held by neither now).
+                        job.shadow.last_used = live.last_used
+                        self.streams[live.name] = job.shadow
+                        self._free.append(live.slot)
+                        live.rebuild = None
+                        return
+                    chunk = job.log.pop(0)
+                    small = len(chunk) <= self.config.prefill_piece
+                    if small:  # most catch-up chunks are one turn: appended under the same lock
+                        self._forward([(job.shadow, chunk)])
+                if not small:
+                    self._shadow_append(job.shadow, chunk)
+        except BaseException as err:  # noqa: BLE001 - the live cache goes on without the new prefix
+            job.failed = err
+            self.rebuild_failures += 1
+            log.warning("engine: rebuild of %s failed (%r); the stream keeps its old cache", live.name, err)
+            with self._lock:
+                live.rebuild = None
+                if job.shadow.slot not in self._free:
+                    self._free.append(job.shadow.slot)
+        finally:
+            job.done.set()
+
+    # -- decoding ----------------------------------------------------------------------------------
+    def decide(self, items: Sequence[tuple[str, TokenChunk]], options: Sequence[Sequence[Sequence[int]]]):
+        """Append each stream's turn and choose, for item ``i``, one of ``options[i]`` (token-id
+        sequences) by constrained greedy decoding over their trie. Returns ``[(option index,
+        probability at the branching token, tail)]``; ``tail`` holds the chosen option's tokens not
+        yet in the cache (the caller appends them with its next turn)."""
+        torch = self.model._torch
+        if not items:
+            return []
+        if len(options) != len(items) or any(not opts or any(not o for o in opts) for opts in options):
+            raise ValueError("decide needs non-empty options for each item")
+        logits = self.append(items)
+        live = {i: list(range(len(options[i]))) for i in range(len(items))}
+        depth = dict.fromkeys(range(len(items)), 0)
+        prob = dict.fromkeys(range(len(items)), 1.0)
+        result: dict[int, tuple[int, float, list[int]]] = {}
+        while live:
+            step: list[tuple[str, TokenChunk]] = []
+            rows = []
+            for i, opts in list(live.items()):
+                d, choices = depth[i], options[i]
+                firsts = sorted({choices[o][d] for o in opts})
+                scores = logits[i, firsts]
+                best = int(torch.argmax(scores))
+                token = firsts[best]
+                if len(firsts) > 1:
+                    prob[i] = float(torch.softmax(scores, dim=0)[best])
+                opts = [o for o in opts if choices[o][d] == token]
+                finished = [o for o in opts if len(choices[o]) == d + 1]
+                if len(opts) == 1 or finished:
+                    choice = finished[0] if finished else opts[0]
+                    result[i] = (choice, prob[i], list(choices[choice][d:]))
+                    del live[i]
+                    continue
+                live[i], depth[i] = opts, d + 1
+                step.append((items[i][0], TokenChunk([token])))
+                rows.append(i)
+            if step:
+                new = self.append(step)
+                for j, i in enumerate(rows):
+                    logits[i] = new[j]
+        return [result[i] for i in range(len(items))]
+
+    def generate(self, name: str, first: Sequence[int], *, max_new_tokens: int, stop: Sequence[int] = ()) -> Iterator[int]:
+        """Append ``first`` (may be empty: then the stream's last logits are recomputed from its
+        last token) and continue greedily, yielding each new token; a stop token is yielded and not
+        appended (it is the caller's tail). At most ``max_new_tokens`` tokens."""
+        stops = set(stop)
+        if first:
+            logits = self.append([(name, TokenChunk(list(first)))])[0]
+        else:
+            s = self.streams[name]
+            last = s.ids[-1]
+            self.truncate(name, s.length - 1)
+            logits = self.append([(name, TokenChunk([last]))])[0]
+        for n in range(max_new_tokens):
+            token = int(logits.argmax())
+            yield token
+            if token in stops or n == max_new_tokens - 1:
+                return
+            logits = self.append([(name, TokenChunk([token]))])[0]

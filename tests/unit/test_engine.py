@@ -1,0 +1,218 @@
+"""The streaming engine on tiny random models built in code (no download): the cached path gives
+the logits a full re-prefill gives, batching changes no stream's outputs, memory stays bounded,
+and a background rebuild never blocks a step."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+from streamharness.engine import CacheFull, EngineConfig, EngineModel, StreamingEngine, TokenChunk  # noqa: E402
+from streamharness.train.convert import user_turn  # noqa: E402
+
+VOCAB = ["a person walks in the room memory summary you watch a car a red cup what is on the table ? no one"]
+
+
+def jpeg(seed: int, size=(64, 48)) -> bytes:
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    from streamharness.train.vlm import add_streaming_tokens, build_tiny_qwen2_vl
+
+    model, tok, ip = build_tiny_qwen2_vl(VOCAB, seed=0)
+    tokens = add_streaming_tokens(tok, model)
+    return EngineModel(model.eval(), tok, ip), tokens
+
+
+@pytest.fixture(scope="module")
+def text_lm():
+    """A tiny random Llama (SmolLM2's architecture) with the same word-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from streamharness.train.vlm import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(VOCAB)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return EngineModel(LlamaForCausalLM(config).eval(), tok)
+
+
+def full_logits(em: EngineModel, chunks: list[TokenChunk]):
+    """Next-token logits of the whole sequence in one plain forward (the model computes its own positions)."""
+    full = chunks[0]
+    for c in chunks[1:]:
+        full = full + c
+    kwargs = {}
+    if full.grid is not None:
+        kwargs = {"pixel_values": full.pixel_values, "image_grid_thw": full.grid, "mm_token_type_ids": torch.tensor([full.mm])}
+    if hasattr(em.base, "rope_deltas"):
+        em.base.rope_deltas = None
+    with torch.inference_mode():
+        return em.model(input_ids=torch.tensor([full.ids]), **kwargs).logits[0, -1].float()
+
+
+def dialogue(em: EngineModel, silence: list[int], seconds: int, seed: int = 0) -> list[TokenChunk]:
+    chunks = [em.system("you watch a room . memory : a person walks in")]
+    for t in range(seconds):
+        said = ["what is on the table ?"] if t == 2 else []
+        chunks.append(em.user_turn(user_turn(float(t), said), jpeg(seed * 100 + t), caption="a red cup"))
+        chunks.append(TokenChunk([*silence, em.im_end, *em.ids("\n")]))
+    return chunks
+
+
+def engine(em, **kw) -> StreamingEngine:
+    return StreamingEngine(em, EngineConfig(**{"capacity": 2048, "margin": 512, "slots": 6, "spare_slots": 2, **kw}))
+
+
+@pytest.mark.parametrize("which", ["vlm", "text_lm"])
+def test_cached_steps_match_a_full_re_prefill(which, request):
+    em = request.getfixturevalue(which)
+    em = em[0] if isinstance(em, tuple) else em
+    silence = em.ids("</silence>")
+    chunks = dialogue(em, silence, 4)
+    eng = engine(em)
+    eng.prefill("s", chunks[:1])
+    for k in range(1, len(chunks)):
+        got = eng.append([("s", chunks[k])])[0]
+        want = full_logits(em, chunks[:k + 1])
+        assert torch.allclose(got, want, atol=1e-4), (k, float((got - want).abs().max()))
+    assert eng.tokens("s") == [i for c in chunks for i in c.ids]
+    if which == "vlm":
+        # The check can fail: positions counted per token (not M-RoPE's per image) give other logits.
+        bad = engine(em)
+        bad.prefill("s", chunks[:1])
+        stream = bad.streams["s"]
+        bad.append([("s", chunks[1])])
+        stream.next_pos = stream.length  # as if every vision token took a position
+        got = bad.append([("s", chunks[2])])[0]
+        assert not torch.allclose(got, full_logits(em, chunks[:3]), atol=1e-4)
+
+
+def test_cached_logits_match_across_a_chunk_boundary_rebuild(vlm):
+    em, tokens = vlm
+    chunks = dialogue(em, [tokens.silence], 5)
+    eng = engine(em)
+    eng.prefill("s", chunks[:5])
+    # The boundary: a new prefix (the chunk's summary) and the last two turns carried.
+    new_prefix = em.system("you watch a room . memory : a person walks in . summary : a red cup on the table")
+    carried = chunks[3:5]
+    assert eng.rebuild("s", [new_prefix, *carried], key="k1")
+    assert eng.wait_rebuild("s", timeout=60)
+    got = eng.append([("s", chunks[5])])[0]
+    assert torch.allclose(got, full_logits(em, [new_prefix, *carried, chunks[5]]), atol=1e-4)
+    assert eng.prefix_key("s") == "k1"
+
+
+def test_batching_streams_gives_each_the_outputs_it_gets_alone(vlm):
+    em, tokens = vlm
+    streams = {f"t/{i}": dialogue(em, [tokens.silence], 2 + i, seed=i) for i in range(3)}
+    alone = {}
+    for name, chunks in streams.items():
+        eng = engine(em)
+        alone[name] = [eng.append([(name, c)])[0] for c in chunks]
+    eng = engine(em)
+    batched = {name: [] for name in streams}
+    for k in range(max(len(c) for c in streams.values())):
+        items = [(name, chunks[k]) for name, chunks in streams.items() if k < len(chunks)]
+        for (name, _), logits in zip(items, eng.append(items)):
+            batched[name].append(logits)
+    for name in streams:
+        for a, b in zip(alone[name], batched[name]):
+            assert torch.allclose(a, b, atol=1e-4)
+    # and through a gathered (non-contiguous) set of slots
+    eng2 = engine(em)
+    for name in ["x", "t/0", "y", "t/2"]:
+        eng2.append([(name, streams["t/0"][0] if name in ("x", "y") else streams[name][0])])
+    eng2.close("x")
+    eng2.close("y")
+    out = eng2.append([("t/0", streams["t/0"][1]), ("t/2", streams["t/2"][1])])
+    assert torch.allclose(out[0], alone["t/0"][1], atol=1e-4) and torch.allclose(out[1], alone["t/2"][1], atol=1e-4)
+
+
+def test_int8_kv_stays_close_and_takes_less_memory(vlm):
+    em, tokens = vlm
+    chunks = dialogue(em, [tokens.silence], 3)
+    full, small = engine(em), engine(em, int8_kv=True)
+    for c in chunks:
+        a, b = full.append([("s", c)])[0], small.append([("s", c)])[0]
+    assert small.pool.bytes < 0.6 * full.pool.bytes
+    assert torch.allclose(a, b, atol=0.05 * float(a.abs().max()) + 1e-3)
+    assert int(a.argmax()) == int(b.argmax())
+
+
+def test_memory_stays_bounded_over_a_long_stream_and_idle_streams_are_evicted(text_lm):
+    em = text_lm
+    eng = engine(em, capacity=256, margin=64, slots=3, spare_slots=1)
+    before = eng.pool.bytes
+    prefix = em.system("you watch a room")
+    turn = em.user_turn(user_turn(1.0), None, caption="a red cup")
+    for second in range(400):  # far more than one slot holds: rebuilt from the prefix when full
+        if eng.length("s") + len(turn) > eng.config.capacity:
+            eng.rebuild("s", [prefix], background=False)
+        eng.append([("s", turn)])
+        assert eng.length("s") <= eng.config.capacity
+    assert eng.pool.bytes == before
+    # A new stream takes the least recently used slot when none is free (spare slots kept back).
+    eng.append([("b", turn)])
+    eng.append([("c", turn)])
+    assert eng.evictions == 1 and not eng.has("s")
+    assert eng.evict_idle(now=10**9) == 2 and eng.evictions == 3
+    with pytest.raises(CacheFull):
+        eng.append([("x", turn), ("y", turn), ("z", turn)])
+
+
+def test_a_background_rebuild_never_blocks_a_step(vlm):
+    em, tokens = vlm
+    chunks = dialogue(em, [tokens.silence], 6)
+    eng = engine(em)
+    eng.prefill("s", chunks[:3])
+    gate, started, order = threading.Event(), threading.Event(), []
+
+    def hold(name):
+        started.set()
+        gate.wait(30)  # the rebuild is stuck until the steps below are done
+        order.append("rebuild resumed")
+
+    eng.before_rebuild = hold
+    new_prefix = em.system("memory : a red cup")
+    assert eng.rebuild("s", [new_prefix], key="new")
+    assert started.wait(10)
+    for c in chunks[3:6]:  # steps go on, on the old cache, while the rebuild waits
+        eng.append([("s", c)])
+        order.append("step")
+    assert eng.prefix_key("s") == "" and eng.rebuilding("s")
+    gate.set()
+    assert eng.wait_rebuild("s", timeout=60)
+    assert order == ["step", "step", "step", "rebuild resumed"]
+    # The swapped-in cache holds the new prefix plus every turn appended meanwhile.
+    assert eng.prefix_key("s") == "new"
+    assert eng.tokens("s") == [*new_prefix.ids, *(i for c in chunks[3:6] for i in c.ids)]
+    got = eng.append([("s", chunks[6])])[0]
+    assert torch.allclose(got, full_logits(em, [new_prefix, *chunks[3:7]]), atol=1e-4)
+
+
+def test_decide_chooses_only_among_the_options(text_lm):
+    em = text_lm
+    eng = engine(em)
+    eng.prefill("s", [em.system("you watch")])
+    # Options sharing a first token need a second forward; both come back as a valid choice.
+    options = [[em.ids("a")[0], em.ids("person")[0]], [em.ids("a")[0], em.ids("car")[0]]]
+    ((choice, p, tail),) = eng.decide([("s", em.user_turn(user_turn(0.0), None))], [options])
+    assert choice in (0, 1) and 0.0 < p <= 1.0
+    assert tail == options[choice][1:]
+    assert eng.tokens("s")[-1] == options[choice][0]
