@@ -227,7 +227,9 @@ class ModelPolicy(DecisionPolicy):
             memo.turns.append(_Turn(TokenChunk(appended, [*chunk.mm, *[0] * (len(appended) - len(chunk))],
                                                chunk.pixel_values, chunk.grid), tail_len))
             state.last = ev
-            if text is not None:
+            if text is not None and not text:
+                log.info("%s t=%.1fs: the model chose to respond but wrote nothing", _name(state), ev.media_ts_ms / 1000)
+            elif text is not None:
                 decision = self._attribute(state, ev, due, text, p)
                 if decision is not None:
                     results[k].append(decision)
@@ -239,7 +241,8 @@ class ModelPolicy(DecisionPolicy):
         budget = self.config.question_max_new_tokens if question else self.config.alert_max_new_tokens
         out: list[int] = []
         stopped = False
-        for token in self.engine.generate(_name(state), tail, max_new_tokens=budget, stop=[em.im_end]):
+        banned = [ids[0] for ids in (self._silence, self._response) if len(ids) == 1]
+        for token in self.engine.generate(_name(state), tail, max_new_tokens=budget, stop=[em.im_end], banned=banned):
             if token == em.im_end:
                 stopped = True
                 break

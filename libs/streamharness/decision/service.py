@@ -32,7 +32,7 @@ class DecisionSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SH_DECISION_", frozen=True, extra="forbid")
 
-    policy: str = Field("trained", pattern="^(rules|trained)$", description="Decision policy: 'trained' (the Streaming-Train decision head on Triton, model SH_DECISION_TRAINED_MODEL; the rules where it is not served) or 'rules' (evidence rules with MiniLM matching).")
+    policy: str = Field("trained", pattern="^(rules|trained|model)$", description="Decision policy: 'trained' (the Streaming-Train decision head on Triton, model SH_DECISION_TRAINED_MODEL; the rules where it is not served), 'rules' (evidence rules with MiniLM matching) or 'model' (the model of SH_ENGINE_MODEL_PATH decides each second in the streaming protocol on the stream's KV cache and writes the response itself; the stage then reads 'frames' and publishes on 'responses').")
     consumer_group: str = Field("decision", min_length=1, description="Kafka consumer group of the decision replicas.")
     refractory_s: float = Field(10.0, ge=0, le=3600, description="A standing instruction does not fire twice within this much media time.")
     object_similarity: float = Field(0.55, gt=0, le=1, description="MiniLM similarity between an object instruction and a frame label needed to fire.")
@@ -43,6 +43,13 @@ class DecisionSettings(BaseSettings):
     trained_min_gap_s: float = Field(3.0, ge=0, le=3600, description="The trained policy fires one instruction at most once in this much media time.")
     trained_people_rules: bool = Field(True, description="With policy 'trained': instructions about people are decided by the people-detector rule (the shipped head was trained without people); false = the head decides every instruction.")
     trained_fallback: bool = Field(True, description="With policy 'trained': decide by the rules when the head is not served (logged); false = not ready until it is.")
+    memory_address: str = Field("127.0.0.1:50052", description="With policy 'model': memory's gRPC host:port, for the stable context the stream's cache is built on; empty = no memory (the cache holds the protocol, the instructions and the recent turns).")
+    memory_timeout_s: float = Field(0.5, gt=0, le=30, description="With policy 'model': deadline of a memory Context call; past it the cache keeps its prefix.")
+    model_carry_turns: int = Field(15, ge=1, le=3600, description="With policy 'model': the last turns (seconds) carried into a rebuilt cache (a new chunk's prefix, or a full cache).")
+    model_lead_s: float = Field(15.0, ge=0, le=3600, description="With policy 'model': the next chunk's prefix is read and built in the background this long before the boundary.")
+    model_answer_questions: bool = Field(True, description="With policy 'model': a second holding a question must respond (a prompted model may not); false = the model may wait (a trained model answering forward questions when the event comes).")
+    model_alert_max_new_tokens: int = Field(40, ge=1, le=4096, description="With policy 'model': token budget of a proactive response.")
+    model_question_max_new_tokens: int = Field(128, ge=1, le=4096, description="With policy 'model': token budget of an answer.")
 
 
 def _thresholds(settings: DecisionSettings) -> RuleThresholds:
@@ -66,10 +73,53 @@ def served_trained_policy(settings: DecisionSettings, embed, triton: TritonSetti
                          people_rules=RulePolicy(embed, _thresholds(settings)) if settings.trained_people_rules else None)
 
 
-def make_policy(settings: DecisionSettings, embed, triton: TritonSettings | None = None) -> DecisionPolicy | None:
+def model_policy(settings: DecisionSettings, embed, memory=None) -> DecisionPolicy:
+    """The ``model`` policy on this process's streaming engine (``SH_ENGINE_*``); ``memory``: an
+    object with the ``MemoryServiceStub.Context`` method (None: no memory)."""
+    import grpc
+
+    from streamharness.decision.model_policy import ModelPolicy, ModelPolicyConfig
+    from streamharness.engine.settings import EngineSettings, shared_engine
+    from streamharness.memory.tiers import TierSettings
+    from streamharness.v1 import memory_pb2
+
+    failing = [False]
+
+    def context(key, now_ms):
+        if memory is None:
+            return None
+        try:
+            reply = memory.Context(memory_pb2.ContextRequest(key=key, now_ms=now_ms), timeout=settings.memory_timeout_s)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return ""  # nothing remembered of the stream yet
+            if not failing[0]:
+                log.warning("memory Context failed (%s); the model keeps its cached prefix", err.code().name)
+            failing[0] = True
+            return None
+        except Exception as err:  # noqa: BLE001 - an in-process stub raises its own error type
+            if getattr(err, "code", None) and callable(err.code) and err.code() == grpc.StatusCode.NOT_FOUND:
+                return ""
+            if not failing[0]:
+                log.warning("memory Context failed (%r); the model keeps its cached prefix", err)
+            failing[0] = True
+            return None
+        failing[0] = False
+        return reply.prefix_text
+
+    config = ModelPolicyConfig(carry_turns=settings.model_carry_turns, lead_s=settings.model_lead_s,
+                               chunk_s=load_settings(TierSettings).chunk_s, answer_questions=settings.model_answer_questions,
+                               alert_max_new_tokens=settings.model_alert_max_new_tokens,
+                               question_max_new_tokens=settings.model_question_max_new_tokens)
+    return ModelPolicy(shared_engine(load_settings(EngineSettings)), config, context=context, embed=embed)
+
+
+def make_policy(settings: DecisionSettings, embed, triton: TritonSettings | None = None, memory=None) -> DecisionPolicy | None:
     """The policy ``SH_DECISION_POLICY`` names, with its thresholds; ``embed`` = MiniLM's encode.
     ``trained`` with its head not served: the rules when ``trained_fallback``, else None (not ready)."""
     thresholds = _thresholds(settings)
+    if settings.policy == "model":
+        return model_policy(settings, embed, memory)
     if settings.policy == "trained":
         policy = served_trained_policy(settings, embed, triton)
         if policy is not None:
@@ -99,11 +149,17 @@ class DecisionStage(Stage):
     name = "decision"
 
     def __init__(self, settings: DecisionSettings | None = None, text: TextEncoderSettings | None = None,
-                 triton: TritonSettings | None = None, policy: DecisionPolicy | None = None, text_encoder=None):
+                 triton: TritonSettings | None = None, policy: DecisionPolicy | None = None, text_encoder=None,
+                 memory: object | None = None):
         """``policy``: use this one instead of the one ``SH_DECISION_POLICY`` names; ``text_encoder``:
         a loaded MiniLM encoder to share (else one is loaded at ``open``); ``triton``: where the
-        trained policy's head is served (default ``SH_TRITON_*``)."""
+        trained policy's head is served (default ``SH_TRITON_*``); ``memory``: an object with the
+        ``MemoryServiceStub.Context`` method for the model policy (else a channel to
+        ``SH_DECISION_MEMORY_ADDRESS``)."""
         self.settings = settings or load_settings(DecisionSettings)
+        self._memory = memory
+        self._channel = None
+        self._round: dict[str, tuple] = {}
         self.text = text
         self.triton = triton
         self.policy = policy
@@ -114,8 +170,23 @@ class DecisionStage(Stage):
         self.out: Outbox | None = None
         self._policy_tried = 0.0
 
+    @property
+    def takes_frames(self) -> bool:
+        """The policy reads the frames themselves (the model policy): the stage then consumes
+        ``frames`` instead of ``embeddings`` and publishes the policy's responses."""
+        if self.policy is not None:
+            return bool(getattr(self.policy, "takes_frames", False))
+        return self.settings.policy == "model"
+
     def configure(self, spec: StageSpec) -> StageSpec:
-        return replace(spec, group=self.settings.consumer_group)
+        consumes = dict(spec.consumes)
+        if self.takes_frames:
+            consumes.pop(topics.EMBEDDINGS, None)
+            produces = spec.produces
+        else:
+            consumes.pop(topics.FRAMES, None)
+            produces = tuple(t for t in spec.produces if t != topics.RESPONSES)
+        return replace(spec, group=self.settings.consumer_group, consumes=consumes, produces=produces)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self, ctx: StageContext) -> None:
@@ -124,10 +195,22 @@ class DecisionStage(Stage):
             from streamharness.text_encoder import TextEncoder
 
             self._text_encoder = self._text_encoder or TextEncoder(self.text or load_settings(TextEncoderSettings)).load()
-            self.policy = make_policy(self.settings, self._text_encoder.encode, self.triton)
+            memory = self._memory
+            if memory is None and self.settings.policy == "model" and self.settings.memory_address:
+                import grpc
+
+                from streamharness.v1 import memory_pb2_grpc
+
+                self._channel = grpc.insecure_channel(self.settings.memory_address)
+                memory = memory_pb2_grpc.MemoryServiceStub(self._channel)
+            self.policy = make_policy(self.settings, self._text_encoder.encode, self.triton, memory)
             self._policy_tried = time.monotonic()
         log.info("decision policy: %s%s", getattr(self.policy, "name", "none (waiting for the trained head)"),
                  f" (threshold {self.policy.threshold:.2f})" if hasattr(self.policy, "threshold") else "")
+
+    def close(self, deadline: float) -> None:
+        if self._channel is not None:
+            self._channel.close()
 
     def healthy(self) -> bool:
         # A trained head that was not served at start (no fallback) is looked for again, every few seconds.
@@ -170,6 +253,7 @@ class DecisionStage(Stage):
         batch.sort(key=_media_order)
         for msg in batch:
             self.apply(msg)
+        self._flush_round()
         self._maybe_upgrade()
 
     def _maybe_upgrade(self) -> None:
@@ -189,7 +273,11 @@ class DecisionStage(Stage):
         self.policy = policy
 
     def apply(self, msg) -> None:
-        """One query or encoded frame, in the order ``end_batch`` sorted them into."""
+        """One query or (encoded) frame, in the order ``end_batch`` sorted them into. A policy that
+        steps many streams in one forward (the model policy) gets the frames of a batch in rounds:
+        one frame per stream, a round flushed before a stream's next frame or query."""
+        if self._round and key_str(msg.key) in self._round:
+            self._flush_round()
         log.debug("%s %s t=%d %s", key_str(msg.key), type(msg).__name__, msg.media_ts_ms,
                   getattr(msg, "person_count", "") if not isinstance(msg, events_pb2.QueryEvent) else Q.Kind.Name(msg.kind))
         if isinstance(msg, events_pb2.QueryEvent):
@@ -247,18 +335,35 @@ class DecisionStage(Stage):
             if q.media_ts_ms < 0 or (state.last is not None and state.last.media_ts_ms >= q.media_ts_ms):
                 self._finish(state, q.hops)
 
-    def _on_frame(self, f: events_pb2.EncodedFrameEvent) -> None:
+    def _on_frame(self, f) -> None:
         state = self._state(f.key, f.session_id)
         if state.last is not None and f.media_ts_ms <= state.last.media_ts_ms:
             return  # a redelivered or out-of-order frame: that step was already decided
-        evidence = Evidence(
-            media_ts_ms=f.media_ts_ms,
-            embedding=np.asarray(f.embedding, dtype=np.float32),
-            labels=[(label.name, label.score) for label in f.labels],
-            person_count=f.person_count,
-            caption=f.caption,
-        )
-        decisions = self.policy.step(state, evidence)
+        if isinstance(f, events_pb2.FrameEvent):
+            evidence = Evidence(media_ts_ms=f.media_ts_ms, embedding=np.zeros(0, np.float32), labels=(), person_count=0,
+                                caption="", jpeg=bytes(f.jpeg))
+        else:
+            evidence = Evidence(
+                media_ts_ms=f.media_ts_ms,
+                embedding=np.asarray(f.embedding, dtype=np.float32),
+                labels=[(label.name, label.score) for label in f.labels],
+                person_count=f.person_count,
+                caption=f.caption,
+            )
+        if getattr(self.policy, "batched", False):
+            self._round[key_str(f.key)] = (state, evidence, f)
+            return
+        self._decided(state, f, self.policy.step(state, evidence))
+
+    def _flush_round(self) -> None:
+        if not self._round:
+            return
+        rows, self._round = list(self._round.values()), {}
+        results = self.policy.step_many([(state, ev) for state, ev, _ in rows])
+        for (state, _, f), decisions in zip(rows, results):
+            self._decided(state, f, decisions)
+
+    def _decided(self, state: StreamState, f, decisions) -> None:
         meters.decisions().add(1, {"action": "respond" if decisions else "silent"})
         self._publish(state, decisions, f.hops)
         if state.end_ms is not None and f.media_ts_ms >= state.end_ms:
@@ -269,6 +374,9 @@ class DecisionStage(Stage):
         now = max([state.last.media_ts_ms if state.last else 0, *(p.media_ts_ms for p in state.questions)])
         self._publish(state, self.policy.answer_pending(state, now), hops)
         self.states.pop(key_str(state.key), None)
+        forget = getattr(self.policy, "forget", None)
+        if forget is not None:
+            forget(state)
 
     def _publish(self, state: StreamState, decisions, hops) -> None:
         futures = []
@@ -282,8 +390,27 @@ class DecisionStage(Stage):
                 reply_to=state.reply_to,
                 decision_id=f"{key_str(state.key)}/{d.media_ts_ms}/{d.trigger_id}",
                 hops=[*hops, common_pb2.HopStamp(hop="decision", wall_unix_ns=time.time_ns())],
+                answered=bool(d.text),
             )
             log.info("%s t=%.1fs respond (%s): %s", key_str(state.key), d.media_ts_ms / 1000, d.trigger_id, d.reason)
+            if d.text:
+                futures += self._respond(state, event, d.text)
             futures.append(self.out.send(topics.DECISIONS, state.key, event))
         for fut in futures:
             fut.get(timeout=30)  # durable before the offset of what caused it is committed
+
+    def _respond(self, state: StreamState, decision: events_pb2.DecisionEvent, text: str) -> list:
+        """The policy's own response, as the responder would publish it: the text, then the final
+        record with the question or instruction and the whole answer (memory keeps the dialogue)."""
+        hops = [*decision.hops, common_pb2.HopStamp(hop="responder_first_token", wall_unix_ns=time.time_ns())]
+
+        def record(index: int, body: str, final: bool) -> events_pb2.ResponseEvent:
+            return events_pb2.ResponseEvent(
+                key=state.key, session_id=decision.session_id, response_id=decision.decision_id, index=index, text=body,
+                final=final, trigger=decision.trigger, question_id=decision.question_id,
+                instruction_id=decision.instruction_id, media_ts_ms=decision.media_ts_ms, reply_to=decision.reply_to,
+                hops=hops if not final else [*hops, common_pb2.HopStamp(hop="responder_final", wall_unix_ns=time.time_ns())])
+
+        last = record(1, "", True)
+        last.prompt_text, last.answer_text = decision.prompt_text, text
+        return [self.out.send(topics.RESPONSES, state.key, record(0, text, False)), self.out.send(topics.RESPONSES, state.key, last)]

@@ -351,11 +351,14 @@ class StreamingEngine:
                     logits[i] = new[j]
         return [result[i] for i in range(len(items))]
 
-    def generate(self, name: str, first: Sequence[int], *, max_new_tokens: int, stop: Sequence[int] = ()) -> Iterator[int]:
+    def generate(self, name: str, first: Sequence[int], *, max_new_tokens: int, stop: Sequence[int] = (),
+                 banned: Sequence[int] = ()) -> Iterator[int]:
         """Append ``first`` (may be empty: then the stream's last logits are recomputed from its
         last token) and continue greedily, yielding each new token; a stop token is yielded and not
-        appended (it is the caller's tail). At most ``max_new_tokens`` tokens."""
+        appended (it is the caller's tail), nor is the last one. ``banned`` tokens are never chosen
+        (the protocol's decision tokens inside a response). At most ``max_new_tokens`` tokens."""
         stops = set(stop)
+        banned = list(banned)
         if first:
             logits = self.append([(name, TokenChunk(list(first)))])[0]
         else:
@@ -364,6 +367,9 @@ class StreamingEngine:
             self.truncate(name, s.length - 1)
             logits = self.append([(name, TokenChunk([last]))])[0]
         for n in range(max_new_tokens):
+            if banned:
+                logits = logits.clone()
+                logits[banned] = float("-inf")
             token = int(logits.argmax())
             yield token
             if token in stops or n == max_new_tokens - 1:

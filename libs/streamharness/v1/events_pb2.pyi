@@ -120,7 +120,7 @@ class QueryEvent(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., kind: _Optional[_Union[QueryEvent.Kind, str]] = ..., media_ts_ms: _Optional[int] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., text: _Optional[str] = ..., decision_fps: _Optional[float] = ..., instructions: _Optional[_Iterable[_Union[_common_pb2.StandingInstruction, _Mapping]]] = ..., reply_to: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ...) -> None: ...
 
 class DecisionEvent(_message.Message):
-    __slots__ = ("key", "session_id", "media_ts_ms", "action", "trigger", "question_id", "instruction_id", "prompt_text", "reason", "score", "policy", "reply_to", "decision_id", "hops")
+    __slots__ = ("key", "session_id", "media_ts_ms", "action", "trigger", "question_id", "instruction_id", "prompt_text", "reason", "score", "policy", "reply_to", "decision_id", "hops", "answered")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[DecisionEvent.Action]
@@ -143,6 +143,7 @@ class DecisionEvent(_message.Message):
     REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.StreamKey
     session_id: str
     media_ts_ms: int
@@ -157,7 +158,8 @@ class DecisionEvent(_message.Message):
     reply_to: str
     decision_id: str
     hops: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopStamp]
-    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., action: _Optional[_Union[DecisionEvent.Action, str]] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., reason: _Optional[str] = ..., score: _Optional[float] = ..., policy: _Optional[str] = ..., reply_to: _Optional[str] = ..., decision_id: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ...) -> None: ...
+    answered: bool
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., action: _Optional[_Union[DecisionEvent.Action, str]] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., reason: _Optional[str] = ..., score: _Optional[float] = ..., policy: _Optional[str] = ..., reply_to: _Optional[str] = ..., decision_id: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., answered: _Optional[bool] = ...) -> None: ...
 
 class ResponseEvent(_message.Message):
     __slots__ = ("key", "session_id", "response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "reply_to", "hops", "prompt_text", "answer_text")

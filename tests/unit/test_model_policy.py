@@ -1,0 +1,174 @@
+"""The ``model`` decision policy on a tiny random Qwen2-VL built in code: it emits only protocol
+tokens, the decision stage acts on them (a decision and the response itself), questions are
+answered in their second, a damaged frame does not stop the stream, and a new memory prefix is
+built in the background."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+from streamharness import topics  # noqa: E402
+from streamharness.decision.model_policy import ModelPolicy, ModelPolicyConfig  # noqa: E402
+from streamharness.decision.service import DecisionSettings, DecisionStage  # noqa: E402
+from streamharness.engine import EngineConfig, EngineModel, StreamingEngine  # noqa: E402
+from streamharness.keys import make_key  # noqa: E402
+from streamharness.topology import TOPOLOGY  # noqa: E402
+from streamharness.v1 import common_pb2, events_pb2  # noqa: E402
+
+KEY = make_key("t", "cam")
+Q = events_pb2.QueryEvent
+
+
+def jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def tiny(bias: str | None = None):
+    from streamharness.train.vlm import add_streaming_tokens, build_tiny_qwen2_vl
+
+    model, tok, ip = build_tiny_qwen2_vl(["tell me when you see a cup what is on the table ? a red cup"], seed=1)
+    tokens = add_streaming_tokens(tok, model)
+    if bias is not None:  # make the model say this decision every second: a bias on its output layer
+        old = model.lm_head
+        head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+        with torch.no_grad():
+            head.weight.copy_(old.weight)
+            head.bias.zero_()
+            head.bias[tokens.silence if bias == "silence" else tokens.response] = 100.0
+            head.bias[tok.convert_tokens_to_ids("cup")] = 50.0  # and write about a cup when it responds
+        model.lm_head = head
+    em = EngineModel(model.eval(), tok, ip)
+    return StreamingEngine(em, EngineConfig(capacity=1536, margin=256, slots=4, spare_slots=1)), tokens
+
+
+class _Captured:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, object]] = []
+
+    def send(self, topic, key, message):
+        self.sent.append((topic, message))
+
+        class _Done:
+            def get(self, timeout=None):
+                return None
+
+        return _Done()
+
+    def of(self, topic):
+        return [m for t, m in self.sent if t == topic]
+
+
+def cache_text(engine) -> str:
+    """The stream's cache as its tokens joined by spaces (the tiny word-level tokenizer's own words)."""
+    return " ".join(engine.model.tokenizer.convert_ids_to_tokens(engine.tokens("t/cam")))
+
+
+def stage(policy) -> DecisionStage:
+    svc = DecisionStage(DecisionSettings(policy="model"), policy=policy)
+    svc.out = _Captured()
+    return svc
+
+
+def start(instruction: str | None = "tell me when you see a cup") -> events_pb2.QueryEvent:
+    instructions = [common_pb2.StandingInstruction(instruction_id="cup", text=instruction)] if instruction else []
+    return Q(key=KEY, session_id="s1", kind=Q.KIND_SESSION_START, reply_to="gw", instructions=instructions)
+
+
+def frame(t_s: int, data: bytes | None = None) -> events_pb2.FrameEvent:
+    return events_pb2.FrameEvent(key=KEY, session_id="s1", media_ts_ms=t_s * 1000, seq=t_s, jpeg=data if data is not None else jpeg(t_s))
+
+
+def test_the_stage_reads_frames_and_publishes_responses_with_the_model_policy():
+    engine, _ = tiny()
+    model_stage = stage(ModelPolicy(engine))
+    spec = model_stage.configure(TOPOLOGY["decision"])
+    assert topics.FRAMES in spec.consumes and topics.EMBEDDINGS not in spec.consumes
+    assert topics.RESPONSES in spec.produces
+    rules = DecisionStage(DecisionSettings(policy="rules")).configure(TOPOLOGY["decision"])
+    assert topics.EMBEDDINGS in rules.consumes and topics.FRAMES not in rules.consumes
+    assert topics.RESPONSES not in rules.produces
+
+
+def test_an_untrained_model_emits_only_protocol_tokens():
+    engine, tokens = tiny()
+    svc = stage(ModelPolicy(engine))
+    svc._batch = [start(), *(frame(t) for t in range(8))]
+    svc.end_batch()
+    ids = engine.tokens("t/cam")
+    opening = engine.model.ids("<|im_start|>assistant\n")
+    replies = [ids[i + len(opening)] for i in range(len(ids) - len(opening)) if ids[i:i + len(opening)] == opening]
+    # seven replies in the cache; the eighth is the pending tail, appended with the next turn
+    tail = svc.states["t/cam"].policy_state["model"].tail
+    assert len(replies) == 7 and tail
+    assert set(replies) | {tail[0]} <= {tokens.silence, tokens.response}
+
+
+def test_the_stage_acts_on_a_response_the_model_chooses():
+    engine, _ = tiny(bias="response")
+    svc = stage(ModelPolicy(engine))
+    svc._batch = [start(), *(frame(t) for t in range(3))]
+    svc.end_batch()
+    decisions = svc.out.of(topics.DECISIONS)
+    assert [d.media_ts_ms for d in decisions] == [0, 1000, 2000]
+    assert all(d.answered and d.policy == "model" and d.instruction_id == "cup" for d in decisions)
+    finals = [r for r in svc.out.of(topics.RESPONSES) if r.final]
+    assert [r.response_id for r in finals] == [d.decision_id for d in decisions]
+    assert all(r.prompt_text == "tell me when you see a cup" for r in finals)
+    texts = [r.text for r in svc.out.of(topics.RESPONSES) if not r.final]
+    assert texts == [r.answer_text for r in finals]
+
+
+def test_a_silent_model_stays_silent_and_a_question_is_answered_in_its_second():
+    engine, _ = tiny(bias="silence")
+    svc = stage(ModelPolicy(engine))
+    question = Q(key=KEY, session_id="s1", kind=Q.KIND_QUESTION, question_id="q1", text="what is on the table ?", media_ts_ms=3000)
+    svc._batch = [start(), *(frame(t) for t in range(6)), question]
+    svc.end_batch()
+    decisions = svc.out.of(topics.DECISIONS)
+    assert [(d.media_ts_ms, d.question_id, d.trigger) for d in decisions] == [(3000, "q1", common_pb2.TRIGGER_QUESTION)]
+    # the question was part of the user turn of second 3, before its time tag
+    assert "user \n what is on the table ? \n < 3 . 0 seconds >" in cache_text(engine)
+
+
+def test_a_damaged_frame_does_not_stop_the_stream():
+    engine, _ = tiny(bias="response")
+    svc = stage(ModelPolicy(engine))
+    svc._batch = [start(), frame(0), frame(1, b"\xff\xd8 not a jpeg"), frame(2)]
+    svc.end_batch()
+    assert [d.media_ts_ms for d in svc.out.of(topics.DECISIONS)] == [0, 1000, 2000]
+
+
+def test_the_next_chunks_prefix_is_built_in_the_background_before_its_boundary():
+    engine, _ = tiny()
+    calls = []
+
+    def context(key, now_ms):
+        calls.append(now_ms)
+        return "" if now_ms < 10_000 else "a red cup on the table"  # chunk 0's summary, from the boundary on
+
+    policy = ModelPolicy(engine, ModelPolicyConfig(chunk_s=10, lead_s=3, carry_turns=3), context=context)
+    svc = stage(policy)
+    svc._batch = [start(), *(frame(t) for t in range(8))]
+    svc.end_batch()  # second 7 is inside the lead: the boundary's prefix was read and is being built
+    assert 10_000 in calls
+    assert policy.rebuilds.get("prefix") == 1
+    assert engine.wait_rebuild("t/cam", timeout=60)
+    svc._batch = [frame(t) for t in range(8, 14)]
+    svc.end_batch()
+    assert policy.rebuilds.get("prefix") == 1  # the boundary itself needed no rebuild
+    assert "a red cup on the table" in cache_text(engine)
+    # the cache holds the new prefix, the three turns carried at second 7 (4-6) and every later one
+    text = cache_text(engine)
+    assert "< 3 . 0 seconds >" not in text
+    assert all(f"< {' '.join(str(t))} . 0 seconds >" in text for t in range(4, 14))
