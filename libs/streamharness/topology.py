@@ -93,11 +93,15 @@ TOPOLOGY: dict[str, StageSpec] = {
         StageSpec(
             name="decision",
             factory="streamharness.decision.service:DecisionStage",
-            settings=("streamharness.decision.service:DecisionSettings", _TEXT, _TRITON),
-            # Co-partitioned: both keyed tenant/stream with equal partition counts, read by one group
-            # with the range assignor, so one member holds a stream's queries and frames.
-            consumes={topics.QUERIES: events_pb2.QueryEvent, topics.EMBEDDINGS: events_pb2.EncodedFrameEvent},
-            produces=(topics.DECISIONS,),
+            settings=("streamharness.decision.service:DecisionSettings", _TEXT, _TRITON, _TIERS,
+                      "streamharness.engine.settings:EngineSettings"),
+            # Co-partitioned: all keyed tenant/stream with equal partition counts, read by one group
+            # with the range assignor, so one member holds a stream's queries and frames. The
+            # encoder's embeddings for the rules and the trained head; the frames themselves for the
+            # model policy, which also publishes its own responses (configure()).
+            consumes={topics.QUERIES: events_pb2.QueryEvent, topics.EMBEDDINGS: events_pb2.EncodedFrameEvent,
+                      topics.FRAMES: events_pb2.FrameEvent},
+            produces=(topics.DECISIONS, topics.RESPONSES),
             group="decision",
             offset_reset="earliest",
             offset_reset_reason="a session start or a question produced while no decision member ran must "
@@ -108,7 +112,10 @@ TOPOLOGY: dict[str, StageSpec] = {
             name="responder",
             factory="streamharness.responder.service:ResponderStage",
             settings=("streamharness.responder.service:ResponderSettings", _GENERATION),
-            consumes={topics.DECISIONS: events_pb2.DecisionEvent},
+            # Decisions always; the frames' JPEGs only when prompts carry frames (configure()). Both keyed
+            # tenant/stream with equal partition counts and the range assignor: a stream's frames and
+            # decisions reach one member. Not needs_assignment: a response without frames is still an answer.
+            consumes={topics.DECISIONS: events_pb2.DecisionEvent, topics.FRAMES: events_pb2.FrameEvent},
             produces=(topics.RESPONSES,),
             group="responder",
             offset_reset="earliest",

@@ -42,11 +42,15 @@ def test_every_row_names_a_stage_class_its_settings_and_a_reason_for_its_offset_
 
 def test_co_partitioned_readers_need_both_topics_assigned():
     # The decision step must hold a stream's queries and frames in one member; memory and the
-    # summariser read several topics too, but each record stands alone (no cross-topic state).
+    # summariser read several topics too, but each record stands alone (no cross-topic state). The
+    # responder keeps recent frames for its prompts (only with SH_RESPONDER_FRAMES_PER_REQUEST > 0):
+    # co-partitioned like the decision step, but a response without frames is still an answer, so
+    # readiness does not wait for both topics.
     multi = [n for n, s in TOPOLOGY.items() if len(s.consumes) > 1]
-    assert multi == ["memory", "summariser", "decision"]
+    assert multi == ["memory", "summariser", "decision", "responder"]
     assert TOPOLOGY["decision"].needs_assignment
     assert not TOPOLOGY["memory"].needs_assignment and not TOPOLOGY["summariser"].needs_assignment
+    assert not TOPOLOGY["responder"].needs_assignment
 
 
 def test_every_stage_is_a_service_with_the_one_entry_point_shape():

