@@ -1,0 +1,314 @@
+"""Streaming-engine latency: full re-prefill vs sliding-window re-prefill vs the cached engine,
+at several points of a 1-FPS stream, then how many concurrent streams one device steps in time.
+
+Runs on the GPU machine (Python 3.12, torch, transformers; no pydantic needed) with a real-size
+architecture and random bf16 weights (latency does not depend on weight values), and on CPU with
+SmolLM2-135M (the flatness goal). The state at t seconds is built directly, not replayed:
+
+* the memory prefix at t: ``min(chunks, M)`` chunk summaries of ~``summary_tokens`` and the long-term
+  blocks merged from older ones (~``block_tokens`` each, at most L), as the tiers of
+  docs/memory.md keep them;
+* the turns since the chunk began: measured at the *end* of a chunk (199 turns), the longest a
+  cache gets; each turn = the time tag, the frame's vision tokens (``--tokens-per-frame``) or, for a
+  text model, a caption, and the reply.
+
+Strategies, timed side by side in one run:
+
+* ``full``: the whole prompt (prefix + every turn of the chunk, frames through the vision tower)
+  prefilled for every step, as a server without a cache does;
+* ``window``: the last ``--window-s`` seconds of turns, no memory, prefilled every step;
+* ``cached``: the engine; a step appends one turn (its frame through the vision tower) and decides;
+  TTFT adds the first response token. A background rebuild of the next chunk's prefix runs during
+  part of the cached steps (a boundary), so the numbers include it.
+
+Then the concurrency sweep: N streams with ``--stream-context`` tokens cached each (KV filled with
+random values directly), one batched step of all N (each one turn with its frame); the largest N
+whose p95 step is within 200 ms and p99 within 1 s; bytes of KV per stream, bf16 and int8.
+
+    python bench/engine_latency.py --model qwen2vl-7b --out docs/bench/engine-h200.json     # GPU
+    python bench/engine_latency.py --model smollm2 --out docs/bench/engine-cpu.json         # 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "libs"))
+
+VOCAB = "you watch a live camera stream memory summary what is happening now ? tell me when a person walks in"
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summary(xs):
+    return {"n": len(xs), "p50_ms": percentile(xs, 0.5) * 1e3, "p95_ms": percentile(xs, 0.95) * 1e3,
+            "p99_ms": percentile(xs, 0.99) * 1e3, "max_ms": max(xs) * 1e3 if xs else float("nan")}
+
+
+def build_qwen2vl_7b(torch, hidden=3584, layers=28, heads=28, kv_heads=4, inter=18944, vocab=152064):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from streamharness.engine import EngineModel
+    from streamharness.train.vlm import build_tiny_tokenizer, make_image_processor, qwen2_vl_config
+
+    tok = build_tiny_tokenizer([VOCAB])
+    config = qwen2_vl_config(tok, vocab_size=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
+                             intermediate=inter, vision_depth=32, vision_embed_dim=1280, vision_heads=16)
+    config._attn_implementation = "sdpa"
+    config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = Qwen2VLForConditionalGeneration(config)
+    torch.set_default_dtype(torch.float32)
+    ip = make_image_processor(56 * 56, 1024 * 1024)
+    return EngineModel(model.eval(), tok, ip), tok
+
+
+class Workload:
+    """Token chunks of the synthetic stream for one model."""
+
+    def __init__(self, em, torch, tokens_per_frame: int, caption_words: int = 12):
+        self.em, self.torch, self.tpf = em, torch, tokens_per_frame
+        self.words = VOCAB.split()
+        self.caption_words = caption_words
+        if em.takes_images:
+            # grid (t=1, h, w) of patches; merge 2x2 -> h*w/4 tokens
+            h = 2 * max(1, round(math.sqrt(tokens_per_frame / 2)))
+            w = 2 * max(1, round(tokens_per_frame * 4 / h / 2))
+            self.grid = (1, h, w)
+            self.vision_tokens = h * w // 4
+            self.patch_dim = 3 * 2 * 14 * 14
+
+    def text(self, n: int):
+        from streamharness.engine import TokenChunk
+
+        ids = self.em.ids(" ".join(self.words[i % len(self.words)] for i in range(n)))
+        return TokenChunk(ids[:n])
+
+    def prefix(self, t_s: float, chunk_s=200, m=5, summary_tokens=250, block_tokens=400, blocks_max=42):
+        chunks = int(t_s // chunk_s)
+        mids = chunks % m if chunks >= m else chunks
+        blocks = min(chunks // m, blocks_max)
+        n = 200 + mids * summary_tokens + blocks * block_tokens
+        return self.em.system(" ".join(self.words[i % len(self.words)] for i in range(n))), n
+
+    def turn(self, t_s: float, question: str = ""):
+        from streamharness.engine import TokenChunk
+        from streamharness.train.convert import user_turn
+
+        em, torch = self.em, self.torch
+        text = user_turn(t_s, [question] if question else [])
+        if not em.takes_images:
+            caption = " ".join(self.words[i % len(self.words)] for i in range(self.caption_words))
+            return em.user_turn(text, None, caption=caption)
+        from streamharness.train.vlm import encode_user_turn
+
+        placeholder = em.vision.start + em.vision.pad * self.vision_tokens + em.vision.end
+        ids = encode_user_turn(em.tokenizer, text, placeholder)
+        mm = [1 if i == em.vision.image_token_id else 0 for i in ids]
+        n = self.grid[0] * self.grid[1] * self.grid[2]
+        pv = torch.randn(n, self.patch_dim, device=em.device, dtype=em.dtype)
+        return TokenChunk(ids, mm, pv, torch.tensor([self.grid], device=em.device))
+
+    def reply(self):
+        from streamharness.engine import TokenChunk
+
+        return TokenChunk([self.em.im_end, *self.em.ids("\n")] + self.em.ids("</silence>"))
+
+
+def sync(torch):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, capacity):
+    """Step latency and TTFT at t_s for the three strategies."""
+    from streamharness.engine import TokenChunk
+
+    prefix, prefix_tokens = wl.prefix(t_s)
+    turns_in_chunk = int(min(t_s, 199 if t_s >= 200 else t_s))
+    turns = [wl.turn(float(k)) + wl.reply() for k in range(turns_in_chunk)]
+    context = len(prefix) + sum(len(c) for c in turns)
+    out = {"t_s": t_s, "prefix_tokens": len(prefix), "turns": turns_in_chunk, "context_tokens": context}
+    margin = 1024
+    eng = engine_cls(em, config_cls(capacity=max(capacity, context + 64 * reps + 4 * margin), margin=margin, slots=3, spare_slots=1,
+                                    prefill_piece=512))
+
+    def one_shot(chunks):
+        """Prefill chunks into a fresh stream and return the time to the first token."""
+        eng.close("x")
+        sync(torch)
+        start = time.perf_counter()
+        logits = None
+        for c in chunks:
+            for piece in c.split(4096):
+                logits = eng.append([("x", piece)])[0]
+        int(logits.argmax())
+        sync(torch)
+        return time.perf_counter() - start
+
+    # full re-prefill: every step prefills everything (fewer reps: it is the slow one)
+    full = [one_shot([prefix, *turns, wl.turn(t_s, "what is happening now ?")]) for _ in range(max(2, reps // 5))]
+    window_turns = turns[-int(window_s):] if window_s else turns
+    window = [one_shot([em.system("you watch a live camera stream"), *window_turns, wl.turn(t_s, "what is happening now ?")])
+              for _ in range(max(2, reps // 5))]
+    eng.close("x")
+    # cached: built once (not timed), then steps
+    eng.prefill("s", [prefix, *turns])
+    steps, ttft = [], []
+    boundary_at = reps // 3
+    next_prefix, _ = wl.prefix(t_s + 200)
+    for k in range(reps):
+        if k == boundary_at and t_s >= 200:
+            eng.rebuild("s", [next_prefix, *turns[-15:]], key="next", background=True)
+        turn = wl.turn(t_s + k + 1)
+        sync(torch)
+        start = time.perf_counter()
+        chosen = eng.decide([("s", turn)], [[em.ids("</silence>"), em.ids("</response>")]])
+        sync(torch)
+        steps.append(time.perf_counter() - start)
+        tail = chosen[0][2]
+        if k % 3 == 0:  # a question: the step plus the first token of its answer
+            q = wl.turn(t_s + k + 1.5, "what is happening now ?")
+            sync(torch)
+            start = time.perf_counter()
+            (_, _, tail2), = eng.decide([("s", TokenChunk(tail + [em.im_end]) + q)], [[em.ids("</response>")]])
+            next(iter(eng.generate("s", tail2, max_new_tokens=1)))
+            sync(torch)
+            ttft.append(time.perf_counter() - start)
+    eng.wait_rebuild("s", 120)
+    out.update(full=summary(full), window=summary(window), cached_step=summary(steps), cached_ttft=summary(ttft),
+               rebuild_swapped=eng.prefix_key("s") == "next" if t_s >= 200 else None)
+    del eng
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def concurrency(em, torch, wl, ns, context, reps, int8, engine_cls, config_cls):
+    """A batched step of N streams that each hold ``context`` tokens (random KV)."""
+    from streamharness.engine.core import _Stream
+
+    results = []
+    for n in ns:
+        try:
+            eng = engine_cls(em, config_cls(capacity=context + 256, margin=512, slots=n + 1, spare_slots=1, int8_kv=int8,
+                                            max_batch=max(ns)))
+        except RuntimeError as err:  # out of memory: this N does not fit
+            results.append({"streams": n, "error": f"does not fit: {err}"[:200]})
+            break
+        for layer in range(em.shape.layers):
+            for buf in (eng.pool.k[layer], eng.pool.v[layer]):
+                if int8:
+                    buf.random_(-100, 100)
+                else:
+                    buf.normal_()
+            if int8:
+                eng.pool.k_scale[layer].fill_(0.01)
+                eng.pool.v_scale[layer].fill_(0.01)
+        for i in range(n):
+            name = f"t/{i}"
+            eng._free.remove(i)
+            eng.streams[name] = _Stream(name, i, length=context, next_pos=context, ids=[0] * context, pos_after=list(range(1, context + 1)))
+        times = []
+        for k in range(reps):
+            items = [(f"t/{i}", wl.turn(3600.0 + k)) for i in range(n)]
+            for i in range(n):  # keep every stream at the same length (no growth across reps)
+                s = eng.streams[f"t/{i}"]
+                s.length, s.next_pos = context, context
+                del s.ids[context:], s.pos_after[context:]
+            sync(torch)
+            start = time.perf_counter()
+            eng.decide(items, [[em.ids("</silence>"), em.ids("</response>")]] * n)
+            sync(torch)
+            times.append(time.perf_counter() - start)
+        times = times[1:]  # the first step warms the kernels for this shape
+        row = {"streams": n, **summary(times), "per_stream_ms": statistics.median(times) * 1e3 / n,
+               "kv_bytes_per_stream": eng.pool.bytes // eng.pool.slots,
+               "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del eng
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        if row["p95_ms"] > 400:
+            break
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["qwen2vl-7b", "smollm2", "tiny"], default="smollm2")
+    ap.add_argument("--tokens-per-frame", type=int, nargs="+", default=[72, 170])
+    ap.add_argument("--times", type=float, nargs="+", default=[60, 600, 1800, 3600, 7200])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--window-s", type=float, default=120)
+    ap.add_argument("--streams", type=int, nargs="+", default=[16, 64, 128, 192, 256, 320])
+    ap.add_argument("--stream-context", type=int, default=8192)
+    ap.add_argument("--skip-points", action="store_true")
+    ap.add_argument("--skip-concurrency", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+
+    from streamharness.engine import EngineConfig, StreamingEngine
+    from streamharness.engine.model import load_engine_model
+
+    if args.model == "qwen2vl-7b":
+        em, _ = build_qwen2vl_7b(torch)
+    elif args.model == "tiny":
+        from streamharness.engine import EngineModel
+        from streamharness.train.vlm import build_tiny_qwen2_vl
+
+        model, tok, ip = build_tiny_qwen2_vl([VOCAB])
+        em = EngineModel(model.eval(), tok, ip)
+    else:
+        em = load_engine_model(None, device="cpu", threads=args.threads)
+    tpfs = args.tokens_per_frame if em.takes_images else [0]
+    report = {"command": " ".join(sys.argv), "model": args.model, "torch": torch.__version__,
+              "transformers": transformers.__version__, "python": platform.python_version(),
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+              "params_b": sum(p.numel() for p in em.model.parameters()) / 1e9, "runs": []}
+    for tpf in tpfs:
+        wl = Workload(em, torch, tpf)
+        run = {"tokens_per_frame": wl.vision_tokens if em.takes_images else 0, "points": [], "concurrency": {}}
+        if not args.skip_points:
+            for t in args.times:
+                point = measure_point(em, torch, wl, t, args.reps, args.window_s, StreamingEngine, EngineConfig, 8192)
+                run["points"].append(point)
+                print(json.dumps(point), flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
+        if not args.skip_concurrency and torch.cuda.is_available():
+            for int8 in (False, True):
+                run["concurrency"]["int8" if int8 else "bf16"] = concurrency(
+                    em, torch, wl, args.streams, args.stream_context, 8, int8, StreamingEngine, EngineConfig)
+                args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
+        report["runs"].append(run)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
