@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "libs"))
 
+PROFILE = False
 VOCAB = "you watch a live camera stream memory summary what is happening now ? tell me when a person walks in"
 
 
@@ -67,6 +68,9 @@ def build_qwen2vl_7b(torch, hidden=3584, layers=28, heads=28, kv_heads=4, inter=
     from streamharness.train.vlm import build_tiny_tokenizer, make_image_processor, qwen2_vl_config
 
     tok = build_tiny_tokenizer([VOCAB])
+    from streamharness.train.vlm import add_streaming_tokens
+
+    add_streaming_tokens(tok)  # </silence> and </response> as single tokens, as a Streaming-Train model has them
     config = qwen2_vl_config(tok, vocab_size=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
                              intermediate=inter, vision_depth=32, vision_embed_dim=1280, vision_heads=16)
     config._attn_implementation = "sdpa"
@@ -139,6 +143,7 @@ def sync(torch):
 
 def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, capacity):
     """Step latency and TTFT at t_s for the three strategies."""
+    global PROFILE
     from streamharness.engine import TokenChunk
 
     prefix, prefix_tokens = wl.prefix(t_s)
@@ -157,7 +162,7 @@ def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, ca
         start = time.perf_counter()
         logits = None
         for c in chunks:
-            for piece in c.split(4096):
+            for piece in c.split(margin):
                 logits = eng.append([("x", piece)])[0]
         int(logits.argmax())
         sync(torch)
@@ -171,6 +176,20 @@ def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, ca
     eng.close("x")
     # cached: built once (not timed), then steps
     eng.prefill("s", [prefix, *turns])
+    for k in range(3):  # warm the kernels for these shapes
+        eng.decide([("s", wl.turn(t_s + 0.5))], [[em.ids("</silence>"), em.ids("</response>")]])
+        eng.truncate("s", len(prefix) + sum(len(c) for c in turns))
+    if PROFILE:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for k in range(3):
+                eng.decide([("s", wl.turn(t_s + 0.5))], [[em.ids("</silence>"), em.ids("</response>")]])
+            sync(torch)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+        PROFILE = False  # once is enough
+        eng.truncate("s", len(prefix) + sum(len(c) for c in turns))
     steps, ttft = [], []
     boundary_at = reps // 3
     next_prefix, _ = wl.prefix(t_s + 200)
@@ -265,8 +284,11 @@ def main() -> None:
     ap.add_argument("--skip-points", action="store_true")
     ap.add_argument("--skip-concurrency", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="print torch profiler tables of three cached steps per point")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
 
     import torch
     import transformers
