@@ -172,6 +172,18 @@ class EngineModel:
         return pos, int(pos.max().item()) + 1
 
     # -- forward -----------------------------------------------------------------------------------
+    def _attention_backends(self):
+        """SDPA without the cuDNN backend on CUDA: its plan is rebuilt for every new key length (a
+        step's length grows by one turn), which measured ~0.75 ms of CPU per attention call on the
+        H200 (docs/benchmarks.md); memory-efficient attention takes the same boolean mask."""
+        import contextlib
+
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
     def forward(self, pool: KVPool, slots: list[int], lengths: list[int], chunks: list[TokenChunk], positions: list):
         """One forward of ``chunks[b]`` appended to slot ``slots[b]`` (holding ``lengths[b]``
         tokens): writes their keys/values into the pool, returns next-token logits ``[B, vocab]``
@@ -200,7 +212,7 @@ class EngineModel:
             kwargs["pixel_values"] = torch.cat(pixel)
             kwargs["image_grid_thw"] = torch.cat([c.grid for c in chunks if c.grid is not None])
             kwargs["mm_token_type_ids"] = mm
-        with torch.inference_mode():
+        with torch.inference_mode(), self._attention_backends():
             out = self.base(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
             hidden = out.last_hidden_state
             last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
