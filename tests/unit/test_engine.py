@@ -216,3 +216,38 @@ def test_decide_chooses_only_among_the_options(text_lm):
     assert choice in (0, 1) and 0.0 < p <= 1.0
     assert tail == options[choice][1:]
     assert eng.tokens("s")[-1] == options[choice][0]
+
+
+def test_a_step_waiting_during_a_rebuild_goes_before_the_rebuilds_next_piece(text_lm):
+    em = text_lm
+    eng = StreamingEngine(em, EngineConfig(capacity=2048, margin=512, slots=4, spare_slots=1, prefill_piece=16))
+    eng.prefill("s", [em.system("you watch a room")])
+    order, in_piece, release = [], threading.Event(), threading.Event()
+    forward = em.forward
+
+    def recorded(pool, slots, lengths, chunks, positions):
+        rebuild = threading.current_thread().name.startswith("engine-rebuild")
+        order.append("rebuild" if rebuild else "step")
+        if rebuild and not in_piece.is_set():
+            in_piece.set()
+            release.wait(30)  # the first piece is on the model while a step arrives
+        return forward(pool, slots, lengths, chunks, positions)
+
+    em.forward = recorded
+    try:
+        long_prefix = em.system(" ".join(["a person walks in the room"] * 12))  # several 16-token pieces
+        assert eng.rebuild("s", [long_prefix], key="new")
+        assert in_piece.wait(10)
+        step = threading.Thread(target=lambda: eng.append([("s", em.user_turn(user_turn(5.0), None))]))
+        step.start()
+        for _ in range(1000):
+            if eng._steps == 1:
+                break
+            threading.Event().wait(0.005)
+        release.set()
+        step.join(30)
+        assert eng.wait_rebuild("s", timeout=60)
+    finally:
+        em.forward = forward
+    assert order[:3] == ["rebuild", "step", "rebuild"], order
+    assert order.count("rebuild") > 3 and eng.prefix_key("s") == "new"

@@ -29,6 +29,7 @@ are :class:`EngineConfig`, filled from ``SH_ENGINE_*`` by :mod:`streamharness.en
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -56,6 +57,7 @@ class EngineConfig:
     max_batch: int = 64  # streams in one forward
     prefill_piece: int = 512  # a rebuild's prefill is cut into pieces of this many tokens
     spare_slots: int = 2  # slots kept for background rebuilds
+    rebuild_yield_s: float = 1.0  # a rebuild piece waits this long at most for steps to finish
 
 
 @dataclass
@@ -95,6 +97,10 @@ class StreamingEngine:
         self._free = list(range(slots))
         self.streams: dict[str, _Stream] = {}
         self._lock = threading.RLock()  # one forward at a time; held across a swap
+        # Steps first: a rebuild piece starts only when no step (append) is waiting or running, so a
+        # step waits at most for the one piece already on the model (Python's lock is not fair).
+        self._steps = 0
+        self._idle = threading.Condition(threading.Lock())
         self.evictions = 0
         self.rebuild_failures = 0
         self.on_evict = on_evict
@@ -188,7 +194,27 @@ class StreamingEngine:
         names = [n for n, _ in items]
         if len(set(names)) != len(names):
             raise ValueError("a stream appears twice in one append")
-        out = []
+        with self._stepping():
+            return self._append(items, names, torch)
+
+    @contextlib.contextmanager
+    def _stepping(self):
+        with self._idle:
+            self._steps += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._steps -= 1
+                self._idle.notify_all()
+
+    def _yield_to_steps(self) -> None:
+        """Called by a rebuild before each piece: wait while steps are waiting or running (at most
+        ``rebuild_yield_s``, so that back-to-back steps cannot starve a rebuild for ever)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._steps == 0, timeout=self.config.rebuild_yield_s)
+
+    def _append(self, items, names, torch):
         with self._lock:
             busy = set(names)
             rows = []
@@ -208,8 +234,7 @@ class StreamingEngine:
             for stream, chunk in rows:
                 if stream.rebuild is not None:
                     stream.rebuild.log.append(chunk)
-            out = torch.stack(logits)
-        return out
+            return torch.stack(logits)
 
     def prefill(self, name: str, chunks: Sequence[TokenChunk]):
         """Append ``chunks`` to one stream in pieces of ``prefill_piece`` tokens; the last logits."""
@@ -268,6 +293,7 @@ class StreamingEngine:
 
     def _shadow_append(self, shadow: _Stream, chunk: TokenChunk) -> None:
         for piece in chunk.split(self.config.prefill_piece):
+            self._yield_to_steps()
             with self._lock:
                 self._forward([(shadow, piece)])
 
@@ -280,6 +306,7 @@ class StreamingEngine:
             for chunk in job.chunks:
                 self._shadow_append(job.shadow, chunk)
             while True:
+                self._yield_to_steps()
                 with self._lock:
                     if self.streams.get(live.name) is not live:
                         self._free.append(job.shadow.slot)  # the stream was closed or evicted meanwhile
@@ -319,6 +346,10 @@ class StreamingEngine:
             return []
         if len(options) != len(items) or any(not opts or any(not o for o in opts) for opts in options):
             raise ValueError("decide needs non-empty options for each item")
+        with self._stepping():  # no rebuild piece between the forwards of one step
+            return self._decide(items, options, torch)
+
+    def _decide(self, items, options, torch):
         logits = self.append(items)
         live = {i: list(range(len(options[i]))) for i in range(len(items))}
         depth = dict.fromkeys(range(len(items)), 0)
