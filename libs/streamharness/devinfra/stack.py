@@ -129,12 +129,13 @@ class LocalStack:
     def plan(self, generator_address: str) -> list[StageProc]:
         """Every stage of the topology as the processes to start, each from its
         ``services/<name>/main.py``; ports are chosen first so that each one's address is known to
-        the stages that call it (gateway → ingest, responder and summariser → memory and the generator)."""
+        the stages that call it (gateway → ingest, decision, responder and summariser → memory, the last two → the generator)."""
         replicas = {name: (self.gateways if name == "gateway" else 1) for name in TOPOLOGY}
         ports = {(name, i): free_port() for name, n in replicas.items() for i in range(n)}
         addresses = {name: f"127.0.0.1:{ports[(name, 0)]}" for name in TOPOLOGY}
         wiring = {
             "gateway": {"SH_GATEWAY_INGEST_ADDRESS": addresses["ingest"]},
+            "decision": {"SH_DECISION_MEMORY_ADDRESS": addresses["memory"]},  # the model policy's stable prefix
             "summariser": {
                 "SH_SUMMARISER_MEMORY_ADDRESS": addresses["memory"],
                 "SH_GENERATION_BACKEND": "openai",

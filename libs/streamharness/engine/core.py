@@ -56,7 +56,7 @@ class EngineConfig:
     idle_evict_s: float = 600.0
     max_batch: int = 64  # streams in one forward
     prefill_piece: int = 512  # a rebuild's prefill is cut into pieces of this many tokens
-    spare_slots: int = 2  # slots kept for background rebuilds
+    spare_slots: int = 1  # slots kept for background rebuilds
     rebuild_yield_s: float = 1.0  # a rebuild piece waits this long at most for steps to finish
 
 

@@ -18,6 +18,10 @@ def make_generator(settings: GenerationSettings) -> ResponseGenerator:
     """The backend ``settings.backend`` names (not loaded yet: call ``load()`` on a local one)."""
     if settings.backend == "local":
         return LocalSmolLM2Generator(settings)
+    if settings.backend == "engine":
+        from streamharness.generation.engine_backend import EngineGenerator
+
+        return EngineGenerator(settings)
     return OpenAICompatibleGenerator(settings)
 
 

@@ -15,10 +15,12 @@ class GenerationSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SH_GENERATION_", frozen=True, extra="forbid", case_sensitive=False)
 
-    backend: Literal["openai", "local"] = Field(
+    backend: Literal["openai", "local", "engine"] = Field(
         "openai",
         description="'openai': call an OpenAI-compatible /chat/completions server (our KServe generator, vLLM, "
-        "SGLang, a hosted API); 'local': run SmolLM2 in this process (development only: ~25 s load, CPU).",
+        "SGLang, a hosted API); 'local': run SmolLM2 in this process (development only: ~25 s load, CPU); 'engine': "
+        "generate on the streaming engine's per-stream KV cache in this process (SH_ENGINE_*: the memory prefix is not "
+        "prefilled again while it stays the same).",
     )
     base_url: str = Field(
         "http://127.0.0.1:8080/openai/v1",
