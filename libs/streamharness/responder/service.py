@@ -173,7 +173,8 @@ class ResponseBuilder:
                images: Sequence[FrameImage] = ()) -> Prompt:
         """The prompt of one decision; ``images``: the stream's recent frames, oldest first."""
         s = self._settings
-        context_parts: list[str] = []
+        stable = ""  # memory's prefix: its bytes change only at chunk boundaries
+        context_parts: list[str] = []  # what changes from one response to the next
         captions: list[str] = []
         ctx = None
         if self._memory is not None:
@@ -181,8 +182,7 @@ class ResponseBuilder:
                 key=key, now_ms=decision.media_ts_ms, max_recent=s.recent_captions))
         if ctx is not None:
             # The stable prefix first (its bytes change only at chunk boundaries), then what changes.
-            if ctx.prefix_text.strip():
-                context_parts.append(ctx.prefix_text.strip())
+            stable = ctx.prefix_text.strip()
             if s.history and ctx.history:
                 lines = [_said(i) for i in list(ctx.history)[-s.history:]]
                 context_parts.append("What you said earlier in this session (media time):\n" + "\n".join(lines))
@@ -200,19 +200,28 @@ class ResponseBuilder:
         if ctx is None and decision.reason.strip():
             # Memory is unavailable: what the decision step saw is all there is.
             context_parts.append(f"What the decision step noted at {clock(decision.media_ts_ms)}: {decision.reason.strip()}")
-        context, captions = self._fit("\n\n".join(context_parts), captions, decision.prompt_text)
+        context, captions = self._fit(stable, "\n\n".join(context_parts), captions, decision.prompt_text)
         common = dict(system=s.system_prompt, context=context, recent_captions=tuple(captions), stream=key_str(key),
                       images=tuple(images))
         if is_question:
             return Prompt(**common, question=decision.prompt_text, max_new_tokens=s.question_max_new_tokens)
         return Prompt(**common, instruction=decision.prompt_text, max_new_tokens=s.alert_max_new_tokens)
 
-    def _fit(self, context: str, captions: list[str], task: str) -> tuple[str, list[str]]:
+    def _fit(self, stable: str, context: str, captions: list[str], task: str) -> tuple[str, list[str]]:
         """Trim memory so that the prompt stays within max_prompt_chars: newest captions first get up
-        to a third of the room, the memory text keeps its most recent end."""
-        room = self._settings.max_prompt_chars - len(self._settings.system_prompt) - len(task) - 200
+        to a third of the room; memory's stable prefix up to two thirds of the rest, trimmed by a rule
+        that depends on it alone (its most recent end is kept), so that it stays byte-identical from
+        one response to the next within a chunk (a prefix cache keeps hitting, see the engine and
+        docs/architecture.md); what changes per response (recall, notes) gets the room left."""
+        room = self._settings.max_prompt_chars - len(self._settings.system_prompt) - 200
+        if stable:
+            budget = (room - room // 3) * 2 // 3
+            if len(stable) > budget:
+                stable = "…" + stable[len(stable) - budget + 1:] if budget > 1 else ""
+            room -= len(stable) + 2
+        room -= len(task)
         if room <= 0:
-            return "", []
+            return stable, []
         kept: list[str] = []
         used = 0
         for caption in reversed(captions):
@@ -223,7 +232,7 @@ class ResponseBuilder:
         left = room - used
         if len(context) > left:
             context = "…" + context[len(context) - left + 1:] if left > 1 else ""
-        return context, kept
+        return "\n\n".join(part for part in (stable, context) if part), kept
 
 
 class ResponderStage(Stage):
