@@ -152,7 +152,8 @@ def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, ca
     context = len(prefix) + sum(len(c) for c in turns)
     out = {"t_s": t_s, "prefix_tokens": len(prefix), "turns": turns_in_chunk, "context_tokens": context}
     margin = 1024
-    eng = engine_cls(em, config_cls(capacity=max(capacity, context + 64 * reps + 4 * margin), margin=margin, slots=3, spare_slots=1,
+    room = 3 * reps * (len(turns[-1]) if turns else 256)  # the timed steps, questions and answers appended
+    eng = engine_cls(em, config_cls(capacity=max(capacity, context + room + 4 * margin), margin=margin, slots=3, spare_slots=1,
                                     prefill_piece=512))
 
     def one_shot(chunks):
