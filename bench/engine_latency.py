@@ -37,7 +37,6 @@ import math
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -121,7 +120,7 @@ class Workload:
         if not em.takes_images:
             caption = " ".join(self.words[i % len(self.words)] for i in range(self.caption_words))
             return em.user_turn(text, None, caption=caption)
-        from streamharness.train.vlm import encode_user_turn
+        from streamharness.protocol import encode_user_turn
 
         placeholder = em.vision.start + em.vision.pad * self.vision_tokens + em.vision.end
         ids = encode_user_turn(em.tokenizer, text, placeholder)
@@ -215,7 +214,7 @@ def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, ca
     eng.wait_rebuild("s", 120)
     out.update(full=summary(full), window=summary(window), cached_step=summary(steps), cached_ttft=summary(ttft),
                rebuild_swapped=eng.prefix_key("s") == "next" if t_s >= 200 else None)
-    del eng
+    eng.close("s")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out

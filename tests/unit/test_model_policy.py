@@ -172,3 +172,23 @@ def test_the_next_chunks_prefix_is_built_in_the_background_before_its_boundary()
     text = cache_text(engine)
     assert "< 3 . 0 seconds >" not in text
     assert all(f"< {' '.join(str(t))} . 0 seconds >" in text for t in range(4, 14))
+
+
+def test_a_text_model_reads_the_encoders_captions_instead_of_frames():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from streamharness.train.vlm import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(["tell me when you see a cup a red cup on the table silence response [ frame ] :"])  # no protocol tokens: scored as words
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    engine = StreamingEngine(EngineModel(model, tok), EngineConfig(capacity=1024, margin=256, slots=3))
+    svc = stage(ModelPolicy(engine))
+    spec = svc.configure(TOPOLOGY["decision"])
+    assert topics.EMBEDDINGS in spec.consumes and topics.FRAMES not in spec.consumes and topics.RESPONSES in spec.produces
+    emb = np.zeros(1280, np.float32)
+    emb[0] = 1
+    svc._batch = [start(), events_pb2.EncodedFrameEvent(key=KEY, session_id="s1", media_ts_ms=0, embedding=emb.tolist(),
+                                                        caption="a red cup on the table")]
+    svc.end_batch()
+    assert "[ frame : a red cup on the table ]" in cache_text(engine)

@@ -57,6 +57,12 @@ OPTIONAL: dict[str, tuple[str, bool]] = {
     # SH_SUMMARISER_BACKEND=hf-vlm: a local Hugging Face VLM, torch and transformers in load() (an
     # image with [models], e.g. the jobs target; the other backends need the base dependencies only).
     "streamharness.summariser.backends": ("models", False),
+    # The streaming engine (SH_DECISION_POLICY=model, SH_GENERATION_BACKEND=engine): torch and
+    # transformers inside functions, reached only where a model is loaded (an image with [models]).
+    "streamharness.engine.kv": ("models", False),
+    "streamharness.engine.model": ("models", False),
+    # load_pretrained(): a local VLM checkpoint (the engine and the trainer).
+    "streamharness.protocol": ("models", False),
 }
 
 # Import names of distributions whose import name is not the distribution name with "-" -> "_".

@@ -4,7 +4,7 @@ Each second of a stream is one user turn on the stream's cache in the streaming 
 (:mod:`streamharness.engine`): what was said in that second first (a question, a new standing
 instruction, ``Stop: <instruction>``), then ``<T seconds>`` and the frame (a VLM gets the frame's
 vision tokens; a text model its caption) — the layout Streaming-Train trains on
-(:mod:`streamharness.train.convert`). The model's reply is chosen between ``</silence>`` and
+(:mod:`streamharness.protocol`). The model's reply is chosen between ``</silence>`` and
 ``</response>`` by constrained decoding (it can emit nothing else); after ``</response>`` it writes
 the response on the same cache. A model trained by Streaming-Train has both as single tokens; any
 other chat model is prompted with the protocol in the system text (event-driven triggering without
@@ -38,7 +38,7 @@ import numpy as np
 from streamharness.decision.policy import Decision, DecisionPolicy, Evidence, InstructionState, PendingQuestion, StreamState
 from streamharness.engine.core import CacheFull, StreamingEngine
 from streamharness.engine.model import ImageRejected, TokenChunk
-from streamharness.train.convert import RESPONSE, SILENCE, user_turn
+from streamharness.protocol import RESPONSE, SILENCE, user_turn
 from streamharness.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,6 @@ class ModelPolicy(DecisionPolicy):
     stable prefix at a media time (None: no memory or not reachable; the prefix is then kept)."""
 
     name = "model"
-    takes_frames = True
     batched = True
 
     def __init__(self, engine: StreamingEngine, config: ModelPolicyConfig = ModelPolicyConfig(), *,
@@ -106,6 +105,12 @@ class ModelPolicy(DecisionPolicy):
             raise ValueError("the model's tokenizer cannot tell </silence> from </response>")
         self._close_turn = [em.im_end, *em.ids("\n")]
         self.rebuilds: dict[str, int] = {}
+
+    @property
+    def takes_frames(self) -> bool:
+        """A VLM reads the frames (the stage consumes ``frames``); a text model reads the encoder's
+        captions (the stage consumes ``embeddings``)."""
+        return self.engine.model.takes_images
 
     # -- state -------------------------------------------------------------------------------------
     def _memo(self, state: StreamState) -> _Memo:

@@ -177,20 +177,23 @@ class DecisionStage(Stage):
 
     @property
     def takes_frames(self) -> bool:
-        """The policy reads the frames themselves (the model policy): the stage then consumes
-        ``frames`` instead of ``embeddings`` and publishes the policy's responses."""
+        """The policy reads the frames themselves (the model policy on a VLM): the stage then
+        consumes ``frames`` instead of ``embeddings`` (whose captions a text model reads)."""
         if self.policy is not None:
             return bool(getattr(self.policy, "takes_frames", False))
+        return self.settings.policy == "model" and (self.engine_settings or load_settings(EngineSettings)).takes_images
+
+    @property
+    def writes_responses(self) -> bool:
+        """The policy writes the responses itself (the model policy): the stage publishes them."""
+        if self.policy is not None:
+            return self.policy.name == "model"
         return self.settings.policy == "model"
 
     def configure(self, spec: StageSpec) -> StageSpec:
         consumes = dict(spec.consumes)
-        if self.takes_frames:
-            consumes.pop(topics.EMBEDDINGS, None)
-            produces = spec.produces
-        else:
-            consumes.pop(topics.FRAMES, None)
-            produces = tuple(t for t in spec.produces if t != topics.RESPONSES)
+        consumes.pop(topics.EMBEDDINGS if self.takes_frames else topics.FRAMES, None)
+        produces = spec.produces if self.writes_responses else tuple(t for t in spec.produces if t != topics.RESPONSES)
         return replace(spec, group=self.settings.consumer_group, consumes=consumes, produces=produces)
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -3,7 +3,7 @@ placeholders (Qwen2-VL, Qwen2.5-VL, Qwen3-VL classes), behind one small interfac
 
 * :class:`TokenChunk`: token ids to append to a stream's cache, with the frames they hold;
 * :class:`EngineModel`: tokenises turns in the streaming protocol's layout (ChatML, the layout
-  Streaming-Train trains on: :func:`streamharness.train.vlm.encode_user_turn`), computes each
+  Streaming-Train trains on: :func:`streamharness.protocol.encode_user_turn`), computes each
   chunk's RoPE positions from where the stream left off (1-D, or Qwen2-VL's 3-D M-RoPE with the
   model's own ``get_rope_index`` on the chunk alone), and runs one batched forward over per-stream
   KV slots (:mod:`streamharness.engine.kv`), returning each row's next-token logits.
@@ -28,7 +28,7 @@ from streamharness.engine.kv import KVPool, KVShape, batch_cache
 
 log = logging.getLogger(__name__)
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+from streamharness.protocol import IM_END, IM_START  # noqa: E402
 
 
 class ImageRejected(ValueError):
@@ -91,7 +91,7 @@ class EngineModel:
         self.image_processor = image_processor if self.mrope else None
         self.vision = None
         if self.image_processor is not None:
-            from streamharness.train.vlm import VisionFormat, set_pixel_limits
+            from streamharness.protocol import VisionFormat, set_pixel_limits
 
             if max_pixels:
                 set_pixel_limits(self.image_processor, min(getattr(self.image_processor, "min_pixels", 0) or 56 * 56, max_pixels), max_pixels)
@@ -145,7 +145,7 @@ class EngineModel:
         """One protocol step as a user turn (``[said\\n]<T seconds>\\n<image>``) and the assistant's
         opening, tokenised as Streaming-Train tokenises it. A text-only model gets the frame's
         ``caption`` where the image would be; a VLM gets the frame."""
-        from streamharness.train.vlm import encode_user_turn
+        from streamharness.protocol import encode_user_turn
 
         if self.vision is not None and jpeg:
             pixel_values, grid = self.images([jpeg])
@@ -247,7 +247,7 @@ def load_engine_model(path: str | Path | None = None, *, device: str = "auto", d
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if hasattr(config, "vision_config"):
-        from streamharness.train.vlm import load_pretrained
+        from streamharness.protocol import load_pretrained
 
         model, tokenizer, image_processor = load_pretrained(path, device=dev, dtype=dt)
         return EngineModel(model, tokenizer, image_processor, max_pixels=max_pixels)

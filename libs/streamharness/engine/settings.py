@@ -35,6 +35,20 @@ class EngineSettings(BaseSettings):
     max_pixels: int = Field(448 * 448, ge=56 * 56, le=4096 * 4096, description="A VLM's frames are resized to at most this many pixels (so a bounded number of vision tokens per frame).")
     torch_threads: int = Field(1, ge=0, le=256, description="CPU: torch intra-op threads; 0 = torch's default.")
 
+    @property
+    def takes_images(self) -> bool:
+        """Whether the model reads frames (a VLM folder: its config.json has a vision config),
+        known without loading it; SmolLM2, the default, reads captions."""
+        import json
+
+        if self.model_path is None:
+            return False
+        try:
+            config = json.loads((Path(self.model_path) / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return "vision_config" in config
+
     def config(self) -> EngineConfig:
         return EngineConfig(capacity=self.capacity_tokens, margin=self.margin_tokens, slots=self.max_streams,
                             budget_bytes=self.memory_budget_mb << 20, int8_kv=self.kv_int8, idle_evict_s=self.idle_evict_s,

@@ -23,20 +23,10 @@ from dataclasses import dataclass
 
 from streamharness.train.samples import StreamSample, Trigger
 
-SILENCE = "</silence>"
-RESPONSE = "</response>"
-IMAGE = "<image>"
+from streamharness.protocol import IMAGE, RESPONSE, SILENCE, time_tag, user_turn  # noqa: F401 - the protocol, re-exported
 ROLES = ("first_silence", "repeated_silence", "response")
 
 
-def time_tag(t_s: float) -> str:
-    """``<4.0 seconds>``: the timestamp token of a step."""
-    return f"<{t_s:.1f} seconds>"
-
-
-def user_turn(t_s: float, said: Sequence[str] = ()) -> str:
-    """The user turn of the step at ``t_s``: what was said in it (if anything), the time, the frame."""
-    return "\n".join([*said, time_tag(t_s), IMAGE])
 
 
 def target_text(responses: Sequence[str]) -> str:
