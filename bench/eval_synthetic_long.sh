@@ -8,6 +8,7 @@
 #
 #   bench/eval_synthetic_long.sh [DURATION_S] [TAG]     (default 7200; TAG names the outputs
 #                                                        eval-synthetic-<D>s-<TAG>.*, to keep an older run)
+#   SH_GENERATION_BACKEND=engine bench/eval_synthetic_long.sh 7200 engine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-7200}"
@@ -17,7 +18,9 @@ NAME="eval-synthetic-${DURATION}s${2:+-$2}"
 EPISODE_DIR="$($PY -c 'from streamharness.eval.episodes_builtin import episodes_cache_dir; print(episodes_cache_dir())')"
 mkdir -p "$OUT"
 $PY -m streamharness.cli eval build-episodes --short-duration-s 0 --long-duration-s "$DURATION" >/dev/null
-export SH_GENERATION_BACKEND=local SH_GENERATION_TORCH_THREADS=1
+# SH_GENERATION_BACKEND=engine (set it before calling) answers on the streaming engine's per-stream
+# KV cache instead of re-prefilling every prompt (issue 12); the default is the plain local model.
+export SH_GENERATION_BACKEND="${SH_GENERATION_BACKEND:-local}" SH_GENERATION_TORCH_THREADS=1 SH_ENGINE_TORCH_THREADS=1
 # The rule policy, as in the runs this one is compared with (the default is the trained head).
 export SH_DECISION_POLICY=rules
 # Multiple-choice answers need a letter, not a paragraph: shorter answers keep a CPU run bounded.
@@ -26,7 +29,7 @@ export SH_MEMORY_DATA_DIR="$(mktemp -d)"
 /usr/bin/time -v -o "$OUT/$NAME.time.txt" \
   $PY -m streamharness.cli eval run \
     --episodes "$EPISODE_DIR/synthetic-${DURATION}s-seed0/episode.json" \
-    --in-process --start-triton --send-fps 1 --system "rules+smollm2-135m (in-process${2:+, $2})" \
+    --in-process --start-triton --send-fps 1 --system "rules+smollm2-135m (in-process, $SH_GENERATION_BACKEND${2:+, $2})" \
     --out "$OUT/$NAME.json" --runs-out "$OUT/$NAME.runs.jsonl" --report "$OUT/$NAME.html"
 du -sh "$SH_MEMORY_DATA_DIR" | tee "$OUT/$NAME.memory-size.txt"
 rm -rf "$SH_MEMORY_DATA_DIR"

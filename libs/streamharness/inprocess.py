@@ -178,7 +178,7 @@ class InProcessPipeline:
             backend = make_backend(summariser_settings, generator=self._generator) if summariser_settings.backend == "generator" else None
             self.summariser = self.host.add(SummariserStage(summariser_settings, tiers, backend=backend, memory=LocalMemoryStub(self.memory)))
             self.decision = self.host.add(DecisionStage(load_settings(DecisionSettings), triton=self.config.triton or load_settings(TritonSettings),
-                                                        text_encoder=self._text_encoder))
+                                                        tiers=tiers, text_encoder=self._text_encoder, memory=LocalMemoryStub(self.memory)))
             self.responder = self.host.add(ResponderStage(load_settings(ResponderSettings), generator=self._generator,
                                                           memory=LocalMemoryStub(self.memory)))
             self.encoder = self.host.add(EncoderStage(encoder_settings, self.config.triton or load_settings(TritonSettings)))

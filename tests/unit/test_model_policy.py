@@ -116,11 +116,11 @@ def test_an_untrained_model_emits_only_protocol_tokens():
 
 def test_the_stage_acts_on_a_response_the_model_chooses():
     engine, _ = tiny(bias="response")
-    svc = stage(ModelPolicy(engine))
-    svc._batch = [start(), *(frame(t) for t in range(3))]
+    svc = stage(ModelPolicy(engine, ModelPolicyConfig(min_gap_s=1.5)))
+    svc._batch = [start(), *(frame(t) for t in range(4))]
     svc.end_batch()
     decisions = svc.out.of(topics.DECISIONS)
-    assert [d.media_ts_ms for d in decisions] == [0, 1000, 2000]
+    assert [d.media_ts_ms for d in decisions] == [0, 2000]  # 1 and 3 s: within the gap, not published
     assert all(d.answered and d.policy == "model" and d.instruction_id == "cup" for d in decisions)
     finals = [r for r in svc.out.of(topics.RESPONSES) if r.final]
     assert [r.response_id for r in finals] == [d.decision_id for d in decisions]
@@ -143,7 +143,7 @@ def test_a_silent_model_stays_silent_and_a_question_is_answered_in_its_second():
 
 def test_a_damaged_frame_does_not_stop_the_stream():
     engine, _ = tiny(bias="response")
-    svc = stage(ModelPolicy(engine))
+    svc = stage(ModelPolicy(engine, ModelPolicyConfig(min_gap_s=0)))
     svc._batch = [start(), frame(0), frame(1, b"\xff\xd8 not a jpeg"), frame(2)]
     svc.end_batch()
     assert [d.media_ts_ms for d in svc.out.of(topics.DECISIONS)] == [0, 1000, 2000]

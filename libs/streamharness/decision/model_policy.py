@@ -22,7 +22,8 @@ the engine evicted, or one whose cache is full, is rebuilt from its prefix and c
 the default, a turn holding a question must respond: an untrained model may not; a trained one
 may be trusted to wait for a forward question with ``answer_questions=False``, and its next response
 answers the oldest open question); otherwise the standing instruction the response is most similar
-to (MiniLM), or the only one. A response with nothing to answer is dropped (logged).
+to (MiniLM), or the only one. A response with nothing to answer is dropped (logged), and so is one to
+an instruction that responded less than ``min_gap_s`` ago (``SH_DECISION_REFRACTORY_S``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class ModelPolicyConfig:
     lead_s: float = 15.0  # fetch and build the next chunk's prefix this long before its boundary
     chunk_s: float = 200.0  # memory's chunk length (SH_TIERS_CHUNK_S)
     answer_questions: bool = True
+    min_gap_s: float = 10.0  # an instruction's responses closer than this are not published (a prompted model repeats itself)
     alert_max_new_tokens: int = 40
     question_max_new_tokens: int = 128
     context_every_s: float = 5.0  # memory's prefix is read again after this much media time (a late summary)
@@ -272,6 +274,10 @@ class ModelPolicy(DecisionPolicy):
         if len(instructions) > 1 and self._embed is not None and text:
             vec = self._embed([text])[0]
             inst = max(instructions, key=lambda i: float(np.dot(i.target_vec, vec)) if i.target_vec.size else 0.0)
+        if inst.last_fired_ms is not None and now - inst.last_fired_ms < self.config.min_gap_s * 1000:
+            log.debug("%s t=%.1fs: %s responded again within %.0fs; not published", _name(state), now / 1000,
+                      inst.instruction_id, self.config.min_gap_s)
+            return None
         inst.last_fired_ms = now
         return Decision(now, common_pb2.TRIGGER_INSTRUCTION, inst.instruction_id, inst.text, f"the model responded (p={p:.2f})", p, text=text)
 

@@ -36,7 +36,7 @@ class DecisionSettings(BaseSettings):
 
     policy: str = Field("trained", pattern="^(rules|trained|model)$", description="Decision policy: 'trained' (the Streaming-Train decision head on Triton, model SH_DECISION_TRAINED_MODEL; the rules where it is not served), 'rules' (evidence rules with MiniLM matching) or 'model' (the model of SH_ENGINE_MODEL_PATH decides each second in the streaming protocol on the stream's KV cache and writes the response itself; the stage then reads 'frames' and publishes on 'responses').")
     consumer_group: str = Field("decision", min_length=1, description="Kafka consumer group of the decision replicas.")
-    refractory_s: float = Field(10.0, ge=0, le=3600, description="A standing instruction does not fire twice within this much media time.")
+    refractory_s: float = Field(10.0, ge=0, le=3600, description="A standing instruction does not fire twice within this much media time (the rules and the model policy).")
     object_similarity: float = Field(0.55, gt=0, le=1, description="MiniLM similarity between an object instruction and a frame label needed to fire.")
     scene_change: float = Field(0.35, gt=0, le=2, description="Frame-embedding cosine distance from the last reference that counts as a scene change.")
     min_label_score: float = Field(0.08, ge=0, le=1, description="Classifier labels below this probability are not evidence.")
@@ -109,7 +109,7 @@ def model_policy(settings: DecisionSettings, embed, memory=None, tiers: TierSett
         failing[0] = False
         return reply.prefix_text
 
-    config = ModelPolicyConfig(carry_turns=settings.model_carry_turns, lead_s=settings.model_lead_s,
+    config = ModelPolicyConfig(carry_turns=settings.model_carry_turns, min_gap_s=settings.refractory_s, lead_s=settings.model_lead_s,
                                chunk_s=(tiers or load_settings(TierSettings)).chunk_s, answer_questions=settings.model_answer_questions,
                                alert_max_new_tokens=settings.model_alert_max_new_tokens,
                                question_max_new_tokens=settings.model_question_max_new_tokens)
