@@ -4,14 +4,13 @@ the encoder's captions in the streaming protocol (``SH_DECISION_POLICY=model``).
 
 from __future__ import annotations
 
-import cv2
 import pytest
 
 from streamharness.generation import GenerationSettings, make_generator
 from streamharness.inprocess import InProcessConfig, InProcessPipeline, TimedQuery
 from streamharness.keys import key_str, make_key
-from streamharness.media import read_video, sample_path
 from streamharness.settings import load_settings
+from tests.integration.test_inprocess import _jpegs
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +33,10 @@ def model_pipeline(triton_settings, generator_server, tmp_path_factory):
         mp.undo()
 
 
-def _jpegs(seconds: float) -> list[tuple[int, bytes]]:
-    out = []
-    for f in read_video(sample_path("vtest.avi"), fps=1.0):
-        if f.media_ts_ms > seconds * 1000:
-            break
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(f.rgb, cv2.COLOR_RGB2BGR))
-        out.append((f.media_ts_ms, buf.tobytes()))
-    return out
-
-
 def test_the_model_decides_each_second_and_answers_a_question_on_its_cache(model_pipeline):
     pipe = model_pipeline
     assert pipe.decision.policy.name == "model"
-    frames = _jpegs(8)
+    frames = _jpegs("vtest.avi", 8)
     result = pipe.run_session("acme", "model-policy", frames, instructions={"walk": "tell me when someone walks in"},
                               queries=[TimedQuery("question", "q1", 5000, "How many people are in the street?")])
     answers = [r for r in result.responses if r.question_id == "q1"]

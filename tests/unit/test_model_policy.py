@@ -125,8 +125,14 @@ def test_the_stage_acts_on_a_response_the_model_chooses():
     finals = [r for r in svc.out.of(topics.RESPONSES) if r.final]
     assert [r.response_id for r in finals] == [d.decision_id for d in decisions]
     assert all(r.prompt_text == "tell me when you see a cup" for r in finals)
-    texts = [r.text for r in svc.out.of(topics.RESPONSES) if not r.final]
-    assert texts == [r.answer_text for r in finals]
+    # streamed: token by token as the model wrote them, in order, and whole in the final record
+    for final in finals:
+        chunks = [r for r in svc.out.of(topics.RESPONSES) if r.response_id == final.response_id and not r.final]
+        assert len(chunks) > 1 and [c.index for c in chunks] == list(range(len(chunks))) and final.index == len(chunks)
+        assert "".join(c.text for c in chunks).strip() == final.answer_text and final.answer_text
+        first = {h.hop: h.wall_unix_ns for h in chunks[0].hops}
+        last = {h.hop: h.wall_unix_ns for h in final.hops}
+        assert first["responder_first_token"] <= last["responder_final"]
 
 
 def test_a_silent_model_stays_silent_and_a_question_is_answered_in_its_second():
@@ -192,3 +198,19 @@ def test_a_text_model_reads_the_encoders_captions_instead_of_frames():
                                                         caption="a red cup on the table")]
     svc.end_batch()
     assert "[ frame : a red cup on the table ]" in cache_text(engine)
+
+
+def test_with_several_instructions_the_response_is_written_first_then_attributed():
+    engine, _ = tiny(bias="response")
+    svc = stage(ModelPolicy(engine, ModelPolicyConfig(min_gap_s=0)))
+    two = Q(key=KEY, session_id="s1", kind=Q.KIND_SESSION_START, reply_to="gw", instructions=[
+        common_pb2.StandingInstruction(instruction_id="cup", text="tell me when you see a cup"),
+        common_pb2.StandingInstruction(instruction_id="table", text="what is on the table ?")])
+    svc._batch = [two, frame(0), frame(1)]
+    svc.end_batch()
+    decisions = svc.out.of(topics.DECISIONS)
+    assert [d.media_ts_ms for d in decisions] == [0, 1000] and all(d.answered for d in decisions)
+    assert {d.instruction_id for d in decisions} <= {"cup", "table"}
+    finals = [r for r in svc.out.of(topics.RESPONSES) if r.final]
+    pieces = [r for r in svc.out.of(topics.RESPONSES) if not r.final]
+    assert len(finals) == len(pieces) == 2 and [p.text for p in pieces] == [f.answer_text for f in finals]

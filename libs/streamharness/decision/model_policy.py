@@ -32,7 +32,7 @@ import hashlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -224,42 +224,66 @@ class ModelPolicy(DecisionPolicy):
         for k, ((state, ev, memo, due, chunk), (choice, p, tail)) in enumerate(zip(rows, chosen)):
             option = options[k][choice]
             appended = [*chunk.ids, *option[:len(option) - len(tail)]]
-            tail_len = len(memo.tail)
-            if option == self._silence:
-                memo.tail = [*tail, *self._close_turn]
-                text = None
-            else:
-                text, generated, memo.tail = self._respond(state, tail, question=bool(due))
-                appended += generated
-            memo.turns.append(_Turn(TokenChunk(appended, [*chunk.mm, *[0] * (len(appended) - len(chunk))],
-                                               chunk.pixel_values, chunk.grid), tail_len))
             state.last = ev
-            if text is not None and not text:
+
+            def remember(generated: list[int], new_tail: list[int], memo=memo, chunk=chunk, appended=appended,
+                         tail_len=len(memo.tail)) -> None:
+                """The turn as the cache holds it (carried into a rebuild), and the reply's tail."""
+                memo.tail = new_tail
+                ids = [*appended, *generated]
+                memo.turns.append(_Turn(TokenChunk(ids, [*chunk.mm, *[0] * (len(ids) - len(chunk))], chunk.pixel_values,
+                                                   chunk.grid), tail_len))
+
+            if option == self._silence:
+                remember([], [*tail, *self._close_turn])
+                continue
+            decision = self._attribute(state, ev, due, "", p, upfront=True)
+            if decision is not None:
+                # Who the response answers is known before it is written: it streams as it is generated.
+                results[k].append(replace(decision, pieces=self._pieces(state, tail, bool(due), remember)))
+                continue
+            text = "".join(self._pieces(state, tail, bool(due), remember))
+            if not text:
                 log.info("%s t=%.1fs: the model chose to respond but wrote nothing", _name(state), ev.media_ts_ms / 1000)
-            elif text is not None:
-                decision = self._attribute(state, ev, due, text, p)
-                if decision is not None:
-                    results[k].append(decision)
+                continue
+            decision = self._attribute(state, ev, due, text, p)
+            if decision is not None:
+                results[k].append(decision)
         return results
 
-    def _respond(self, state: StreamState, tail: list[int], *, question: bool) -> tuple[str, list[int], list[int]]:
-        """Generate the response after ``</response>``: ``(text, tokens appended, new tail)``."""
+    def _pieces(self, state: StreamState, tail: list[int], question: bool, remember: Callable[[list[int], list[int]], None]):
+        """The response after ``</response>``, generated on the cache as text pieces; ``remember``
+        gets the tokens appended and the new tail once it ends (also when the reader stops early)."""
         em = self.engine.model
         budget = self.config.question_max_new_tokens if question else self.config.alert_max_new_tokens
+        banned = [ids[0] for ids in (self._silence, self._response) if len(ids) == 1]
         out: list[int] = []
         stopped = False
-        banned = [ids[0] for ids in (self._silence, self._response) if len(ids) == 1]
-        for token in self.engine.generate(_name(state), tail, max_new_tokens=budget, stop=[em.im_end], banned=banned):
-            if token == em.im_end:
-                stopped = True
-                break
-            out.append(token)
-        # generate() appends every token it yields but the last one: that one is the new tail.
-        if stopped or not out:
-            return em.decode(out).strip(), [*tail, *out], list(self._close_turn)
-        return em.decode(out).strip(), [*tail, *out[:-1]], [out[-1], *self._close_turn]
+        shown = ""
+        try:
+            for token in self.engine.generate(_name(state), tail, max_new_tokens=budget, stop=[em.im_end], banned=banned):
+                if token == em.im_end:
+                    stopped = True
+                    break
+                out.append(token)
+                text = em.decode(out).lstrip()
+                if text.endswith("\ufffd"):
+                    continue  # half a multi-byte character
+                if len(text) > len(shown):
+                    yield text[len(shown):]
+                    shown = text
+        finally:
+            # generate() appends every token it yields but the last one: that one starts the new tail.
+            if stopped or not out:
+                remember([*tail, *out], list(self._close_turn))
+            else:
+                remember([*tail, *out[:-1]], [out[-1], *self._close_turn])
 
-    def _attribute(self, state: StreamState, ev: Evidence, due: list[PendingQuestion], text: str, p: float) -> Decision | None:
+    def _attribute(self, state: StreamState, ev: Evidence, due: list[PendingQuestion], text: str, p: float, *,
+                   upfront: bool = False) -> Decision | None:
+        """The trigger a response answers (module docstring). ``upfront``: before the text exists —
+        None when it cannot be told without it (several instructions) or the response is not to
+        be published (a repeat within the gap); the response is then generated first."""
         now = ev.media_ts_ms
         open_questions = due or ([] if self.config.answer_questions else state.questions[:1])
         if open_questions:
@@ -267,6 +291,8 @@ class ModelPolicy(DecisionPolicy):
             state.questions = [x for x in state.questions if x.question_id != q.question_id]
             return Decision(now, common_pb2.TRIGGER_QUESTION, q.question_id, q.text, f"the model answered (p={p:.2f})", p, text=text)
         instructions = list(state.instructions.values())
+        if upfront and (len(instructions) != 1 or self._repeat(instructions[0], now)):
+            return None
         if not instructions:
             log.info("%s t=%.1fs: the model responded with nothing to answer; dropped: %r", _name(state), now / 1000, text[:80])
             return None
@@ -274,12 +300,15 @@ class ModelPolicy(DecisionPolicy):
         if len(instructions) > 1 and self._embed is not None and text:
             vec = self._embed([text])[0]
             inst = max(instructions, key=lambda i: float(np.dot(i.target_vec, vec)) if i.target_vec.size else 0.0)
-        if inst.last_fired_ms is not None and now - inst.last_fired_ms < self.config.min_gap_s * 1000:
+        if self._repeat(inst, now):
             log.debug("%s t=%.1fs: %s responded again within %.0fs; not published", _name(state), now / 1000,
                       inst.instruction_id, self.config.min_gap_s)
             return None
         inst.last_fired_ms = now
         return Decision(now, common_pb2.TRIGGER_INSTRUCTION, inst.instruction_id, inst.text, f"the model responded (p={p:.2f})", p, text=text)
+
+    def _repeat(self, inst: InstructionState, now: int) -> bool:
+        return inst.last_fired_ms is not None and now - inst.last_fired_ms < self.config.min_gap_s * 1000
 
     def answer_pending(self, state: StreamState, now_ms: int) -> list[Decision]:
         """Questions asked after the stream's last frame: answered on the cache, in a turn with no
@@ -294,7 +323,11 @@ class ModelPolicy(DecisionPolicy):
             turn = self.engine.model.user_turn(user_turn(now_ms / 1000, [q.text]), None)
             turn = TokenChunk(list(memo.tail)) + turn if memo.tail else turn
             ((_, p, tail),) = self.engine.decide([(name, turn)], [[self._response]])
-            text, _, memo.tail = self._respond(state, tail, question=True)
+
+            def remember(generated, new_tail, memo=memo):
+                memo.tail = new_tail
+
+            text = "".join(self._pieces(state, tail, True, remember))
             state.questions = [x for x in state.questions if x.question_id != q.question_id]
             out.append(Decision(max(now_ms, q.media_ts_ms), common_pb2.TRIGGER_QUESTION, q.question_id, q.text,
                                 "the model answered at the end of the stream", p, text=text))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,6 +100,7 @@ class Decision:
     reason: str
     score: float
     text: str = ""  # the response itself, when the policy wrote it (the model policy)
+    pieces: Iterator[str] | None = field(default=None, compare=False)  # ... or streamed as it is generated
 
 
 class DecisionPolicy(abc.ABC):

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from streamharness import topics
 from streamharness.engine.settings import EngineSettings
 from streamharness.memory.tiers import TierSettings
-from streamharness.decision.policy import DecisionPolicy, Evidence, PendingQuestion, RulePolicy, RuleThresholds, StreamState
+from streamharness.decision.policy import Decision, DecisionPolicy, Evidence, PendingQuestion, RulePolicy, RuleThresholds, StreamState
 from streamharness.keys import key_str
 from streamharness.records import ConsumedEvent
 from streamharness.settings import TritonSettings, load_settings
@@ -389,6 +389,13 @@ class DecisionStage(Stage):
     def _publish(self, state: StreamState, decisions, hops) -> None:
         futures = []
         for d in decisions:
+            text = d.text
+            if d.pieces is not None:
+                text, sent = self._stream(state, d, hops)
+                futures += sent
+                if not text:
+                    log.info("%s t=%.1fs: the model chose to respond but wrote nothing", key_str(state.key), d.media_ts_ms / 1000)
+                    continue
             event = events_pb2.DecisionEvent(
                 key=state.key, session_id=state.session_id, media_ts_ms=d.media_ts_ms,
                 action=events_pb2.DecisionEvent.ACTION_RESPOND, trigger=d.trigger,
@@ -398,7 +405,7 @@ class DecisionStage(Stage):
                 reply_to=state.reply_to,
                 decision_id=f"{key_str(state.key)}/{d.media_ts_ms}/{d.trigger_id}",
                 hops=[*hops, common_pb2.HopStamp(hop="decision", wall_unix_ns=time.time_ns())],
-                answered=bool(d.text),
+                answered=bool(text),
             )
             log.info("%s t=%.1fs respond (%s): %s", key_str(state.key), d.media_ts_ms / 1000, d.trigger_id, d.reason)
             if d.text:
@@ -407,18 +414,37 @@ class DecisionStage(Stage):
         for fut in futures:
             fut.get(timeout=30)  # durable before the offset of what caused it is committed
 
+    def _record(self, state: StreamState, d, index: int, body: str, final: bool, hops) -> events_pb2.ResponseEvent:
+        return events_pb2.ResponseEvent(
+            key=state.key, session_id=state.session_id, response_id=f"{key_str(state.key)}/{d.media_ts_ms}/{d.trigger_id}",
+            index=index, text=body, final=final, trigger=d.trigger,
+            question_id=d.trigger_id if d.trigger == common_pb2.TRIGGER_QUESTION else "",
+            instruction_id=d.trigger_id if d.trigger == common_pb2.TRIGGER_INSTRUCTION else "",
+            media_ts_ms=d.media_ts_ms, reply_to=state.reply_to, hops=hops)
+
+    def _stream(self, state: StreamState, d, hops) -> tuple[str, list]:
+        """The policy's response as it is generated: one record per piece (the first stamped as
+        the first token), then the final record with the question or instruction and the whole
+        answer (memory keeps the dialogue). Nothing is sent when no text came."""
+        futures, parts = [], []
+        first: list = []
+        for piece in d.pieces:
+            if not parts:
+                first = [*hops, common_pb2.HopStamp(hop="decision", wall_unix_ns=time.time_ns()),
+                         common_pb2.HopStamp(hop="responder_first_token", wall_unix_ns=time.time_ns())]
+            futures.append(self.out.send(topics.RESPONSES, state.key, self._record(state, d, len(parts), piece, False,
+                                                                                   first if not parts else [])))
+            parts.append(piece)
+        text = "".join(parts).strip()
+        if parts:
+            last = self._record(state, d, len(parts), "", True,
+                                [*first, common_pb2.HopStamp(hop="responder_final", wall_unix_ns=time.time_ns())])
+            last.prompt_text, last.answer_text = d.prompt_text, text
+            futures.append(self.out.send(topics.RESPONSES, state.key, last))
+        return text, futures
+
     def _respond(self, state: StreamState, decision: events_pb2.DecisionEvent, text: str) -> list:
-        """The policy's own response, as the responder would publish it: the text, then the final
-        record with the question or instruction and the whole answer (memory keeps the dialogue)."""
-        hops = [*decision.hops, common_pb2.HopStamp(hop="responder_first_token", wall_unix_ns=time.time_ns())]
-
-        def record(index: int, body: str, final: bool) -> events_pb2.ResponseEvent:
-            return events_pb2.ResponseEvent(
-                key=state.key, session_id=decision.session_id, response_id=decision.decision_id, index=index, text=body,
-                final=final, trigger=decision.trigger, question_id=decision.question_id,
-                instruction_id=decision.instruction_id, media_ts_ms=decision.media_ts_ms, reply_to=decision.reply_to,
-                hops=hops if not final else [*hops, common_pb2.HopStamp(hop="responder_final", wall_unix_ns=time.time_ns())])
-
-        last = record(1, "", True)
-        last.prompt_text, last.answer_text = decision.prompt_text, text
-        return [self.out.send(topics.RESPONSES, state.key, record(0, text, False)), self.out.send(topics.RESPONSES, state.key, last)]
+        """A response the policy wrote whole (its trigger needed the text): one piece, then the final record."""
+        d = Decision(decision.media_ts_ms, decision.trigger, decision.question_id or decision.instruction_id,
+                     decision.prompt_text, decision.reason, decision.score, pieces=iter([text]))
+        return self._stream(state, d, list(decision.hops)[:-1])[1]

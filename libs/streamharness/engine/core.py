@@ -248,6 +248,8 @@ class StreamingEngine:
         """Forget everything after the first ``length`` tokens (their slots are simply overwritten)."""
         with self._lock:
             s = self.streams[name]
+            if s.rebuild is not None:
+                raise RuntimeError(f"cannot truncate {name} while its cache is being rebuilt")
             if not 0 <= length <= s.length:
                 raise ValueError(f"cannot truncate {name} to {length} of {s.length} tokens")
             s.length = length
@@ -272,7 +274,13 @@ class StreamingEngine:
                 self.streams[name] = _Stream(name, self._take_slot({name}), prefix_key=key)
                 build_now = True
             else:
-                shadow = _Stream(name, self._take_slot({name}, spare=True), prefix_key=key)
+                try:
+                    shadow = _Stream(name, self._take_slot({name}, spare=True), prefix_key=key)
+                except CacheFull:
+                    # Every slot is some stream's live cache: keep this one as it is and try again
+                    # later rather than evict a stream that is being stepped.
+                    log.warning("engine: no spare KV slot to rebuild %s in the background; it keeps its cache for now", name)
+                    return False
                 live.rebuild = _Rebuild(shadow, chunks, key)
                 build_now = False
         if build_now:
