@@ -172,6 +172,12 @@ def test_memory_stays_bounded_over_a_long_stream_and_idle_streams_are_evicted(te
     eng.append([("c", turn)])
     assert eng.evictions == 1 and not eng.has("s")
     assert eng.evict_idle(now=10**9) == 2 and eng.evictions == 3
+    # ... and an append sweeps streams idle for idle_evict_s out by itself
+    quick = engine(em, capacity=256, margin=64, slots=3, spare_slots=1, idle_evict_s=0.05)
+    quick.append([("old", turn)])
+    threading.Event().wait(0.1)
+    quick.append([("new", turn)])
+    assert not quick.has("old") and quick.has("new") and quick.evictions == 1
     with pytest.raises(CacheFull):
         eng.append([("x", turn), ("y", turn), ("z", turn)])
 

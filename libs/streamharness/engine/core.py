@@ -102,6 +102,7 @@ class StreamingEngine:
         self._steps = 0
         self._idle = threading.Condition(threading.Lock())
         self.evictions = 0
+        self._swept = time.monotonic()
         self.rebuild_failures = 0
         self.on_evict = on_evict
         self.before_rebuild: Callable[[str], None] | None = None  # tests: runs on the rebuild thread first
@@ -145,11 +146,14 @@ class StreamingEngine:
         if self.on_evict is not None:
             self.on_evict(stream.name, reason)
 
-    def evict_idle(self, now: float | None = None) -> int:
-        """Evict streams unused for ``idle_evict_s``; the count evicted."""
+    def evict_idle(self, now: float | None = None, busy: set[str] = frozenset()) -> int:
+        """Evict streams unused for ``idle_evict_s`` (not those in ``busy``); the count evicted.
+        Every append runs this at most every ``idle_evict_s / 10`` seconds."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            idle = [s for s in self.streams.values() if s.rebuild is None and now - s.last_used >= self.config.idle_evict_s]
+            self._swept = now
+            idle = [s for s in self.streams.values()
+                    if s.rebuild is None and s.name not in busy and now - s.last_used >= self.config.idle_evict_s]
             for s in idle:
                 self._evict(s, "idle")
             return len(idle)
@@ -217,6 +221,8 @@ class StreamingEngine:
     def _append(self, items, names, torch):
         with self._lock:
             busy = set(names)
+            if time.monotonic() - self._swept >= self.config.idle_evict_s / 10:
+                self.evict_idle(busy=busy)
             rows = []
             for name, chunk in items:
                 stream = self.streams.get(name)
