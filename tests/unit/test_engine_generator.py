@@ -62,3 +62,10 @@ def test_a_prompt_longer_than_a_cache_is_refused_naming_the_setting(model):
     gen = generator(model)
     with pytest.raises(GenerationRejected, match="SH_ENGINE_CAPACITY_TOKENS"):
         gen.stream(prompt("what is on the table ?", context=" ".join(["a person walks in"] * 400)))
+
+
+def test_a_prompt_with_frames_is_refused_naming_the_setting(model):
+    from streamharness.generation import FrameImage
+
+    with pytest.raises(GenerationRejected, match="SH_RESPONDER_FRAMES_PER_REQUEST=0"):
+        generator(model).stream(prompt("what is on the table ?", images=(FrameImage(0, b"jpeg"),)))

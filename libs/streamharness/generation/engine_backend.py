@@ -62,8 +62,10 @@ class EngineGenerator(ResponseGenerator):
     def stream(self, prompt: Prompt) -> Iterator[str]:
         if self._engine is None:
             raise GenerationError("the engine is not loaded")
-        if prompt.images and not self._engine.model.takes_images:
-            raise GenerationRejected("the engine's model reads no images; set SH_RESPONDER_FRAMES_PER_REQUEST=0")
+        if prompt.images:
+            # Frames reach the engine's VLM through the model decision policy; this backend answers from text.
+            raise GenerationRejected("SH_GENERATION_BACKEND=engine sends the model no frames; set SH_RESPONDER_FRAMES_PER_REQUEST=0 "
+                                     "(or SH_DECISION_POLICY=model, which gives a VLM the frames)")
         ids = chat_ids(self._engine.model, prompt)
         capacity = self._engine.config.capacity
         max_new = min(prompt.max_new_tokens or self._settings.max_new_tokens, self._settings.max_new_tokens)
