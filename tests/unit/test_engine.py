@@ -257,3 +257,52 @@ def test_a_step_waiting_during_a_rebuild_goes_before_the_rebuilds_next_piece(tex
         em.forward = forward
     assert order[:3] == ["rebuild", "step", "rebuild"], order
     assert order.count("rebuild") > 3 and eng.prefix_key("s") == "new"
+
+
+def tiny_qwen_vl(family: str):
+    """A tiny random Qwen2.5-VL or Qwen3-VL (the other two VLM classes the engine takes), with the
+    same word-level tokenizer and the streaming tokens."""
+    from streamharness.train.vlm import _mrope_section, add_streaming_tokens, build_tiny_tokenizer, make_image_processor
+
+    tok = build_tiny_tokenizer(VOCAB)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                                                        "<|image_pad|>", "<|video_pad|>")}
+    text = {"vocab_size": len(tok) + 8, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(16)},
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+    common = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"], "tie_word_embeddings": False,
+              "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 64, "patch_size": 14,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1]}
+        pixels = 56 * 56
+    else:
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+        text["head_dim"] = 16
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 64, "patch_size": 16,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64, "deepstack_visual_indexes": []}
+        pixels = 64 * 64
+    config = Config(text_config=text, vision_config=vision, **common)
+    torch.manual_seed(0)
+    model = Model(config).eval()
+    tokens = add_streaming_tokens(tok, model)
+    return EngineModel(model, tok, make_image_processor(pixels, pixels, config.vision_config.patch_size, 2)), tokens
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_other_qwen_vl_classes_give_a_full_re_prefills_logits_too(family):
+    em, tokens = tiny_qwen_vl(family)
+    chunks = dialogue(em, [tokens.silence], 3)
+    assert sum(c.images for c in chunks) == 3
+    eng = engine(em)
+    eng.prefill("s", chunks[:1])
+    for k in range(1, len(chunks)):
+        got = eng.append([("s", chunks[k])])[0]
+        assert torch.allclose(got, full_logits(em, chunks[:k + 1]), atol=1e-4), (family, k)
