@@ -261,7 +261,10 @@ class ModelPolicy(DecisionPolicy):
         stopped = False
         shown = ""
         try:
-            for token in self.engine.generate(_name(state), tail, max_new_tokens=budget, stop=[em.im_end], banned=banned):
+            # A response the model chose says something: no stop before its first token (a prompted
+            # model that never saw </response> tends to close the turn right after it).
+            for token in self.engine.generate(_name(state), tail, max_new_tokens=budget, stop=[em.im_end], banned=banned,
+                                              min_new_tokens=1):
                 if token == em.im_end:
                     stopped = True
                     break

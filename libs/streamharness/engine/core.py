@@ -397,11 +397,12 @@ class StreamingEngine:
         return [result[i] for i in range(len(items))]
 
     def generate(self, name: str, first: Sequence[int], *, max_new_tokens: int, stop: Sequence[int] = (),
-                 banned: Sequence[int] = ()) -> Iterator[int]:
+                 banned: Sequence[int] = (), min_new_tokens: int = 0) -> Iterator[int]:
         """Append ``first`` (may be empty: then the stream's last logits are recomputed from its
         last token) and continue greedily, yielding each new token; a stop token is yielded and not
         appended (it is the caller's tail), nor is the last one. ``banned`` tokens are never chosen
-        (the protocol's decision tokens inside a response). At most ``max_new_tokens`` tokens."""
+        (the protocol's decision tokens inside a response); the stop tokens are not chosen for the
+        first ``min_new_tokens``. At most ``max_new_tokens`` tokens."""
         stops = set(stop)
         banned = list(banned)
         if first:
@@ -412,9 +413,10 @@ class StreamingEngine:
             self.truncate(name, s.length - 1)
             logits = self.append([(name, TokenChunk([last]))])[0]
         for n in range(max_new_tokens):
-            if banned:
+            ban = banned + (list(stops) if n < min_new_tokens else [])
+            if ban:
                 logits = logits.clone()
-                logits[banned] = float("-inf")
+                logits[ban] = float("-inf")
             token = int(logits.argmax())
             yield token
             if token in stops or n == max_new_tokens - 1:
