@@ -214,3 +214,30 @@ def test_with_several_instructions_the_response_is_written_first_then_attributed
     finals = [r for r in svc.out.of(topics.RESPONSES) if r.final]
     pieces = [r for r in svc.out.of(topics.RESPONSES) if not r.final]
     assert len(finals) == len(pieces) == 2 and [p.text for p in pieces] == [f.answer_text for f in finals]
+
+
+def test_a_stream_with_a_question_jumps_the_queue():
+    engine, _ = tiny(bias="response")
+    policy = ModelPolicy(engine, ModelPolicyConfig(min_gap_s=0))
+    batches = []
+    step_many = policy.step_many
+
+    def recorded(items):
+        batches.append([state.key.stream_id for state, _ in items])
+        return step_many(items)
+
+    policy.step_many = recorded
+    svc = stage(policy)
+    keys = [make_key("t", name) for name in ("a", "b", "c")]
+
+    def start_of(key):
+        return Q(key=key, session_id="s", kind=Q.KIND_SESSION_START, reply_to="gw",
+                 instructions=[common_pb2.StandingInstruction(instruction_id="cup", text="tell me when you see a cup")])
+
+    question = Q(key=keys[2], session_id="s", kind=Q.KIND_QUESTION, question_id="q", text="what is on the table ?", media_ts_ms=0)
+    frames = [events_pb2.FrameEvent(key=k, session_id="s", media_ts_ms=0, seq=1, jpeg=jpeg(i)) for i, k in enumerate(keys)]
+    svc._batch = [*(start_of(k) for k in keys), question, *frames]
+    svc.end_batch()
+    assert batches == [["c"], ["a", "b"]]  # the question's stream alone, first
+    first = svc.out.of(topics.RESPONSES)[0]
+    assert first.question_id == "q" and first.key.stream_id == "c"

@@ -18,6 +18,9 @@ media time: its summary is written before the boundary) and rebuilt in the backg
 steps. A new instruction changes the prefix too (rebuilt in the background the same way). A stream
 the engine evicted, or one whose cache is full, is rebuilt from its prefix and carried turns.
 
+**Batches.** The decision stage steps a polled batch's streams together (:meth:`step_many`), one
+frame per stream per round; streams with a question due go first, in a batch of their own.
+
 **Which trigger a response answers.** A question asked in that second (with ``answer_questions``,
 the default, a turn holding a question must respond: an untrained model may not; a trained one
 may be trusted to wait for a forward question with ``answer_questions=False``, and its next response

@@ -364,12 +364,20 @@ class DecisionStage(Stage):
         self._decided(state, f, self.policy.step(state, evidence))
 
     def _flush_round(self) -> None:
+        """Step the round's streams in one batch — except that streams with a question due jump the
+        queue: they are stepped first, in a small batch of their own, and their answers published,
+        before the rest of the round is stepped."""
         if not self._round:
             return
         rows, self._round = list(self._round.values()), {}
-        results = self.policy.step_many([(state, ev) for state, ev, _ in rows])
-        for (state, _, f), decisions in zip(rows, results):
-            self._decided(state, f, decisions)
+        urgent = [r for r in rows if any(q.media_ts_ms <= r[1].media_ts_ms for q in r[0].questions)]
+        rest = [r for r in rows if not any(r is u for u in urgent)]
+        for group in (urgent, rest):
+            if not group:
+                continue
+            results = self.policy.step_many([(state, ev) for state, ev, _ in group])
+            for (state, _, f), decisions in zip(group, results):
+                self._decided(state, f, decisions)
 
     def _decided(self, state: StreamState, f, decisions) -> None:
         meters.decisions().add(1, {"action": "respond" if decisions else "silent"})
