@@ -41,7 +41,7 @@ import numpy as np
 
 from streamharness.decision.policy import Decision, DecisionPolicy, Evidence, InstructionState, PendingQuestion, StreamState
 from streamharness.engine.core import CacheFull, StreamingEngine
-from streamharness.engine.model import ImageRejected, TokenChunk
+from streamharness.engine.model import DecodedText, ImageRejected, TokenChunk
 from streamharness.protocol import RESPONSE, SILENCE, user_turn
 from streamharness.v1 import common_pb2
 
@@ -260,27 +260,16 @@ class ModelPolicy(DecisionPolicy):
         em = self.engine.model
         budget = self.config.question_max_new_tokens if question else self.config.alert_max_new_tokens
         banned = [ids[0] for ids in (self._silence, self._response) if len(ids) == 1]
-        out: list[int] = []
-        stopped = False
-        shown = ""
+        # A response the model chose says something: no stop before its first token (a prompted
+        # model that never saw </response> tends to close the turn right after it).
+        decoded = DecodedText(em, self.engine.generate(_name(state), tail, max_new_tokens=budget, stop=[em.im_end],
+                                                       banned=banned, min_new_tokens=1), em.im_end, lstrip=True)
         try:
-            # A response the model chose says something: no stop before its first token (a prompted
-            # model that never saw </response> tends to close the turn right after it).
-            for token in self.engine.generate(_name(state), tail, max_new_tokens=budget, stop=[em.im_end], banned=banned,
-                                              min_new_tokens=1):
-                if token == em.im_end:
-                    stopped = True
-                    break
-                out.append(token)
-                text = em.decode(out).lstrip()
-                if text.endswith("\ufffd"):
-                    continue  # half a multi-byte character
-                if len(text) > len(shown):
-                    yield text[len(shown):]
-                    shown = text
+            yield from decoded
         finally:
             # generate() appends every token it yields but the last one: that one starts the new tail.
-            if stopped or not out:
+            out = decoded.tokens
+            if decoded.stopped or not out:
                 remember([*tail, *out], list(self._close_turn))
             else:
                 remember([*tail, *out[:-1]], [out[-1], *self._close_turn])

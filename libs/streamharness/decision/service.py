@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from streamharness import topics
 from streamharness.engine.settings import EngineSettings
 from streamharness.memory.tiers import TierSettings
-from streamharness.decision.policy import Decision, DecisionPolicy, Evidence, PendingQuestion, RulePolicy, RuleThresholds, StreamState
+from streamharness.decision.policy import DecisionPolicy, Evidence, PendingQuestion, RulePolicy, RuleThresholds, StreamState
 from streamharness.keys import key_str
 from streamharness.records import ConsumedEvent
 from streamharness.settings import TritonSettings, load_settings
@@ -92,18 +92,12 @@ def model_policy(settings: DecisionSettings, embed, memory=None, tiers: TierSett
             return None
         try:
             reply = memory.Context(memory_pb2.ContextRequest(key=key, now_ms=now_ms), timeout=settings.memory_timeout_s)
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:
+        except Exception as err:  # noqa: BLE001 - a grpc.RpcError, or the in-process stub's own error with code()
+            code = err.code() if callable(getattr(err, "code", None)) else None
+            if code == grpc.StatusCode.NOT_FOUND:
                 return ""  # nothing remembered of the stream yet
             if not failing[0]:
-                log.warning("memory Context failed (%s); the model keeps its cached prefix", err.code().name)
-            failing[0] = True
-            return None
-        except Exception as err:  # noqa: BLE001 - an in-process stub raises its own error type
-            if getattr(err, "code", None) and callable(err.code) and err.code() == grpc.StatusCode.NOT_FOUND:
-                return ""
-            if not failing[0]:
-                log.warning("memory Context failed (%r); the model keeps its cached prefix", err)
+                log.warning("memory Context failed (%s); the model keeps its cached prefix", code.name if code else repr(err))
             failing[0] = True
             return None
         failing[0] = False
@@ -369,9 +363,10 @@ class DecisionStage(Stage):
         before the rest of the round is stepped."""
         if not self._round:
             return
-        rows, self._round = list(self._round.values()), {}
-        urgent = [r for r in rows if any(q.media_ts_ms <= r[1].media_ts_ms for q in r[0].questions)]
-        rest = [r for r in rows if not any(r is u for u in urgent)]
+        urgent, rest = [], []
+        for state, ev, f in self._round.values():
+            (urgent if any(q.media_ts_ms <= ev.media_ts_ms for q in state.questions) else rest).append((state, ev, f))
+        self._round = {}
         for group in (urgent, rest):
             if not group:
                 continue
@@ -398,8 +393,9 @@ class DecisionStage(Stage):
         futures = []
         for d in decisions:
             text = d.text
-            if d.pieces is not None:
-                text, sent = self._stream(state, d, hops)
+            pieces = d.pieces if d.pieces is not None else (iter([d.text]) if d.text else None)
+            if pieces is not None:  # the policy's own response: published before its decision
+                text, sent = self._stream(state, d, pieces, hops)
                 futures += sent
                 if not text:
                     log.info("%s t=%.1fs: the model chose to respond but wrote nothing", key_str(state.key), d.media_ts_ms / 1000)
@@ -416,8 +412,6 @@ class DecisionStage(Stage):
                 answered=bool(text),
             )
             log.info("%s t=%.1fs respond (%s): %s", key_str(state.key), d.media_ts_ms / 1000, d.trigger_id, d.reason)
-            if d.text:
-                futures += self._respond(state, event, d.text)
             futures.append(self.out.send(topics.DECISIONS, state.key, event))
         for fut in futures:
             fut.get(timeout=30)  # durable before the offset of what caused it is committed
@@ -430,13 +424,14 @@ class DecisionStage(Stage):
             instruction_id=d.trigger_id if d.trigger == common_pb2.TRIGGER_INSTRUCTION else "",
             media_ts_ms=d.media_ts_ms, reply_to=state.reply_to, hops=hops)
 
-    def _stream(self, state: StreamState, d, hops) -> tuple[str, list]:
-        """The policy's response as it is generated: one record per piece (the first stamped as
-        the first token), then the final record with the question or instruction and the whole
-        answer (memory keeps the dialogue). Nothing is sent when no text came."""
+    def _stream(self, state: StreamState, d, pieces, hops) -> tuple[str, list]:
+        """The policy's response as it is generated (or whole, as one piece): one record per piece
+        (the first stamped as the first token), then the final record with the question or
+        instruction and the whole answer (memory keeps the dialogue). Nothing is sent when no text
+        came."""
         futures, parts = [], []
         first: list = []
-        for piece in d.pieces:
+        for piece in pieces:
             if not parts:
                 first = [*hops, common_pb2.HopStamp(hop="decision", wall_unix_ns=time.time_ns()),
                          common_pb2.HopStamp(hop="responder_first_token", wall_unix_ns=time.time_ns())]
@@ -450,9 +445,3 @@ class DecisionStage(Stage):
             last.prompt_text, last.answer_text = d.prompt_text, text
             futures.append(self.out.send(topics.RESPONSES, state.key, last))
         return text, futures
-
-    def _respond(self, state: StreamState, decision: events_pb2.DecisionEvent, text: str) -> list:
-        """A response the policy wrote whole (its trigger needed the text): one piece, then the final record."""
-        d = Decision(decision.media_ts_ms, decision.trigger, decision.question_id or decision.instruction_id,
-                     decision.prompt_text, decision.reason, decision.score, pieces=iter([text]))
-        return self._stream(state, d, list(decision.hops)[:-1])[1]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,34 @@ class TokenChunk:
         if self.grid is not None or len(self.ids) <= size:
             return [self]
         return [TokenChunk(self.ids[i:i + size], self.mm[i:i + size]) for i in range(0, len(self.ids), size)]
+
+
+class DecodedText:
+    """The text of generated tokens, as pieces decoded while they come. ``tokens`` collects the
+    tokens before ``stop`` (which ends it and is not kept); ``stopped`` says whether it came. A
+    piece is yielded once the text decodes to whole characters (``lstrip``: leading whitespace
+    dropped)."""
+
+    def __init__(self, model: EngineModel, tokens: Iterator[int], stop: int, *, lstrip: bool = False) -> None:
+        self._model, self._source, self._stop, self._lstrip = model, tokens, stop, lstrip
+        self.tokens: list[int] = []
+        self.stopped = False
+
+    def __iter__(self) -> Iterator[str]:
+        shown = ""
+        for token in self._source:
+            if token == self._stop:
+                self.stopped = True
+                return
+            self.tokens.append(token)
+            text = self._model.decode(self.tokens)
+            if self._lstrip:
+                text = text.lstrip()
+            if text.endswith("\ufffd"):
+                continue  # half of a multi-byte character: wait for the rest
+            if len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
 
 
 class EngineModel:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 
 from streamharness.engine.core import CacheFull
-from streamharness.engine.model import IM_END, IM_START, TokenChunk
+from streamharness.engine.model import IM_END, IM_START, DecodedText, TokenChunk
 from streamharness.generation.base import GenerationError, GenerationRejected, Prompt, ResponseGenerator
 from streamharness.generation.settings import GenerationSettings
 
@@ -95,18 +95,8 @@ class EngineGenerator(ResponseGenerator):
                 rest = ids[common:]
                 if len(rest) > 1:
                     engine.prefill(name, [TokenChunk(rest[:-1])])
-                out: list[int] = []
-                shown = ""
-                for token in engine.generate(name, rest[-1:], max_new_tokens=max_new, stop=[model.im_end]):
-                    if token == model.im_end:
-                        break
-                    out.append(token)
-                    text = model.decode(out)
-                    if text.endswith("\ufffd"):
-                        continue  # half of a multi-byte character: wait for the rest
-                    if len(text) > len(shown):
-                        yield text[len(shown):]
-                        shown = text
+                yield from DecodedText(model, engine.generate(name, rest[-1:], max_new_tokens=max_new, stop=[model.im_end]),
+                                       model.im_end)
             except CacheFull as err:
                 engine.close(name)
                 raise GenerationError(f"the engine has no room for this response ({err})") from err
