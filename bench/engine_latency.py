@@ -127,7 +127,7 @@ class Workload:
         mm = [1 if i == em.vision.image_token_id else 0 for i in ids]
         n = self.grid[0] * self.grid[1] * self.grid[2]
         pv = torch.randn(n, self.patch_dim, device=em.device, dtype=em.dtype)
-        return TokenChunk(ids, mm, pv, torch.tensor([self.grid], device=em.device))
+        return TokenChunk(ids, mm, pv, torch.tensor([self.grid]))
 
     def reply(self):
         from streamharness.engine import TokenChunk
@@ -220,54 +220,135 @@ def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, ca
     return out
 
 
-def concurrency(em, torch, wl, ns, context, reps, int8, engine_cls, config_cls):
-    """A batched step of N streams that each hold ``context`` tokens (random KV)."""
+def random_streams(em, torch, n, context, int8, engine_cls, config_cls, max_batch):
+    """An engine with n streams of ``context`` tokens each (KV filled with random values)."""
     from streamharness.engine.core import _Stream
 
+    eng = engine_cls(em, config_cls(capacity=context + 256, margin=512, slots=n + 1, spare_slots=1, int8_kv=int8,
+                                    max_batch=max_batch))
+    for layer in range(em.shape.layers):
+        for buf in (eng.pool.k[layer], eng.pool.v[layer]):
+            if int8:
+                buf.random_(-100, 100)
+            else:
+                buf.normal_()
+        if int8:
+            eng.pool.k_scale[layer].fill_(0.01)
+            eng.pool.v_scale[layer].fill_(0.01)
+    for i in range(n):
+        name = f"t/{i}"
+        eng._free.remove(i)
+        eng.streams[name] = _Stream(name, i, length=context, next_pos=context, ids=[0] * context, pos_after=list(range(1, context + 1)))
+    return eng
+
+
+def reset(eng, names, context):
+    for name in names:  # keep every stream at the same length (no growth across steps)
+        s = eng.streams[name]
+        s.length, s.next_pos = context, context
+        del s.ids[context:], s.pos_after[context:]
+
+
+def release(torch, eng):
+    del eng
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def concurrency(em, torch, wl, ns, context, reps, int8, engine_cls, config_cls):
+    """A batched step of N streams that each hold ``context`` tokens (random KV)."""
+    global PROFILE
     results = []
+    options = [em.ids("</silence>"), em.ids("</response>")]
     for n in ns:
         try:
-            eng = engine_cls(em, config_cls(capacity=context + 256, margin=512, slots=n + 1, spare_slots=1, int8_kv=int8,
-                                            max_batch=max(ns)))
+            eng = random_streams(em, torch, n, context, int8, engine_cls, config_cls, max(ns))
         except RuntimeError as err:  # out of memory: this N does not fit
             results.append({"streams": n, "error": f"does not fit: {err}"[:200]})
             break
-        for layer in range(em.shape.layers):
-            for buf in (eng.pool.k[layer], eng.pool.v[layer]):
-                if int8:
-                    buf.random_(-100, 100)
-                else:
-                    buf.normal_()
-            if int8:
-                eng.pool.k_scale[layer].fill_(0.01)
-                eng.pool.v_scale[layer].fill_(0.01)
-        for i in range(n):
-            name = f"t/{i}"
-            eng._free.remove(i)
-            eng.streams[name] = _Stream(name, i, length=context, next_pos=context, ids=[0] * context, pos_after=list(range(1, context + 1)))
+        names = [f"t/{i}" for i in range(n)]
         times = []
         for k in range(reps):
-            items = [(f"t/{i}", wl.turn(3600.0 + k)) for i in range(n)]
-            for i in range(n):  # keep every stream at the same length (no growth across reps)
-                s = eng.streams[f"t/{i}"]
-                s.length, s.next_pos = context, context
-                del s.ids[context:], s.pos_after[context:]
+            items = [(name, wl.turn(3600.0 + k)) for name in names]
+            reset(eng, names, context)
             sync(torch)
             start = time.perf_counter()
-            eng.decide(items, [[em.ids("</silence>"), em.ids("</response>")]] * n)
+            eng.decide(items, [options] * n)
             sync(torch)
             times.append(time.perf_counter() - start)
+        if PROFILE and n >= 16:
+            from torch.profiler import ProfilerActivity, profile
+
+            reset(eng, names, context)
+            items = [(name, wl.turn(3700.0)) for name in names]
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                eng.decide(items, [options] * n)
+                sync(torch)
+            print(f"profile: one step of {n} streams ({em.attention})", flush=True)
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), flush=True)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10), flush=True)
+            PROFILE = False
         times = times[1:]  # the first step warms the kernels for this shape
-        row = {"streams": n, **summary(times), "per_stream_ms": statistics.median(times) * 1e3 / n,
+        row = {"streams": n, "attention": em.attention, **summary(times), "per_stream_ms": statistics.median(times) * 1e3 / n,
                "kv_bytes_per_stream": eng.pool.bytes // eng.pool.slots,
                "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
         results.append(row)
         print(json.dumps(row), flush=True)
-        del eng
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        release(torch, eng)
         if row["p95_ms"] > 400:
+            break
+    return results
+
+
+def arrivals(em, torch, wl, ns, context, seconds, engine_cls, config_cls, max_batch):
+    """N streams at 1 FPS, their seconds spread evenly over the second (stream i's frame k arrives
+    at k + i/N), run in real time: every step takes whatever frames have arrived (at most
+    ``max_batch``) in one batched step. A frame's latency = its decision's time - its arrival. The
+    first second is warm-up; a stream that cannot keep up shows as growing latency."""
+    results = []
+    options = [em.ids("</silence>"), em.ids("</response>")]
+    for n in ns:
+        try:
+            eng = random_streams(em, torch, n, context, False, engine_cls, config_cls, max_batch)
+        except RuntimeError as err:
+            results.append({"streams": n, "error": f"does not fit: {err}"[:200]})
+            break
+        names = [f"t/{i}" for i in range(n)]
+        for size in sorted({n, max(1, n // 3), max(1, n // 7), 1}):  # compile / warm the shapes first
+            reset(eng, names[:size], context)
+            eng.decide([(name, wl.turn(1.0)) for name in names[:size]], [options] * size)
+        sync(torch)
+        due = [i / n for i in range(n)]
+        latencies, batches = [], []
+        start = time.perf_counter()
+        while True:
+            now = time.perf_counter() - start
+            if now >= seconds:
+                break
+            ready = sorted((i for i in range(n) if due[i] <= now), key=due.__getitem__)[:max_batch]
+            if not ready:
+                time.sleep(max(0.0, min(due) - now))
+                continue
+            items = [(names[i], wl.turn(3600.0 + due[i])) for i in ready]
+            reset(eng, [names[i] for i in ready], context)
+            eng.decide(items, [options] * len(items))
+            sync(torch)
+            done = time.perf_counter() - start
+            batches.append(len(ready))
+            for i in ready:
+                if due[i] >= 1.0:
+                    latencies.append(done - due[i])
+                due[i] += 1.0
+        behind = sum(1 for d in due if d < seconds - 1.0)
+        row = {"streams": n, "attention": em.attention, "seconds": seconds, **summary(latencies),
+               "steps": len(batches), "mean_batch": statistics.fmean(batches) if batches else 0,
+               "frames_per_s": len(latencies) / max(1e-9, seconds - 1.0), "streams_behind_at_end": behind,
+               "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        release(torch, eng)
+        if row["p95_ms"] > 1000:
             break
     return results
 
@@ -285,6 +366,11 @@ def main() -> None:
     ap.add_argument("--skip-concurrency", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="print torch profiler tables of three cached steps per point")
+    ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "flex", "sdpa", "transformers"],
+                    help="attention modes: the points and the 1-FPS arrivals use the first; the concurrency sweep compares all")
+    ap.add_argument("--arrivals", type=int, nargs="*", default=[], help="N streams at 1 FPS in real time (latency from a frame's arrival)")
+    ap.add_argument("--arrival-seconds", type=float, default=8.0)
+    ap.add_argument("--max-batch", type=int, default=256, help="the most streams one step of the arrival run takes")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     global PROFILE
@@ -306,6 +392,12 @@ def main() -> None:
         em = EngineModel(model.eval(), tok, ip)
     else:
         em = load_engine_model(None, device="cpu", threads=args.threads)
+    from streamharness.engine import EngineModel
+
+    def with_attention(mode):
+        return EngineModel(em.model, em.tokenizer, em.image_processor, attention_mode=mode)
+
+    em = with_attention(args.attention[0])
     tpfs = args.tokens_per_frame if em.takes_images else [0]
     report = {"command": " ".join(sys.argv), "model": args.model, "torch": torch.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(),
@@ -321,11 +413,21 @@ def main() -> None:
                 print(json.dumps(point), flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
-        if not args.skip_concurrency and torch.cuda.is_available():
-            for int8 in (False, True):
-                run["concurrency"]["int8" if int8 else "bf16"] = concurrency(
-                    em, torch, wl, args.streams, args.stream_context, 8, int8, StreamingEngine, EngineConfig)
+        if not args.skip_concurrency and (torch.cuda.is_available() or args.model == "tiny"):
+            for mode in args.attention:
+                m = with_attention(mode)
+                run["concurrency"][f"bf16-{m.attention}"] = concurrency(
+                    m, torch, Workload(m, torch, tpf), args.streams, args.stream_context, 8, False, StreamingEngine, EngineConfig)
                 args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
+            m = with_attention(args.attention[0])
+            run["concurrency"][f"int8-{m.attention}"] = concurrency(
+                m, torch, Workload(m, torch, tpf), args.streams, args.stream_context, 8, True, StreamingEngine, EngineConfig)
+            args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
+        if args.arrivals:
+            m = with_attention(args.attention[0])
+            run["arrivals"] = arrivals(m, torch, Workload(m, torch, tpf), args.arrivals, args.stream_context,
+                                       args.arrival_seconds, StreamingEngine, EngineConfig, args.max_batch)
+            args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
         report["runs"].append(run)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

@@ -306,3 +306,56 @@ def test_the_other_qwen_vl_classes_give_a_full_re_prefills_logits_too(family):
     for k in range(1, len(chunks)):
         got = eng.append([("s", chunks[k])])[0]
         assert torch.allclose(got, full_logits(em, chunks[:k + 1]), atol=1e-4), (family, k)
+
+
+@pytest.mark.parametrize("mode", ["flex", "sdpa"])
+@pytest.mark.parametrize("which", ["vlm", "text_lm"])
+def test_each_attention_mode_gives_a_full_re_prefills_logits_for_a_batch_of_unequal_streams(which, mode, request):
+    """FlexAttention's block mask and SDPA with folded query groups (the text model has 4 query
+    heads on 2 KV heads) both give, for each stream of a batch, the logits of its own re-prefill."""
+    em = request.getfixturevalue(which)
+    em = em[0] if isinstance(em, tuple) else em
+    m = EngineModel(em.model, em.tokenizer, em.image_processor, attention_mode=mode)
+    assert m.attention == mode
+    silence = m.ids("</silence>")
+    streams = {"a": dialogue(m, silence, 3, seed=1), "b": dialogue(m, silence, 1, seed=2)}
+    eng = engine(m)
+    eng.prefill("a", streams["a"][:3])  # a is longer than b from the start
+    eng.prefill("b", streams["b"][:1])
+    got = eng.append([("b", streams["b"][1]), ("a", streams["a"][3])])
+    assert torch.allclose(got[0], full_logits(m, streams["b"][:2]), atol=1e-4)
+    assert torch.allclose(got[1], full_logits(m, streams["a"][:4]), atol=1e-4)
+
+
+def test_grouped_vision_attention_equals_attention_image_by_image(vlm):
+    """Equal consecutive segments go through one call; unequal and empty ones (Qwen2.5-VL's edge
+    windows) too; and the tiny VLM's whole vision tower gives what transformers' per-image loop gives."""
+    from streamharness.engine.attention import VISION, vision_attention
+
+    torch.manual_seed(0)
+    lengths = [7, 7, 7, 3, 0, 5, 5, 9]
+    cu = torch.tensor([0, *np.cumsum(lengths).tolist()])
+    q, k, v = (torch.randn(1, 4, int(cu[-1]), 8) for _ in range(3))
+    got, _ = vision_attention(None, q, k, v, cu_seq_lens_q=cu)
+    bounds = [(s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()) if e > s]
+    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]).transpose(1, 2)
+                      for s, e in bounds], dim=1)
+    assert torch.allclose(got, want, atol=1e-6)
+    # not one attention over everything: a segment that saw its neighbours would differ
+    whole = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    assert not torch.allclose(got, whole, atol=1e-3)
+
+    em, _ = vlm
+    visual = em.base.visual
+    pv, grid = em.images([jpeg(1), jpeg(2), jpeg(3, size=(48, 64))])
+    with torch.inference_mode():
+        assert visual.config._attn_implementation == VISION
+        grouped = visual(pv, grid_thw=grid.to(em.device))
+        visual.config._attn_implementation = "sdpa"
+        try:
+            loop = visual(pv, grid_thw=grid.to(em.device))
+        finally:
+            visual.config._attn_implementation = VISION
+    grouped = getattr(grouped, "pooler_output", grouped)
+    loop = getattr(loop, "pooler_output", loop)
+    assert torch.allclose(grouped, loop, atol=1e-5)

