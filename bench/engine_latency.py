@@ -43,6 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "libs"))
 
 PROFILE = False
+PROFILE_STREAMS = 64
+SWEEP_STOP_MS = 400.0
 VOCAB = "you watch a live camera stream memory summary what is happening now ? tell me when a person walks in"
 
 
@@ -133,6 +135,12 @@ class Workload:
         from streamharness.engine import TokenChunk
 
         return TokenChunk([self.em.im_end, *self.em.ids("\n")] + self.em.ids("</silence>"))
+
+
+def label(em) -> str:
+    from streamharness.engine import attention
+
+    return "flex-heads" if em.attention == "flex" and not attention.FOLD_FLEX else em.attention
 
 
 def sync(torch):
@@ -277,7 +285,7 @@ def concurrency(em, torch, wl, ns, context, reps, int8, engine_cls, config_cls):
             eng.decide(items, [options] * n)
             sync(torch)
             times.append(time.perf_counter() - start)
-        if PROFILE and n >= 16:
+        if PROFILE and n >= PROFILE_STREAMS:
             from torch.profiler import ProfilerActivity, profile
 
             reset(eng, names, context)
@@ -285,18 +293,18 @@ def concurrency(em, torch, wl, ns, context, reps, int8, engine_cls, config_cls):
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 eng.decide(items, [options] * n)
                 sync(torch)
-            print(f"profile: one step of {n} streams ({em.attention})", flush=True)
+            print(f"profile: one step of {n} streams ({label(em)})", flush=True)
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), flush=True)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10), flush=True)
             PROFILE = False
         times = times[1:]  # the first step warms the kernels for this shape
-        row = {"streams": n, "attention": em.attention, **summary(times), "per_stream_ms": statistics.median(times) * 1e3 / n,
+        row = {"streams": n, "attention": label(em), **summary(times), "per_stream_ms": statistics.median(times) * 1e3 / n,
                "kv_bytes_per_stream": eng.pool.bytes // eng.pool.slots,
                "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
         results.append(row)
         print(json.dumps(row), flush=True)
         release(torch, eng)
-        if row["p95_ms"] > 400:
+        if row["p95_ms"] > SWEEP_STOP_MS:
             break
     return results
 
@@ -341,7 +349,7 @@ def arrivals(em, torch, wl, ns, context, seconds, engine_cls, config_cls, max_ba
                     latencies.append(done - due[i])
                 due[i] += 1.0
         behind = sum(1 for d in due if d < seconds - 1.0)
-        row = {"streams": n, "attention": em.attention, "seconds": seconds, **summary(latencies),
+        row = {"streams": n, "attention": label(em), "seconds": seconds, **summary(latencies),
                "steps": len(batches), "mean_batch": statistics.fmean(batches) if batches else 0,
                "frames_per_s": len(latencies) / max(1e-9, seconds - 1.0), "streams_behind_at_end": behind,
                "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
@@ -366,15 +374,18 @@ def main() -> None:
     ap.add_argument("--skip-concurrency", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="print torch profiler tables of three cached steps per point")
-    ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "flex", "sdpa", "transformers"],
-                    help="attention modes: the points and the 1-FPS arrivals use the first; the concurrency sweep compares all")
+    ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "flex", "flex-heads", "sdpa", "transformers"],
+                    help="attention modes: the points and the 1-FPS arrivals use the first; the concurrency sweep compares all "
+                    "(flex-heads: FlexAttention with one query block per head, not folded)")
+    ap.add_argument("--sweep-stop-ms", type=float, default=400.0, help="the concurrency sweep stops after a step's p95 passes this")
+    ap.add_argument("--profile-streams", type=int, default=64, help="the concurrency step that --profile profiles (the first N >= it)")
     ap.add_argument("--arrivals", type=int, nargs="*", default=[], help="N streams at 1 FPS in real time (latency from a frame's arrival)")
     ap.add_argument("--arrival-seconds", type=float, default=8.0)
     ap.add_argument("--max-batch", type=int, default=256, help="the most streams one step of the arrival run takes")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    global PROFILE
-    PROFILE = args.profile
+    global PROFILE, PROFILE_STREAMS, SWEEP_STOP_MS
+    PROFILE, PROFILE_STREAMS, SWEEP_STOP_MS = args.profile, args.profile_streams, args.sweep_stop_ms
 
     import torch
     import transformers
@@ -395,7 +406,10 @@ def main() -> None:
     from streamharness.engine import EngineModel
 
     def with_attention(mode):
-        return EngineModel(em.model, em.tokenizer, em.image_processor, attention_mode=mode)
+        from streamharness.engine import attention
+
+        attention.FOLD_FLEX = mode != "flex-heads"
+        return EngineModel(em.model, em.tokenizer, em.image_processor, attention_mode="flex" if mode == "flex-heads" else mode)
 
     em = with_attention(args.attention[0])
     tpfs = args.tokens_per_frame if em.takes_images else [0]

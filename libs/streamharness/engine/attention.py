@@ -4,9 +4,10 @@ that the model's own forward runs unchanged.
 Decoder (``streamharness_engine``), given the mask the engine builds for a step of many streams:
 
 * ``flex``: FlexAttention with a block mask of each row's lower-right causal window (query ``i``
-  of row ``b`` sees keys ``j <= length_b + i``). Blocks past a row's length are skipped, grouped
-  query heads read their shared KV head (no copy), and the keys are the whole static slot, so the
-  compiled kernel sees the same shapes step after step. The default on CUDA.
+  of row ``b`` sees keys ``j <= length_b + i``). Blocks past a row's length are skipped, the query
+  groups are folded onto their KV head as below (fewer, fuller query blocks per KV read than one
+  block per query head: a step's ~90 queries fill 128-row blocks badly), and the keys are the
+  whole static slot, so the compiled kernel sees the same shapes step after step. The default on CUDA.
 * ``sdpa``: fused SDPA with the grouped query heads folded into the query axis (``[B, kv_heads,
   groups * q, D]`` against ``[B, kv_heads, kv, D]``), so the keys and values are read once per KV
   head instead of being copied ``groups`` times (transformers' SDPA path copies them whenever there
@@ -35,6 +36,7 @@ DECODER = "streamharness_engine"
 VISION = "streamharness_flash_grouped"
 MODES = ("auto", "flex", "sdpa", "transformers")
 
+FOLD_FLEX = True  # fold the query groups onto their KV head in FlexAttention too (the benchmark compares)
 _registered = False
 _register_lock = threading.Lock()
 _compiled_flex = None
@@ -95,17 +97,18 @@ def folded_mask(allowed, groups: int, dtype):
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def lower_right_block_mask(lengths, q_len: int, kv_len: int, device):
-    """FlexAttention's block mask: query ``i`` of row ``b`` sees keys ``j <= lengths[b] + i``."""
+def lower_right_block_mask(lengths, q_len: int, kv_len: int, device, groups: int = 1):
+    """FlexAttention's block mask: query ``i`` of row ``b`` sees keys ``j <= lengths[b] + i``. With
+    ``groups > 1`` the queries are folded (row ``g * q_len + i`` is query ``i`` of group ``g``)."""
     import torch
     from torch.nn.attention.flex_attention import create_block_mask
 
     starts = torch.as_tensor(lengths, device=device, dtype=torch.int32)
 
     def lower_right(b, h, q_idx, kv_idx):
-        return kv_idx <= starts[b] + q_idx
+        return kv_idx <= starts[b] + q_idx % q_len
 
-    return create_block_mask(lower_right, B=len(lengths), H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+    return create_block_mask(lower_right, B=len(lengths), H=None, Q_LEN=groups * q_len, KV_LEN=kv_len, device=device)
 
 
 def _flex():
@@ -130,13 +133,15 @@ def decoder_attention(module, query, key, value, attention_mask, scaling=None, d
     b, heads, q, d = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
+    folded = groups > 1 and attention_mask is not None and attention_mask.shape[-2] == groups * q
+    if folded:
+        query = query.reshape(b, kv_heads, groups * q, d)
     if isinstance(attention_mask, BlockMask):
-        out = _flex()(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=groups > 1)
-        return out.transpose(1, 2).contiguous(), None
-    if isinstance(attention_mask, torch.Tensor) and groups > 1 and attention_mask.shape[-2] == groups * q:
-        folded = query.reshape(b, kv_heads, groups * q, d)
-        out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, scale=scaling)
-        return out.view(b, heads, q, d).transpose(1, 2).contiguous(), None
+        out = _flex()(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=groups > 1 and not folded)
+        return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
+    if folded:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
+        return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

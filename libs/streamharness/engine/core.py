@@ -173,20 +173,14 @@ class StreamingEngine:
                 raise ValueError(f"an append of {len(chunk)} tokens is longer than the engine's margin ({self.config.margin})")
             if stream.length + len(chunk) > self.config.capacity:
                 raise CacheFull(f"stream {stream.name}: {stream.length} + {len(chunk)} tokens exceed its capacity {self.config.capacity}")
-        positions = []
-        for stream, chunk in rows:
-            pos, nxt = self.model.positions(chunk, stream.next_pos)
-            positions.append((pos, nxt))
+        positions = [self.model.positions(chunk, stream.next_pos) for stream, chunk in rows]
         logits = self.model.forward(self.pool, [s.slot for s, _ in rows], [s.length for s, _ in rows],
-                                    [c for _, c in rows], [p for p, _ in positions])
+                                    [c for _, c in rows], [p for p, _, _ in positions])
         now = time.monotonic()
-        for (stream, chunk), (pos, nxt) in zip(rows, positions):
+        for (stream, chunk), (_, nxt, after) in zip(rows, positions):
             stream.length += len(chunk)
             stream.ids.extend(chunk.ids)
-            # positions after each token: the 1-D position + 1, or the running max + 1 for M-RoPE
-            flat = pos if pos.dim() == 1 else pos.max(dim=0).values
-            after = (flat.cummax(0).values + 1).tolist()
-            stream.pos_after.extend(int(a) for a in after)
+            stream.pos_after.extend(after)
             stream.next_pos = nxt
             stream.last_used = now
         return logits

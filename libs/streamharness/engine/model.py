@@ -188,29 +188,34 @@ class EngineModel:
         return TokenChunk(encode_user_turn(self.tokenizer, user, placeholder, context))
 
     # -- positions ---------------------------------------------------------------------------------
-    def positions(self, chunk: TokenChunk, start: int):
-        """``(positions, next_start)`` on the CPU: ``[L]`` (1-D RoPE) or ``[3, L]`` (M-RoPE) from
-        ``start``. M-RoPE positions depend only on where the images are and their grids (not on the
-        text's ids), so they are computed once per layout by the model's ``get_rope_index`` on the
-        chunk alone, and shifted."""
-        torch = self._torch
+    def positions(self, chunk: TokenChunk, start: int) -> tuple[list, int, list[int]]:
+        """``(positions, next_start, after)`` as Python lists, from ``start``: ``positions`` is
+        ``[L]`` (1-D RoPE) or ``[3][L]`` (M-RoPE); ``after[i]`` is the position that follows token
+        ``i`` (where a stream truncated after it goes on). M-RoPE positions depend only on where the
+        images are and their grids (not on the text's ids), so they are computed once per layout by
+        the model's ``get_rope_index`` on the chunk alone, and shifted."""
         n = len(chunk.ids)
+        line = list(range(start, start + n))
+        after_line = list(range(start + 1, start + n + 1))
         if not self.mrope:
-            return torch.arange(start, start + n), start + n
+            return line, start + n, after_line
         if chunk.grid is None:
-            return torch.arange(start, start + n).view(1, -1).expand(3, -1), start + n
+            return [line, line, line], start + n, after_line
         grid = chunk.grid.cpu()
         key = (tuple(chunk.mm), tuple(tuple(g) for g in grid.tolist()))
         rel = self._relative.get(key)
         if rel is None:
+            torch = self._torch
             ids = torch.zeros((1, n), dtype=torch.long)
             mm = torch.tensor([chunk.mm], dtype=torch.int32)
             pos, _ = self.base.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid)
-            rel = pos[:, 0].cpu()
+            pos = pos[:, 0].cpu()
+            rel = (pos.tolist(), (pos.max(dim=0).values.cummax(0).values + 1).tolist())
             if len(self._relative) >= 1024:
                 self._relative.clear()
             self._relative[key] = rel
-        return rel + start, start + int(rel.max()) + 1
+        dims, after = rel
+        return [[x + start for x in d] for d in dims], start + after[-1], [a + start for a in after]
 
     # -- forward -----------------------------------------------------------------------------------
     def _attention_backends(self):
@@ -234,16 +239,19 @@ class EngineModel:
         q = max(len(c) for c in chunks)
         b = len(chunks)
         ids = torch.tensor([c.ids + [self.pad_id] * (q - len(c)) for c in chunks], dtype=torch.long)
-        pos = torch.empty((3, b, q) if self.mrope else (b, q), dtype=torch.long)
-        for row, (chunk, p) in enumerate(zip(chunks, positions)):
-            n = len(chunk)
-            pos[..., row, :n] = p
-            if n < q:  # padding continues the row's positions (nothing reads it)
-                last = p[..., -1:] if n else torch.zeros(pos.shape[:-2] + (1,), dtype=torch.long)
-                pos[..., row, n:] = last + torch.arange(1, q - n + 1)
+
+        def padded(line: list[int]) -> list[int]:  # padding continues the row's positions (nothing reads it)
+            last = line[-1] if line else -1
+            return line + list(range(last + 1, last + 1 + q - len(line)))
+
+        if self.mrope:
+            pos = torch.tensor([[padded(p[d]) for p in positions] for d in range(3)], dtype=torch.long)
+        else:
+            pos = torch.tensor([padded(p) for p in positions], dtype=torch.long)
         cache = batch_cache(pool, slots, lengths, q, whole_slots=self.attention == "flex")
         if self.attention == "flex":
-            mask = attention.lower_right_block_mask(lengths, q, cache.kv_len, self.device)
+            mask = attention.lower_right_block_mask(lengths, q, cache.kv_len, self.device,
+                                                    groups=self.groups if attention.FOLD_FLEX else 1)
         elif self.attention == "sdpa":
             mask = attention.folded_mask(lower_right_mask(lengths, q, cache.kv_len, self.device), self.groups, self.dtype)
         else:
