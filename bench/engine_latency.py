@@ -45,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "libs"))
 PROFILE = False
 PROFILE_STREAMS = 64
 SWEEP_STOP_MS = 400.0
+PROFILE_OUT: Path | None = None
+CACHED_ONLY = False
 VOCAB = "you watch a live camera stream memory summary what is happening now ? tell me when a person walks in"
 
 
@@ -157,11 +159,12 @@ def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, ca
     turns_in_chunk = int(min(t_s, 199 if t_s >= 200 else t_s))
     turns = [wl.turn(float(k)) + wl.reply() for k in range(turns_in_chunk)]
     context = len(prefix) + sum(len(c) for c in turns)
-    out = {"t_s": t_s, "prefix_tokens": len(prefix), "turns": turns_in_chunk, "context_tokens": context}
+    out = {"t_s": t_s, "attention": label(em), "prefix_tokens": len(prefix), "turns": turns_in_chunk, "context_tokens": context}
     margin = 1024
     room = 3 * reps * (len(turns[-1]) if turns else 256)  # the timed steps, questions and answers appended
     eng = engine_cls(em, config_cls(capacity=max(capacity, context + room + 4 * margin), margin=margin, slots=3, spare_slots=1,
                                     prefill_piece=512))
+    eng.warm_up()  # as the shared engine does at start
 
     def one_shot(chunks):
         """Prefill chunks into a fresh stream and return the time to the first token."""
@@ -177,10 +180,12 @@ def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, ca
         return time.perf_counter() - start
 
     # full re-prefill: every step prefills everything (fewer reps: it is the slow one)
-    full = [one_shot([prefix, *turns, wl.turn(t_s, "what is happening now ?")]) for _ in range(max(2, reps // 5))]
-    window_turns = turns[-int(window_s):] if window_s else turns
-    window = [one_shot([em.system("you watch a live camera stream"), *window_turns, wl.turn(t_s, "what is happening now ?")])
-              for _ in range(max(2, reps // 5))]
+    full, window = [], []
+    if not CACHED_ONLY:
+        full = [one_shot([prefix, *turns, wl.turn(t_s, "what is happening now ?")]) for _ in range(max(2, reps // 5))]
+        window_turns = turns[-int(window_s):] if window_s else turns
+        window = [one_shot([em.system("you watch a live camera stream"), *window_turns, wl.turn(t_s, "what is happening now ?")])
+                  for _ in range(max(2, reps // 5))]
     eng.close("x")
     # cached: built once (not timed), then steps
     eng.prefill("s", [prefix, *turns])
@@ -257,8 +262,11 @@ def reset(eng, names, context):
         del s.ids[context:], s.pos_after[context:]
 
 
-def release(torch, eng):
-    del eng
+def release(torch):
+    """Give the GPU memory of the engine just deleted back (the caller drops its reference first)."""
+    import gc
+
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -293,9 +301,12 @@ def concurrency(em, torch, wl, ns, context, reps, int8, engine_cls, config_cls):
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 eng.decide(items, [options] * n)
                 sync(torch)
-            print(f"profile: one step of {n} streams ({label(em)})", flush=True)
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), flush=True)
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10), flush=True)
+            tables = (f"profile: one step of {n} streams ({label(em)})\n"
+                      + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70) + "\n"
+                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
+            print(tables, flush=True)
+            if PROFILE_OUT is not None:
+                PROFILE_OUT.write_text(tables)
             PROFILE = False
         times = times[1:]  # the first step warms the kernels for this shape
         row = {"streams": n, "attention": label(em), **summary(times), "per_stream_ms": statistics.median(times) * 1e3 / n,
@@ -303,7 +314,8 @@ def concurrency(em, torch, wl, ns, context, reps, int8, engine_cls, config_cls):
                "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
         results.append(row)
         print(json.dumps(row), flush=True)
-        release(torch, eng)
+        del eng
+        release(torch)
         if row["p95_ms"] > SWEEP_STOP_MS:
             break
     return results
@@ -355,7 +367,8 @@ def arrivals(em, torch, wl, ns, context, seconds, engine_cls, config_cls, max_ba
                "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
         results.append(row)
         print(json.dumps(row), flush=True)
-        release(torch, eng)
+        del eng
+        release(torch)
         if row["p95_ms"] > 1000:
             break
     return results
@@ -377,6 +390,7 @@ def main() -> None:
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "flex", "flex-heads", "sdpa", "transformers"],
                     help="attention modes: the points and the 1-FPS arrivals use the first; the concurrency sweep compares all "
                     "(flex-heads: FlexAttention with one query block per head, not folded)")
+    ap.add_argument("--cached-only", action="store_true", help="points: time the engine only (not the full and window re-prefills)")
     ap.add_argument("--sweep-stop-ms", type=float, default=400.0, help="the concurrency sweep stops after a step's p95 passes this")
     ap.add_argument("--profile-streams", type=int, default=64, help="the concurrency step that --profile profiles (the first N >= it)")
     ap.add_argument("--arrivals", type=int, nargs="*", default=[], help="N streams at 1 FPS in real time (latency from a frame's arrival)")
@@ -384,8 +398,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=256, help="the most streams one step of the arrival run takes")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    global PROFILE, PROFILE_STREAMS, SWEEP_STOP_MS
+    global PROFILE, PROFILE_STREAMS, SWEEP_STOP_MS, PROFILE_OUT, CACHED_ONLY
     PROFILE, PROFILE_STREAMS, SWEEP_STOP_MS = args.profile, args.profile_streams, args.sweep_stop_ms
+    PROFILE_OUT, CACHED_ONLY = args.out.with_suffix(".profile.txt"), args.cached_only
 
     import torch
     import transformers

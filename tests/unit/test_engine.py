@@ -359,3 +359,12 @@ def test_grouped_vision_attention_equals_attention_image_by_image(vlm):
     grouped = getattr(grouped, "pooler_output", grouped)
     loop = getattr(loop, "pooler_output", loop)
     assert torch.allclose(grouped, loop, atol=1e-5)
+
+
+def test_warm_up_runs_its_shapes_and_leaves_no_stream_behind(text_lm):
+    eng = engine(text_lm, slots=4, spare_slots=1)
+    eng.append([("live", text_lm.text("a person walks in"))])
+    seconds = eng.warm_up(((1, 1), (5, 7), (2, 600)))  # more streams than free slots, tokens past the margin
+    assert seconds >= 0
+    assert list(eng.streams) == ["live"] and len(eng._free) == 3
+    assert eng.length("live") == len(text_lm.ids("a person walks in"))

@@ -109,6 +109,24 @@ class StreamingEngine:
         log.info("engine: %d KV slots x %d tokens (%.1f MiB, %s KV)", slots, config.capacity,
                  self.pool.bytes / 2**20, "int8" if config.int8_kv else str(model.dtype).replace("torch.", ""))
 
+    def warm_up(self, shapes: Sequence[tuple[int, int]] = ((1, 1), (2, 3), (3, 17), (2, 90), (1, 5))) -> float:
+        """Forwards of a few ``(streams, tokens)`` shapes on scratch streams, closed after, so that
+        kernels compiled for a shape (FlexAttention's, and its recompile for dynamic shapes) are
+        built before the first real step rather than stalling it for seconds. Returns the seconds
+        it took; the shared engine runs it at start when its attention compiles."""
+        start = time.monotonic()
+        free = max(1, self.pool.slots - min(self.config.spare_slots, self.pool.slots - 1) - len(self.streams))
+        for streams, tokens in shapes:
+            names = [f"\x00warm-up/{i}" for i in range(min(streams, free))]
+            try:
+                self.append([(name, TokenChunk([self.model.pad_id] * min(tokens, self.config.margin))) for name in names])
+            finally:
+                for name in names:
+                    self.close(name)
+        seconds = time.monotonic() - start
+        log.info("engine: warmed up %d shapes in %.1f s (%s attention)", len(shapes), seconds, self.model.attention)
+        return seconds
+
     # -- slots -------------------------------------------------------------------------------------
     @property
     def slots(self) -> int:

@@ -77,5 +77,7 @@ def shared_engine(settings: EngineSettings) -> StreamingEngine:
                                       attention_mode=settings.attention)
             engine = StreamingEngine(model, settings.config(),
                                      on_evict=lambda name, reason: meters.engine_evictions().add(1, {"reason": reason}))
+            if model.attention == "flex":  # compiled kernels: built now, not on the first stream's step
+                engine.warm_up()
             _shared[settings] = engine
         return engine
