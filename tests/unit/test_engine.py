@@ -368,3 +368,68 @@ def test_warm_up_runs_its_shapes_and_leaves_no_stream_behind(text_lm):
     assert seconds >= 0
     assert list(eng.streams) == ["live"] and len(eng._free) == 3
     assert eng.length("live") == len(text_lm.ids("a person walks in"))
+
+
+def one_layer(which: str) -> EngineModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from streamharness.train.vlm import add_streaming_tokens, build_tiny_qwen2_vl, build_tiny_tokenizer
+
+    if which == "vlm":
+        model, tok, ip = build_tiny_qwen2_vl(VOCAB, seed=3, layers=1)
+        add_streaming_tokens(tok, model)
+        return EngineModel(model.eval(), tok, ip)
+    tok = build_tiny_tokenizer(VOCAB)
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return EngineModel(LlamaForCausalLM(config).eval(), tok)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("which", ["vlm", "text_lm"])
+def test_dropping_the_oldest_turns_leaves_the_cache_a_re_prefill_of_the_rest_gives(which, int8):
+    """At one layer a cache's keys and values depend only on each token and its position, so after
+    a drop (the kept turns moved down, their keys rotated back) the next step's logits are those of
+    a re-prefill of the prefix and the kept turns (images and M-RoPE positions included). Without
+    the rotation they are not."""
+    em = one_layer(which)
+    silence = em.ids("</silence>")
+    chunks = dialogue(em, silence, 5)  # system, then (turn, reply) x 5
+    eng = engine(em, int8_kv=int8)
+    for c in chunks[:-1]:
+        eng.append([("s", c)])
+    start = len(chunks[0])
+    end = start + len(chunks[1]) + len(chunks[2])  # the first second: its turn and its reply
+    before = eng.length("s")
+    gen = eng.generation("s")
+    eng.drop("s", start, end)
+    assert eng.length("s") == before - (end - start) and eng.generation("s") == gen
+    kept = [chunks[0], *chunks[3:]]
+    assert eng.tokens("s") == [i for c in kept[:-1] for i in c.ids]
+    got = eng.append([("s", chunks[-1])])[0]
+    want = full_logits(em, kept)
+    atol = 0.05 * float(want.abs().max()) + 1e-3 if int8 else 1e-4
+    error = float((got - want).abs().max())
+    assert torch.allclose(got, want, atol=atol), error
+
+    if not int8:  # moved but not rotated: the positions are wrong and so are the logits
+        bad = engine(em)
+        for c in chunks[:-1]:
+            bad.append([("s", c)])
+        em.shift_keys, real = (lambda delta: (lambda keys: keys)), em.shift_keys
+        try:
+            bad.drop("s", start, end)
+        finally:
+            em.shift_keys = real
+        wrong = float((bad.append([("s", chunks[-1])])[0] - want).abs().max())
+        assert wrong > 20 * max(error, 1e-6), (wrong, error)
+
+
+def test_drop_refuses_what_it_cannot_do(text_lm):
+    eng = engine(text_lm)
+    eng.append([("s", text_lm.text("a person walks in the room"))])
+    with pytest.raises(ValueError, match="cannot drop"):
+        eng.drop("s", 0, 2)  # the first token stays
+    with pytest.raises(ValueError, match="cannot drop"):
+        eng.drop("s", 2, 99)

@@ -30,6 +30,7 @@ are :class:`EngineConfig`, filled from ``SH_ENGINE_*`` by :mod:`streamharness.en
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -71,6 +72,7 @@ class _Stream:
     last_used: float = field(default_factory=time.monotonic)
     prefix_key: str = ""
     rebuild: _Rebuild | None = None
+    generation: int = field(default_factory=itertools.count().__next__)  # a new one for every cache built
 
 
 @dataclass
@@ -273,6 +275,34 @@ class StreamingEngine:
             s.length = length
             del s.ids[length:], s.pos_after[length:]
             s.next_pos = s.pos_after[-1] if s.pos_after else 0
+
+    def generation(self, name: str) -> int:
+        """Which cache the stream has: it changes when the cache is rebuilt, swapped or evicted (so
+        positions an owner noted in the old one no longer hold); -1 for no cache."""
+        s = self.streams.get(name)
+        return -1 if s is None else s.generation
+
+    def drop(self, name: str, start: int, end: int) -> None:
+        """Forget tokens ``[start, end)`` of a stream's cache (its oldest turns after the prefix)
+        without a re-prefill: the tokens after them move down, and their keys are rotated back so
+        that their positions follow on from token ``start - 1`` (contiguous positions, as if the
+        dropped tokens had never been there). At the first layer this is exactly the cache a
+        re-prefill of what is kept would give; above it, the kept tokens' keys and values were
+        computed while the dropped ones were visible (the approximation StreamingLLM and
+        StreamingVLM make). ``start`` and ``end`` must be turn boundaries (a turn starts with text)."""
+        with self._lock:
+            s = self.streams[name]
+            if s.rebuild is not None:
+                raise RuntimeError(f"cannot drop tokens of {name} while its cache is being rebuilt")
+            if not 0 < start < end <= s.length:
+                raise ValueError(f"cannot drop tokens [{start}, {end}) of {name} ({s.length} tokens; the first stays)")
+            delta = s.pos_after[end - 1] - s.pos_after[start - 1]
+            if end < s.length:
+                self.pool.move(s.slot, end, s.length, start, self.model.shift_keys(delta))
+            s.ids = s.ids[:start] + s.ids[end:]
+            s.pos_after = s.pos_after[:start] + [p - delta for p in s.pos_after[end:]]
+            s.length -= end - start
+            s.next_pos -= delta
 
     # -- rebuilds ----------------------------------------------------------------------------------
     def rebuild(self, name: str, chunks: Sequence[TokenChunk], *, key: str = "", background: bool = True) -> bool:

@@ -78,6 +78,24 @@ class KVPool:
                 self.v_scale[layer][dst, :, :length] = self.v_scale[layer][src, :, :length]
 
 
+    def move(self, slot: int, src: int, end: int, dst: int, rotate_keys) -> None:
+        """Move positions ``[src, end)`` of a slot's keys and values down to ``dst`` (every layer),
+        the keys through ``rotate_keys`` (float32 ``[kv_heads, n, head_dim]`` -> the same)."""
+        n = end - src
+        for layer in range(self.shape.layers):
+            k, v = self.k[layer], self.v[layer]
+            if self.int8:
+                ks, vs = self.k_scale[layer], self.v_scale[layer]
+                keys = rotate_keys(k[slot, :, src:end].float() * ks[slot, :, src:end].float())
+                kq, kscale = _quantise(keys)
+                k[slot, :, dst:dst + n], ks[slot, :, dst:dst + n] = kq, kscale
+                v[slot, :, dst:dst + n] = v[slot, :, src:end].clone()
+                vs[slot, :, dst:dst + n] = vs[slot, :, src:end].clone()
+            else:
+                k[slot, :, dst:dst + n] = rotate_keys(k[slot, :, src:end].float()).to(k.dtype)
+                v[slot, :, dst:dst + n] = v[slot, :, src:end].clone()
+
+
 def _quantise(x):
     import torch
 

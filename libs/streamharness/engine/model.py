@@ -140,6 +140,37 @@ class EngineModel:
         self._relative: dict[tuple, Any] = {}  # M-RoPE positions of a chunk layout from 0
         self._torch = torch
 
+    def _rotary(self):
+        """The decoder's rotary embedding: ``(inverse frequencies, rope type)``."""
+        for module in self.base.modules():
+            name = type(module).__name__
+            if name.endswith("RotaryEmbedding") and "Vision" not in name and hasattr(module, "inv_freq"):
+                return module.inv_freq, getattr(module, "rope_type", "default")
+        raise ValueError(f"{type(self.model).__name__}: no rotary embedding found; cannot shift cached keys")
+
+    def shift_keys(self, delta: int):
+        """A function that moves cached keys ``delta`` positions back (``[..., head_dim]``, float32):
+        the rotation by ``-delta`` of every rotary frequency. Exact for RoPE with fixed frequencies,
+        and for M-RoPE when a whole turn moves (its time, height and width positions all shift by
+        ``delta``). Refused for rotary types whose frequencies depend on the sequence length."""
+        torch = self._torch
+        inv_freq, rope_type = self._rotary()
+        if rope_type in ("dynamic", "longrope"):
+            raise ValueError(f"cannot shift keys under {rope_type!r} RoPE (its frequencies depend on the length)")
+        angles = float(delta) * inv_freq.float().to(self.device)
+        cos = torch.cat([angles.cos(), angles.cos()])
+        sin = torch.cat([angles.sin(), angles.sin()])
+        rotary = cos.numel()
+        half = rotary // 2
+
+        def rotate(keys):
+            part = keys[..., :rotary]
+            rotated_half = torch.cat([-part[..., half:], part[..., :half]], dim=-1)
+            out = part * cos - rotated_half * sin
+            return out if rotary == keys.shape[-1] else torch.cat([out, keys[..., rotary:]], dim=-1)
+
+        return rotate
+
     @property
     def takes_images(self) -> bool:
         return self.vision is not None
