@@ -241,3 +241,35 @@ def test_a_stream_with_a_question_jumps_the_queue():
     assert batches == [["c"], ["a", "b"]]  # the question's stream alone, first
     first = svc.out.of(topics.RESPONSES)[0]
     assert first.question_id == "q" and first.key.stream_id == "c"
+
+
+@pytest.mark.parametrize("overflow", ["drop", "rebuild"])
+def test_a_long_stream_stays_within_its_cache_and_a_long_memory_within_its_share(overflow):
+    """Two minutes on a 1,536-token cache with a memory prefix of ~2,400 tokens: the prefix is
+    trimmed to its share (its newest end kept), and the cache never passes its high-water mark by
+    more than a turn: its oldest turns are dropped in place (``drop``: no rebuild), or it is rebuilt
+    from the prefix and the carried turns (``rebuild``)."""
+    engine, _ = tiny("silence")
+    memory = " ".join(f"summary {i} : a red cup on the table ." for i in range(300))
+    policy = ModelPolicy(engine, ModelPolicyConfig(carry_turns=3, overflow=overflow), context=lambda key, now_ms: memory)
+    svc = stage(policy)
+    capacity = engine.config.capacity
+    svc._batch = [start()]
+    longest = 0
+    for t0 in range(0, 120, 10):
+        svc._batch += [frame(t) for t in range(t0, t0 + 10)]
+        svc.end_batch()
+        engine.wait_rebuild("t/cam", timeout=60)
+        longest = max(longest, engine.length("t/cam"))
+    memo = policy._memo(next(iter(svc.states.values())))
+    assert len(engine.model.ids(memo.prefix)) <= 0.5 * capacity < len(engine.model.ids(memory))
+    em = engine.model
+    assert memo.prefix.startswith("…") and "2 9 9 :" in memo.prefix and "1 0 0 :" not in memo.prefix  # the newest end
+    text = cache_text(engine)
+    assert "2 9 9 :" in text and "1 0 0 :" not in text
+    assert longest <= 0.8 * capacity + 80
+    assert "< 1 1 9 . 0 seconds >" in text and "< 1 . 0 seconds >" not in text
+    if overflow == "drop":
+        assert policy.rebuilds.get("drop", 0) >= 1 and "full" not in policy.rebuilds
+    else:
+        assert policy.rebuilds.get("full", 0) >= 1 and "drop" not in policy.rebuilds

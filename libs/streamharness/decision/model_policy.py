@@ -16,7 +16,12 @@ turns since the prefix was built. Memory's prefix changes only at chunk boundari
 media time: its summary is written before the boundary) and rebuilt in the background with the last
 ``carry_turns`` turns (the seconds the new summary does not cover yet), then swapped in between two
 steps. A new instruction changes the prefix too (rebuilt in the background the same way). A stream
-the engine evicted, or one whose cache is full, is rebuilt from its prefix and carried turns.
+the engine evicted is rebuilt from its prefix and carried turns. A cache past ``high_water`` of the
+engine's capacity drops its oldest turns in place (``overflow="drop"``: no re-prefill, the kept
+turns' keys rotated back, :meth:`StreamingEngine.drop`) down to ``low_water``, so a step costs about
+the same hour after hour; ``overflow="rebuild"`` rebuilds it from the prefix and the carried turns
+instead (exact, at the cost of a prefill). Memory's prefix is trimmed to ``prefix_share`` of the
+capacity (its newest end), so a 12-hour memory never outgrows the cache.
 
 **Batches.** The decision stage steps a polled batch's streams together (:meth:`step_many`), one
 frame per stream per round; streams with a question due go first, in a batch of their own.
@@ -66,6 +71,10 @@ class ModelPolicyConfig:
     question_max_new_tokens: int = 128
     context_every_s: float = 5.0  # memory's prefix is read again after this much media time (a late summary)
     system_prompt: str = PROTOCOL_PROMPT
+    overflow: str = "drop"  # a cache past high_water: "drop" its oldest turns in place, or "rebuild" it (prefix + carried turns)
+    high_water: float = 0.8  # of the engine's capacity: past it the cache is shortened ...
+    low_water: float = 0.6  # ... to this (drop), so that drops are rare and every step costs about the same
+    prefix_share: float = 0.5  # memory's prefix takes at most this share of the capacity (its newest end is kept)
 
 
 @dataclass
@@ -83,6 +92,9 @@ class _Memo:
     prefix: str = ""  # memory's prefix text the cache is (being) built on
     fetched_ms: int | None = None  # media time memory's context was last read at
     announced: dict = field(default_factory=dict)  # instruction id -> text the model was told
+    raw_prefix: str | None = None  # memory's prefix as read (memo.prefix is it trimmed to its budget)
+    marks: list[int] = field(default_factory=list)  # cache lengths where this cache's turns began (droppable)
+    generation: int = -1  # the engine cache the marks are positions in
 
 
 def _key(text: str) -> str:
@@ -167,8 +179,8 @@ class ModelPolicy(DecisionPolicy):
                                          or at // chunk_ms != memo.fetched_ms // chunk_ms):
             prefix = self.context(state.key, at)
             memo.fetched_ms = at if at == boundary else now_ms
-            if prefix is not None:
-                memo.prefix = prefix
+            if prefix is not None and prefix != memo.raw_prefix:
+                memo.raw_prefix, memo.prefix = prefix, self._fit_prefix(prefix)
         want = _key(self.system_text(state, memo.prefix))
         if not self.engine.has(name):
             self._rebuild(state, memo, background=False, reason="missing")
@@ -176,8 +188,55 @@ class ModelPolicy(DecisionPolicy):
             return
         elif self.engine.prefix_key(name) != want:
             self._rebuild(state, memo, background=True, reason="prefix")
-        elif self.engine.length(name) > 0.8 * self.engine.config.capacity:
-            self._rebuild(state, memo, background=True, reason="full")
+        elif self.engine.length(name) > self.config.high_water * self.engine.config.capacity:
+            if not (self.config.overflow == "drop" and self._drop(state, memo)):
+                self._rebuild(state, memo, background=True, reason="full")
+
+    def _fit_prefix(self, prefix: str) -> str:
+        """Memory's prefix within ``prefix_share`` of the capacity, in tokens: its newest end is kept
+        (summaries and blocks are oldest first), by a rule that depends on the text alone, so it
+        stays byte-identical within a chunk. Without it a long stream's memory outgrows the cache."""
+        em = self.engine.model
+        budget = int(self.config.prefix_share * self.engine.config.capacity)
+        ids = em.ids(prefix)
+        if len(ids) <= budget:
+            return prefix
+        return "…" + em.decode(ids[len(ids) - budget + 1:]).lstrip()
+
+    def _drop(self, state: StreamState, memo: _Memo) -> bool:
+        """Drop the cache's oldest turns in place (:meth:`StreamingEngine.drop`) down to
+        ``low_water`` of the capacity, keeping the last ``carry_turns``; False when this cache's
+        turns are not known well enough to (then it is rebuilt)."""
+        from streamharness.telemetry import meters
+
+        name = _name(state)
+        if memo.generation != self.engine.generation(name):
+            return False
+        length = self.engine.length(name)
+        target = self.config.low_water * self.engine.config.capacity
+        marks = memo.marks
+        keep_from = len(marks) - self.config.carry_turns
+        if keep_from < 1:
+            return False
+        k = 1
+        while k < keep_from and length - (marks[k] - marks[0]) > target:
+            k += 1
+        if marks[k] <= marks[0]:
+            return False
+        cut = marks[k] - marks[0]
+        self.engine.drop(name, marks[0], marks[k])
+        memo.marks = [marks[0]] + [m - cut for m in marks[k + 1:]]
+        meters.engine_rebuilds().add(1, {"reason": "drop"})
+        self.rebuilds["drop"] = self.rebuilds.get("drop", 0) + 1
+        return True
+
+    def _mark(self, state: StreamState, memo: _Memo) -> None:
+        """Note where this step's turn begins in the cache (what :meth:`_drop` may cut at)."""
+        name = _name(state)
+        generation = self.engine.generation(name)
+        if memo.generation != generation:
+            memo.generation, memo.marks = generation, []
+        memo.marks.append(self.engine.length(name))
 
     # -- steps -------------------------------------------------------------------------------------
     def step(self, state: StreamState, evidence: Evidence) -> list[Decision]:
@@ -209,6 +268,8 @@ class ModelPolicy(DecisionPolicy):
             due = [q for q in state.questions if q.media_ts_ms <= ev.media_ts_ms]
             said = self._said(state, memo, due)
             self._prepare(state, memo, ev.media_ts_ms)
+            if not self.engine.rebuilding(_name(state)):
+                self._mark(state, memo)
             rows.append((state, ev, memo, due, self._turn(state, memo, ev, said)))
         options = [[self._response] if due and self.config.answer_questions else [self._silence, self._response]
                    for _, _, _, due, _ in rows]

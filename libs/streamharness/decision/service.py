@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -48,6 +49,12 @@ class DecisionSettings(BaseSettings):
     memory_address: str = Field("127.0.0.1:50052", description="With policy 'model': memory's gRPC host:port, for the stable context the stream's cache is built on; empty = no memory (the cache holds the protocol, the instructions and the recent turns).")
     memory_timeout_s: float = Field(0.5, gt=0, le=30, description="With policy 'model': deadline of a memory Context call; past it the cache keeps its prefix.")
     model_carry_turns: int = Field(15, ge=1, le=3600, description="With policy 'model': the last turns (seconds) carried into a rebuilt cache (a new chunk's prefix, or a full cache).")
+    model_overflow: Literal["drop", "rebuild"] = Field(
+        "drop", description="With policy 'model': what a stream's cache past 80 % of SH_ENGINE_CAPACITY_TOKENS does: drop = its oldest "
+        "turns are dropped in place down to 60 % (no re-prefill, the kept turns' keys rotated back: a step costs the same hour after "
+        "hour; an approximation above the first layer, as StreamingLLM/StreamingVLM make), rebuild = it is rebuilt from its prefix "
+        "and the carried turns in the background (exact, a prefill each time).")
+    model_prefix_share: float = Field(0.5, gt=0, lt=1, description="With policy 'model': the share of SH_ENGINE_CAPACITY_TOKENS memory's prefix may take in the cache (its newest end is kept).")
     model_lead_s: float = Field(15.0, ge=0, le=3600, description="With policy 'model': the next chunk's prefix is read and built in the background this long before the boundary.")
     model_answer_questions: bool = Field(True, description="With policy 'model': a second holding a question must respond (a prompted model may not); false = the model may wait (a trained model answering forward questions when the event comes).")
     model_alert_max_new_tokens: int = Field(40, ge=1, le=4096, description="With policy 'model': token budget of a proactive response.")
@@ -106,7 +113,8 @@ def model_policy(settings: DecisionSettings, embed, memory=None, tiers: TierSett
     config = ModelPolicyConfig(carry_turns=settings.model_carry_turns, min_gap_s=settings.refractory_s, lead_s=settings.model_lead_s,
                                chunk_s=(tiers or load_settings(TierSettings)).chunk_s, answer_questions=settings.model_answer_questions,
                                alert_max_new_tokens=settings.model_alert_max_new_tokens,
-                               question_max_new_tokens=settings.model_question_max_new_tokens)
+                               question_max_new_tokens=settings.model_question_max_new_tokens,
+                               overflow=settings.model_overflow, prefix_share=settings.model_prefix_share)
     return ModelPolicy(shared_engine(engine or load_settings(EngineSettings)), config, context=context, embed=embed)
 
 

@@ -96,6 +96,7 @@ class StreamingEngine:
         slots = config.slots or max(1, config.budget_bytes // per_slot)
         self.bytes_per_token = per_token
         self.pool = KVPool(model.shape, slots, config.capacity, config.margin, model.dtype, model.device, config.int8_kv)
+        self._piece = min(config.prefill_piece, config.margin)  # one forward never appends more than the margin
         self._free = list(range(slots))
         self.streams: dict[str, _Stream] = {}
         self._lock = threading.RLock()  # one forward at a time; held across a swap
@@ -260,7 +261,7 @@ class StreamingEngine:
         """Append ``chunks`` to one stream in pieces of ``prefill_piece`` tokens; the last logits."""
         logits = None
         for chunk in chunks:
-            for piece in chunk.split(self.config.prefill_piece):
+            for piece in chunk.split(self._piece):
                 logits = self.append([(name, piece)])[0]
         return logits
 
@@ -348,7 +349,7 @@ class StreamingEngine:
         return s.rebuild.done.wait(timeout)
 
     def _shadow_append(self, shadow: _Stream, chunk: TokenChunk) -> None:
-        for piece in chunk.split(self.config.prefill_piece):
+        for piece in chunk.split(self._piece):
             self._yield_to_steps()
             with self._lock:
                 self._forward([(shadow, piece)])
@@ -375,7 +376,7 @@ class StreamingEngine:
                         live.rebuild = None
                         return
                     chunk = job.log.pop(0)
-                    small = len(chunk) <= self.config.prefill_piece
+                    small = len(chunk) <= self._piece
                     if small:  # most catch-up chunks are one turn: appended under the same lock
                         self._forward([(job.shadow, chunk)])
                 if not small:
