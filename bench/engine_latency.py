@@ -445,11 +445,11 @@ def main() -> None:
         if not args.skip_concurrency and (torch.cuda.is_available() or args.model == "tiny"):
             for mode in args.attention:
                 m = with_attention(mode)
-                run["concurrency"][f"bf16-{m.attention}"] = concurrency(
+                run["concurrency"][f"bf16-{label(m)}"] = concurrency(
                     m, torch, Workload(m, torch, tpf), args.streams, args.stream_context, 8, False, StreamingEngine, EngineConfig)
                 args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
             m = with_attention(args.attention[0])
-            run["concurrency"][f"int8-{m.attention}"] = concurrency(
+            run["concurrency"][f"int8-{label(m)}"] = concurrency(
                 m, torch, Workload(m, torch, tpf), args.streams, args.stream_context, 8, True, StreamingEngine, EngineConfig)
             args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
         if args.arrivals:
