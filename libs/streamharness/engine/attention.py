@@ -120,7 +120,10 @@ def _flex():
     if not torch.cuda.is_available():
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
+        # Dynamic from the start: one kernel for every batch size, query length and slot size (with
+        # static shapes each new one recompiled, and past dynamo's recompile limit flex fell back to
+        # its unfused eager form: a 2-hour step went from ~110 ms to ~570 ms on the H200).
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
     return _compiled_flex
 
 
