@@ -233,6 +233,80 @@ def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, ca
     return out
 
 
+def measure_steady(em, torch, wl, t_s, steps, capacity, share, overflow, engine_cls, config_cls, carry=15):
+    """A stream at t_s as the ``model`` policy keeps it with the production bounds: memory's prefix
+    trimmed to ``share`` of ``capacity`` (its newest end), the turns since; past 80 % of the
+    capacity the cache drops its oldest turns in place down to 60 % (``drop``, the default) or is
+    rebuilt in the background from the prefix and the last ``carry`` turns (``rebuild``). Then
+    ``steps`` timed steps, a question every third (TTFT = its turn and first token)."""
+    from streamharness.engine import TokenChunk
+    from streamharness.engine.core import turns_to_drop
+
+    prefix, _ = wl.prefix(t_s)
+    budget = int(share * capacity)
+    if len(prefix) > budget:
+        prefix = TokenChunk(prefix.ids[len(prefix) - budget:])
+    margin = 1024
+    eng = engine_cls(em, config_cls(capacity=capacity, margin=margin, slots=3, spare_slots=1, prefill_piece=512))
+    eng.warm_up()
+    eng.prefill("s", [prefix])
+    marks, history = [], []
+    second = max(0.0, t_s - 600)
+    while second < t_s:  # the turns before t_s that the cache still holds
+        turn = wl.turn(second) + wl.reply()
+        if eng.length("s") + len(turn) > (0.6 if t_s >= 200 else 0.8) * capacity:
+            break
+        marks.append(eng.length("s"))
+        history.append(turn)
+        eng.prefill("s", [turn])
+        second += 1
+    start_length = eng.length("s")
+    options = [em.ids("</silence>"), em.ids("</response>")]
+    steps_s, ttft, lengths, shortened = [], [], [], 0
+    for k in range(steps):
+        if eng.length("s") > 0.8 * capacity and not eng.rebuilding("s"):
+            n = turns_to_drop(marks, eng.length("s"), 0.6 * capacity, carry) if overflow == "drop" else 0
+            if n:
+                cut = marks[n] - marks[0]
+                eng.drop("s", marks[0], marks[n])
+                marks = [marks[0]] + [m - cut for m in marks[n + 1:]]
+            else:  # as the policy does when no turn can go
+                eng.rebuild("s", [prefix, *history[-carry:]], key=f"r{k}", background=True)
+            shortened += 1
+        if eng.generation("s") != getattr(eng, "_bench_gen", None):  # a rebuild swapped in: its turns are unknown
+            eng._bench_gen = eng.generation("s")
+            if k:
+                marks = []
+        turn = wl.turn(t_s + k)
+        marks.append(eng.length("s"))
+        lengths.append(eng.length("s"))
+        sync(torch)
+        start = time.perf_counter()
+        (_, _, tail), = eng.decide([("s", turn)], [options])
+        sync(torch)
+        steps_s.append(time.perf_counter() - start)
+        reply = TokenChunk(tail + [em.im_end, *em.ids("\n")])
+        history.append(turn + reply)
+        if k % 3 == 0:
+            q = wl.turn(t_s + k + 0.5, "what is happening now ?")
+            marks.append(eng.length("s"))
+            sync(torch)
+            start = time.perf_counter()
+            (_, _, tail2), = eng.decide([("s", reply + q)], [[em.ids("</response>")]])
+            next(iter(eng.generate("s", tail2, max_new_tokens=1)))
+            sync(torch)
+            ttft.append(time.perf_counter() - start)
+            history.append(q)
+            reply = TokenChunk([em.im_end, *em.ids("\n")])
+        eng.append([("s", reply)])
+    eng.wait_rebuild("s", 300)
+    out = {"t_s": t_s, "overflow": overflow, "capacity": capacity, "prefix_tokens": len(prefix), "start_length": start_length,
+           "length_min": min(lengths), "length_max": max(lengths), "shortened": shortened,
+           "cached_step": summary(steps_s), "cached_ttft": summary(ttft)}
+    eng.close("s")
+    return out
+
+
 def random_streams(em, torch, n, context, int8, engine_cls, config_cls, max_batch):
     """An engine with n streams of ``context`` tokens each (KV filled with random values)."""
     from streamharness.engine.core import _Stream
@@ -390,6 +464,12 @@ def main() -> None:
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "flex", "flex-heads", "sdpa", "transformers"],
                     help="attention modes: the points and the 1-FPS arrivals use the first; the concurrency sweep compares all "
                     "(flex-heads: FlexAttention with one query block per head, not folded)")
+    ap.add_argument("--steady", nargs="*", default=[], choices=["drop", "rebuild"],
+                    help="also measure the points with the production bounds (SH_ENGINE_CAPACITY_TOKENS, the policy's prefix "
+                         "share and overflow), for each overflow mode given")
+    ap.add_argument("--steady-steps", type=int, default=45)
+    ap.add_argument("--capacity", type=int, default=4096, help="--steady: the engine's capacity (SH_ENGINE_CAPACITY_TOKENS)")
+    ap.add_argument("--prefix-share", type=float, default=0.5, help="--steady: SH_DECISION_MODEL_PREFIX_SHARE")
     ap.add_argument("--cached-only", action="store_true", help="points: time the engine only (not the full and window re-prefills)")
     ap.add_argument("--sweep-stop-ms", type=float, default=400.0, help="the concurrency sweep stops after a step's p95 passes this")
     ap.add_argument("--profile-streams", type=int, default=64, help="the concurrency step that --profile profiles (the first N >= it)")
@@ -442,6 +522,15 @@ def main() -> None:
                 print(json.dumps(point), flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
+        if args.steady:
+            run["steady"] = []
+            for overflow in args.steady:
+                for t in args.times:
+                    point = measure_steady(em, torch, wl, t, args.steady_steps, args.capacity, args.prefix_share, overflow,
+                                           StreamingEngine, EngineConfig)
+                    run["steady"].append(point)
+                    print(json.dumps(point), flush=True)
+                    args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
         if not args.skip_concurrency and (torch.cuda.is_available() or args.model == "tiny"):
             for mode in args.attention:
                 m = with_attention(mode)

@@ -263,7 +263,6 @@ def test_a_long_stream_stays_within_its_cache_and_a_long_memory_within_its_share
         longest = max(longest, engine.length("t/cam"))
     memo = policy._memo(next(iter(svc.states.values())))
     assert len(engine.model.ids(memo.prefix)) <= 0.5 * capacity < len(engine.model.ids(memory))
-    em = engine.model
     assert memo.prefix.startswith("…") and "2 9 9 :" in memo.prefix and "1 0 0 :" not in memo.prefix  # the newest end
     text = cache_text(engine)
     assert "2 9 9 :" in text and "1 0 0 :" not in text

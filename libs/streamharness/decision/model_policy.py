@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from streamharness.decision.policy import Decision, DecisionPolicy, Evidence, InstructionState, PendingQuestion, StreamState
-from streamharness.engine.core import CacheFull, StreamingEngine
+from streamharness.engine.core import CacheFull, StreamingEngine, turns_to_drop
 from streamharness.engine.model import DecodedText, ImageRejected, TokenChunk
 from streamharness.protocol import RESPONSE, SILENCE, user_turn
 from streamharness.v1 import common_pb2
@@ -212,16 +212,10 @@ class ModelPolicy(DecisionPolicy):
         name = _name(state)
         if memo.generation != self.engine.generation(name):
             return False
-        length = self.engine.length(name)
-        target = self.config.low_water * self.engine.config.capacity
         marks = memo.marks
-        keep_from = len(marks) - self.config.carry_turns
-        if keep_from < 1:
-            return False
-        k = 1
-        while k < keep_from and length - (marks[k] - marks[0]) > target:
-            k += 1
-        if marks[k] <= marks[0]:
+        k = turns_to_drop(marks, self.engine.length(name), self.config.low_water * self.engine.config.capacity,
+                          self.config.carry_turns)
+        if not k:
             return False
         cut = marks[k] - marks[0]
         self.engine.drop(name, marks[0], marks[k])

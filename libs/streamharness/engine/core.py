@@ -43,6 +43,19 @@ from streamharness.engine.model import EngineModel, TokenChunk
 log = logging.getLogger(__name__)
 
 
+def turns_to_drop(marks: Sequence[int], length: int, target: float, keep: int) -> int:
+    """How many of a cache's oldest turns to drop (``marks``: where each turn begins, oldest first;
+    the cache holds ``length`` tokens) to bring it to ``target`` tokens or as close as keeping the
+    last ``keep`` turns allows; 0 when none can go."""
+    keep_from = len(marks) - keep
+    if keep_from < 1:
+        return 0
+    k = 1
+    while k < keep_from and length - (marks[k] - marks[0]) > target:
+        k += 1
+    return k if marks[k] > marks[0] else 0
+
+
 class CacheFull(RuntimeError):
     """The stream's KV slot has no room for this append."""
 
