@@ -238,8 +238,9 @@ def measure_steady(em, torch, wl, t_s, steps, capacity, share, overflow, engine_
     trimmed to ``share`` of ``capacity`` (its newest end), the turns since; past 80 % of the
     capacity the cache drops its oldest turns in place down to 60 % (``drop``, the default) or is
     rebuilt in the background from the prefix and the last ``carry`` turns (``rebuild``). Then
-    ``steps`` timed steps, a question every third (TTFT = its turn and first token)."""
-    from streamharness.engine import TokenChunk
+    ``steps`` timed steps one second apart, as a 1-FPS stream (a background rebuild runs in between),
+    a question every third (TTFT = its turn and first token)."""
+    from streamharness.engine import CacheFull, TokenChunk
     from streamharness.engine.core import turns_to_drop
 
     prefix, _ = wl.prefix(t_s)
@@ -247,7 +248,7 @@ def measure_steady(em, torch, wl, t_s, steps, capacity, share, overflow, engine_
     if len(prefix) > budget:
         prefix = TokenChunk(prefix.ids[len(prefix) - budget:])
     margin = 1024
-    eng = engine_cls(em, config_cls(capacity=capacity, margin=margin, slots=3, spare_slots=1, prefill_piece=512))
+    eng = engine_cls(em, config_cls(capacity=capacity, margin=margin, slots=4, spare_slots=2, prefill_piece=512))
     eng.warm_up()
     eng.prefill("s", [prefix])
     marks, history = [], []
@@ -262,8 +263,11 @@ def measure_steady(em, torch, wl, t_s, steps, capacity, share, overflow, engine_
         second += 1
     start_length = eng.length("s")
     options = [em.ids("</silence>"), em.ids("</response>")]
-    steps_s, ttft, lengths, shortened = [], [], [], 0
+    steps_s, ttft, lengths, shortened, stalls = [], [], [], 0, 0
+    clock = time.perf_counter()
     for k in range(steps):
+        clock += 1.0  # one step a second, as a 1-FPS stream: a background rebuild runs in the time between
+        time.sleep(max(0.0, clock - 1.0 - time.perf_counter()))
         if eng.length("s") > 0.8 * capacity and not eng.rebuilding("s"):
             n = turns_to_drop(marks, eng.length("s"), 0.6 * capacity, carry) if overflow == "drop" else 0
             if n:
@@ -282,7 +286,13 @@ def measure_steady(em, torch, wl, t_s, steps, capacity, share, overflow, engine_
         lengths.append(eng.length("s"))
         sync(torch)
         start = time.perf_counter()
-        (_, _, tail), = eng.decide([("s", turn)], [options])
+        try:
+            (_, _, tail), = eng.decide([("s", turn)], [options])
+        except CacheFull:  # the background rebuild did not finish in time: rebuilt now, as the policy does
+            eng.close("s")
+            eng.rebuild("s", [prefix, *history[-carry:]], background=False)
+            marks, stalls = [eng.length("s")], stalls + 1
+            (_, _, tail), = eng.decide([("s", turn)], [options])
         sync(torch)
         steps_s.append(time.perf_counter() - start)
         reply = TokenChunk(tail + [em.im_end, *em.ids("\n")])
@@ -301,7 +311,7 @@ def measure_steady(em, torch, wl, t_s, steps, capacity, share, overflow, engine_
         eng.append([("s", reply)])
     eng.wait_rebuild("s", 300)
     out = {"t_s": t_s, "overflow": overflow, "capacity": capacity, "prefix_tokens": len(prefix), "start_length": start_length,
-           "length_min": min(lengths), "length_max": max(lengths), "shortened": shortened,
+           "length_min": min(lengths), "length_max": max(lengths), "shortened": shortened, "stalled_rebuilds": stalls,
            "cached_step": summary(steps_s), "cached_ttft": summary(ttft)}
     eng.close("s")
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -433,3 +434,28 @@ def test_drop_refuses_what_it_cannot_do(text_lm):
         eng.drop("s", 0, 2)  # the first token stays
     with pytest.raises(ValueError, match="cannot drop"):
         eng.drop("s", 2, 99)
+
+
+def test_a_stream_closed_during_its_rebuild_can_be_rebuilt_at_once(text_lm):
+    """The policy's answer to a full cache while a background rebuild still runs: close the stream
+    and rebuild it now. The slot the old rebuild holds must not block that (nor leak once it ends)."""
+    eng = engine(text_lm, slots=3, spare_slots=1)
+    eng.prefill("s", [text_lm.text("a person walks in the room")])
+    started, release = threading.Event(), threading.Event()
+
+    def hold(name):
+        started.set()
+        release.wait(30)
+
+    eng.before_rebuild = hold
+    assert eng.rebuild("s", [text_lm.text("a red cup")], background=True)
+    assert started.wait(30)
+    eng.close("s")
+    eng.before_rebuild = None
+    eng.rebuild("s", [text_lm.text("a red cup on the table")], background=False)
+    assert eng.length("s") == len(text_lm.ids("a red cup on the table"))
+    release.set()
+    deadline = time.monotonic() + 30
+    while len(eng._free) != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(eng._free + [eng.streams["s"].slot]) == [0, 1, 2] and eng._shadows == 0

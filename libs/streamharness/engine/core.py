@@ -118,6 +118,7 @@ class StreamingEngine:
         self._steps = 0
         self._idle = threading.Condition(threading.Lock())
         self.evictions = 0
+        self._shadows = 0  # slots held by background rebuilds
         self._swept = time.monotonic()
         self.rebuild_failures = 0
         self.on_evict = on_evict
@@ -162,7 +163,9 @@ class StreamingEngine:
         return self.streams[name].prefix_key if name in self.streams else ""
 
     def _take_slot(self, busy: set[str], spare: bool = False) -> int:
-        reserve = 0 if spare else min(self.config.spare_slots, self.pool.slots - 1)
+        # Slots kept for rebuilds: those not already holding one (a stream closed while its rebuild
+        # runs must still be re-openable at once).
+        reserve = 0 if spare else max(0, min(self.config.spare_slots, self.pool.slots - 1) - self._shadows)
         while len(self._free) <= reserve:
             victims = [s for s in self.streams.values() if s.name not in busy and s.rebuild is None]
             if not victims:
@@ -339,6 +342,7 @@ class StreamingEngine:
             else:
                 try:
                     shadow = _Stream(name, self._take_slot({name}, spare=True), prefix_key=key)
+                    self._shadows += 1
                 except CacheFull:
                     # Every slot is some stream's live cache: keep this one as it is and try again
                     # later rather than evict a stream that is being stepped.
@@ -375,6 +379,8 @@ class StreamingEngine:
             if self.before_rebuild is not None:
                 self.before_rebuild(live.name)
             for chunk in job.chunks:
+                if self.streams.get(live.name) is not live:
+                    break  # closed or evicted meanwhile: the loop below gives the slot back
                 self._shadow_append(job.shadow, chunk)
             while True:
                 self._yield_to_steps()
@@ -404,6 +410,8 @@ class StreamingEngine:
                 if job.shadow.slot not in self._free:
                     self._free.append(job.shadow.slot)
         finally:
+            with self._lock:
+                self._shadows -= 1
             job.done.set()
 
     # -- decoding ----------------------------------------------------------------------------------
