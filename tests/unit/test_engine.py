@@ -459,3 +459,16 @@ def test_a_stream_closed_during_its_rebuild_can_be_rebuilt_at_once(text_lm):
     while len(eng._free) != 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sorted(eng._free + [eng.streams["s"].slot]) == [0, 1, 2] and eng._shadows == 0
+
+
+def test_a_failed_background_rebuild_is_reported_and_the_stream_keeps_its_cache(text_lm):
+    failures = []
+    eng = StreamingEngine(text_lm, EngineConfig(capacity=256, margin=64, slots=3, spare_slots=1),
+                          on_rebuild_failed=lambda name, err: failures.append((name, type(err).__name__)))
+    eng.append([("s", text_lm.text("a person walks in"))])
+    before = eng.tokens("s")
+    too_long = text_lm.text(" ".join(["a red cup on the table"] * 60))  # past the capacity
+    assert eng.rebuild("s", [too_long], background=True)
+    assert eng.wait_rebuild("s", timeout=60)
+    assert failures == [("s", "CacheFull")] and eng.rebuild_failures == 1
+    assert eng.tokens("s") == before and not eng.rebuilding("s")

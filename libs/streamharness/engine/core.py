@@ -100,7 +100,8 @@ class _Rebuild:
 
 class StreamingEngine:
     def __init__(self, model: EngineModel, config: EngineConfig = EngineConfig(), *,
-                 on_evict: Callable[[str, str], None] | None = None) -> None:
+                 on_evict: Callable[[str, str], None] | None = None,
+                 on_rebuild_failed: Callable[[str, BaseException], None] | None = None) -> None:
         self.model = model
         self.config = config
         element = model._torch.tensor([], dtype=model.dtype).element_size()
@@ -122,6 +123,7 @@ class StreamingEngine:
         self._swept = time.monotonic()
         self.rebuild_failures = 0
         self.on_evict = on_evict
+        self.on_rebuild_failed = on_rebuild_failed
         self.before_rebuild: Callable[[str], None] | None = None  # tests: runs on the rebuild thread first
         log.info("engine: %d KV slots x %d tokens (%.1f MiB, %s KV)", slots, config.capacity,
                  self.pool.bytes / 2**20, "int8" if config.int8_kv else str(model.dtype).replace("torch.", ""))
@@ -405,6 +407,8 @@ class StreamingEngine:
             job.failed = err
             self.rebuild_failures += 1
             log.warning("engine: rebuild of %s failed (%r); the stream keeps its old cache", live.name, err)
+            if self.on_rebuild_failed is not None:
+                self.on_rebuild_failed(live.name, err)
             with self._lock:
                 live.rebuild = None
                 if job.shadow.slot not in self._free:

@@ -76,7 +76,9 @@ def shared_engine(settings: EngineSettings) -> StreamingEngine:
                                       max_pixels=settings.max_pixels, threads=settings.torch_threads,
                                       attention_mode=settings.attention)
             engine = StreamingEngine(model, settings.config(),
-                                     on_evict=lambda name, reason: meters.engine_evictions().add(1, {"reason": reason}))
+                                     on_evict=lambda name, reason: meters.engine_evictions().add(1, {"reason": reason}),
+                                     on_rebuild_failed=lambda name, err: meters.engine_rebuild_failures().add(
+                                         1, {"error": type(err).__name__}))
             if model.attention == "flex":  # compiled kernels: built now, not on the first stream's step
                 engine.warm_up()
             _shared[settings] = engine

@@ -110,5 +110,13 @@ def engine_evictions() -> metrics.Counter:
 @cache
 def engine_rebuilds() -> metrics.Counter:
     return _meter().create_counter(
-        "sh.engine.rebuilds", description="Per-stream cache rebuilds, by reason (boundary: a new memory prefix; full: the cache reached its capacity; missing: evicted or new)."
+        "sh.engine.rebuilds", description="Per-stream cache rebuilds, by reason (prefix: a new memory prefix or instruction; full: the "
+        "cache reached its high-water mark and was rebuilt; drop: its oldest turns were dropped in place instead; missing: evicted or new)."
+    )
+
+
+@cache
+def engine_rebuild_failures() -> metrics.Counter:
+    return _meter().create_counter(
+        "sh.engine.rebuild_failures", description="Background cache rebuilds that failed (the stream kept its old cache), by error type."
     )
