@@ -471,7 +471,7 @@ def main() -> None:
     ap.add_argument("--skip-concurrency", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="print torch profiler tables of three cached steps per point")
-    ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "flex", "flex-heads", "sdpa", "transformers"],
+    ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "hybrid", "flex", "flex-heads", "sdpa", "transformers"],
                     help="attention modes: the points and the 1-FPS arrivals use the first; the concurrency sweep compares all "
                     "(flex-heads: FlexAttention with one query block per head, not folded)")
     ap.add_argument("--steady", nargs="*", default=[], choices=["drop", "rebuild"],

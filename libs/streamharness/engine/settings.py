@@ -33,10 +33,12 @@ class EngineSettings(BaseSettings):
     max_batch: int = Field(64, ge=1, le=4096, description="Streams stepped in one forward.")
     prefill_piece_tokens: int = Field(512, ge=16, le=65536, description="A background rebuild prefills in pieces of this many tokens, so a step waits at most one piece.")
     max_pixels: int = Field(448 * 448, ge=56 * 56, le=4096 * 4096, description="A VLM's frames are resized to at most this many pixels (so a bounded number of vision tokens per frame).")
-    attention: Literal["auto", "flex", "sdpa", "transformers"] = Field(
+    attention: Literal["auto", "hybrid", "flex", "sdpa", "transformers"] = Field(
         "auto", description="Attention of a batched step: flex = FlexAttention with a per-stream lower-right block mask "
-        "(compiled; the CUDA default), sdpa = fused SDPA with the query groups folded onto their KV heads (the CPU default), "
-        "transformers = transformers' own SDPA and per-image vision loop (the reference); auto = flex on CUDA, sdpa on CPU.")
+        "(compiled), sdpa = fused SDPA with the query groups folded onto their KV heads, hybrid = flex for a step of at least "
+        "SH_ENGINE_FLEX_MIN_BATCH streams and sdpa below, transformers = transformers' own SDPA and per-image vision loop "
+        "(the reference); auto = hybrid on CUDA, sdpa on CPU.")
+    flex_min_batch: int = Field(4, ge=1, le=4096, description="With hybrid attention: the smallest step (streams) that runs FlexAttention; smaller ones (a question's own step) run SDPA.")
     torch_threads: int = Field(1, ge=0, le=256, description="CPU: torch intra-op threads; 0 = torch's default.")
 
     @property
@@ -74,12 +76,12 @@ def shared_engine(settings: EngineSettings) -> StreamingEngine:
         if engine is None:
             model = load_engine_model(settings.model_path, device=settings.device, dtype=settings.dtype,
                                       max_pixels=settings.max_pixels, threads=settings.torch_threads,
-                                      attention_mode=settings.attention)
+                                      attention_mode=settings.attention, flex_min_batch=settings.flex_min_batch)
             engine = StreamingEngine(model, settings.config(),
                                      on_evict=lambda name, reason: meters.engine_evictions().add(1, {"reason": reason}),
                                      on_rebuild_failed=lambda name, err: meters.engine_rebuild_failures().add(
                                          1, {"error": type(err).__name__}))
-            if model.attention == "flex":  # compiled kernels: built now, not on the first stream's step
+            if model.compiles:  # compiled kernels: built now, not on the first stream's step
                 engine.warm_up()
             _shared[settings] = engine
         return engine
