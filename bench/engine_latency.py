@@ -164,7 +164,8 @@ def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, ca
     room = 3 * reps * (len(turns[-1]) if turns else 256)  # the timed steps, questions and answers appended
     eng = engine_cls(em, config_cls(capacity=max(capacity, context + room + 4 * margin), margin=margin, slots=3, spare_slots=1,
                                     prefill_piece=512))
-    eng.warm_up()  # as the shared engine does at start
+    if em.compiles:
+        eng.warm_up()  # as the shared engine does at start
 
     def one_shot(chunks):
         """Prefill chunks into a fresh stream and return the time to the first token."""
@@ -241,7 +242,6 @@ def measure_steady(em, torch, wl, t_s, steps, capacity, share, overflow, engine_
     ``steps`` timed steps one second apart, as a 1-FPS stream (a background rebuild runs in between),
     a question every third (TTFT = its turn and first token)."""
     from streamharness.engine import CacheFull, TokenChunk
-    from streamharness.engine.core import turns_to_drop
 
     prefix, _ = wl.prefix(t_s)
     budget = int(share * capacity)
@@ -249,7 +249,8 @@ def measure_steady(em, torch, wl, t_s, steps, capacity, share, overflow, engine_
         prefix = TokenChunk(prefix.ids[len(prefix) - budget:])
     margin = 1024
     eng = engine_cls(em, config_cls(capacity=capacity, margin=margin, slots=4, spare_slots=2, prefill_piece=512))
-    eng.warm_up()
+    if em.compiles:
+        eng.warm_up()
     eng.prefill("s", [prefix])
     marks, history = [], []
     second = max(0.0, t_s - 600)
@@ -264,23 +265,20 @@ def measure_steady(em, torch, wl, t_s, steps, capacity, share, overflow, engine_
     start_length = eng.length("s")
     options = [em.ids("</silence>"), em.ids("</response>")]
     steps_s, ttft, lengths, shortened, stalls = [], [], [], 0, 0
+    generation = eng.generation("s")
     clock = time.perf_counter()
     for k in range(steps):
         clock += 1.0  # one step a second, as a 1-FPS stream: a background rebuild runs in the time between
         time.sleep(max(0.0, clock - 1.0 - time.perf_counter()))
         if eng.length("s") > 0.8 * capacity and not eng.rebuilding("s"):
-            n = turns_to_drop(marks, eng.length("s"), 0.6 * capacity, carry) if overflow == "drop" else 0
-            if n:
-                cut = marks[n] - marks[0]
-                eng.drop("s", marks[0], marks[n])
-                marks = [marks[0]] + [m - cut for m in marks[n + 1:]]
+            kept = eng.drop_oldest_turns("s", marks, 0.6 * capacity, carry) if overflow == "drop" else None
+            if kept is not None:
+                marks = kept
             else:  # as the policy does when no turn can go
                 eng.rebuild("s", [prefix, *history[-carry:]], key=f"r{k}", background=True)
             shortened += 1
-        if eng.generation("s") != getattr(eng, "_bench_gen", None):  # a rebuild swapped in: its turns are unknown
-            eng._bench_gen = eng.generation("s")
-            if k:
-                marks = []
+        if eng.generation("s") != generation:  # a rebuild swapped in: its turns are unknown
+            generation, marks = eng.generation("s"), []
         turn = wl.turn(t_s + k)
         marks.append(eng.length("s"))
         lengths.append(eng.length("s"))
@@ -291,7 +289,7 @@ def measure_steady(em, torch, wl, t_s, steps, capacity, share, overflow, engine_
         except CacheFull:  # the background rebuild did not finish in time: rebuilt now, as the policy does
             eng.close("s")
             eng.rebuild("s", [prefix, *history[-carry:]], background=False)
-            marks, stalls = [eng.length("s")], stalls + 1
+            generation, marks, stalls = eng.generation("s"), [eng.length("s")], stalls + 1
             (_, _, tail), = eng.decide([("s", turn)], [options])
         sync(torch)
         steps_s.append(time.perf_counter() - start)

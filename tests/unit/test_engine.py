@@ -491,3 +491,19 @@ def test_hybrid_attention_runs_flex_for_big_steps_and_sdpa_for_small_ones(text_l
     assert built == [2]
     assert torch.allclose(got[0], full_logits(m, streams["a"][:3]), atol=1e-4)
     assert torch.allclose(got[1], full_logits(m, streams["b"][:1]), atol=1e-4)
+
+
+def test_drop_oldest_turns_stops_at_the_target_or_the_turns_it_must_keep(text_lm):
+    eng2 = engine(text_lm)
+    eng2.append([("s", text_lm.text("you watch a room"))])
+    marks = []
+    for word in ["a", "person", "walks", "in", "the", "room"]:
+        marks.append(eng2.length("s"))
+        eng2.append([("s", text_lm.text(f"{word} a red cup"))])  # 4 tokens a turn
+    assert marks == [4, 8, 12, 16, 20, 24] and eng2.length("s") == 28
+    # down to 16 tokens: the three oldest turns go (28 - 12), the marks follow them down
+    after = eng2.drop_oldest_turns("s", marks, 16, keep=2)
+    assert eng2.length("s") == 16 and after == [4, 8, 12]
+    # keeping the last 2 of 3 turns: one more can go, not two
+    assert eng2.drop_oldest_turns("s", after, 0, keep=2) == [4, 8] and eng2.length("s") == 12
+    assert eng2.drop_oldest_turns("s", [4, 8], 0, keep=2) is None

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from streamharness.decision.policy import Decision, DecisionPolicy, Evidence, InstructionState, PendingQuestion, StreamState
-from streamharness.engine.core import CacheFull, StreamingEngine, turns_to_drop
+from streamharness.engine.core import CacheFull, StreamingEngine
 from streamharness.engine.model import DecodedText, ImageRejected, TokenChunk
 from streamharness.protocol import RESPONSE, SILENCE, user_turn
 from streamharness.v1 import common_pb2
@@ -212,14 +212,11 @@ class ModelPolicy(DecisionPolicy):
         name = _name(state)
         if memo.generation != self.engine.generation(name):
             return False
-        marks = memo.marks
-        k = turns_to_drop(marks, self.engine.length(name), self.config.low_water * self.engine.config.capacity,
-                          self.config.carry_turns)
-        if not k:
+        marks = self.engine.drop_oldest_turns(name, memo.marks, self.config.low_water * self.engine.config.capacity,
+                                              self.config.carry_turns)
+        if marks is None:
             return False
-        cut = marks[k] - marks[0]
-        self.engine.drop(name, marks[0], marks[k])
-        memo.marks = [marks[0]] + [m - cut for m in marks[k + 1:]]
+        memo.marks = marks
         meters.engine_rebuilds().add(1, {"reason": "drop"})
         self.rebuilds["drop"] = self.rebuilds.get("drop", 0) + 1
         return True

@@ -43,19 +43,6 @@ from streamharness.engine.model import EngineModel, TokenChunk
 log = logging.getLogger(__name__)
 
 
-def turns_to_drop(marks: Sequence[int], length: int, target: float, keep: int) -> int:
-    """How many of a cache's oldest turns to drop (``marks``: where each turn begins, oldest first;
-    the cache holds ``length`` tokens) to bring it to ``target`` tokens or as close as keeping the
-    last ``keep`` turns allows; 0 when none can go."""
-    keep_from = len(marks) - keep
-    if keep_from < 1:
-        return 0
-    k = 1
-    while k < keep_from and length - (marks[k] - marks[0]) > target:
-        k += 1
-    return k if marks[k] > marks[0] else 0
-
-
 class CacheFull(RuntimeError):
     """The stream's KV slot has no room for this append."""
 
@@ -327,6 +314,23 @@ class StreamingEngine:
             s.pos_after = s.pos_after[:start] + [p - delta for p in s.pos_after[end:]]
             s.length -= end - start
             s.next_pos -= delta
+
+    def drop_oldest_turns(self, name: str, marks: Sequence[int], target: float, keep: int) -> list[int] | None:
+        """Drop the stream's oldest turns (``marks``: the cache lengths where its turns began, oldest
+        first) with :meth:`drop`, until it holds ``target`` tokens or only the last ``keep`` turns
+        are left. Returns the marks after the drop, or None when no turn can go."""
+        keep_from = len(marks) - keep
+        if keep_from < 1:
+            return None
+        length = self.length(name)
+        k = 1
+        while k < keep_from and length - (marks[k] - marks[0]) > target:
+            k += 1
+        if marks[k] <= marks[0]:
+            return None
+        cut = marks[k] - marks[0]
+        self.drop(name, marks[0], marks[k])
+        return [marks[0]] + [m - cut for m in marks[k + 1:]]
 
     # -- rebuilds ----------------------------------------------------------------------------------
     def rebuild(self, name: str, chunks: Sequence[TokenChunk], *, key: str = "", background: bool = True) -> bool:
