@@ -6,6 +6,7 @@ built in the background."""
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -272,3 +273,34 @@ def test_a_long_stream_stays_within_its_cache_and_a_long_memory_within_its_share
         assert policy.rebuilds.get("drop", 0) >= 1 and "full" not in policy.rebuilds
     else:
         assert policy.rebuilds.get("full", 0) >= 1 and "drop" not in policy.rebuilds
+
+
+def test_a_cache_never_overflows_while_its_background_rebuild_is_held_back():
+    """The 2-hour eval found it: a chunk boundary's background rebuild falls behind (here it is
+    held back), the live cache goes on growing by a turn and a 40-token response every second, and
+    it reached the capacity mid-response (CacheFull out of generate). Now the step makes room
+    first: a cache that cannot take the turn and its reply is rebuilt there and then."""
+    engine, _ = tiny("response")  # responds every second, writing up to alert_max_new_tokens
+    release = threading.Event()
+    engine.before_rebuild = lambda name: release.wait(120)
+    policy = ModelPolicy(engine, ModelPolicyConfig(chunk_s=10, lead_s=3, carry_turns=3, min_gap_s=0,
+                                                         alert_max_new_tokens=100),
+                         context=lambda key, now_ms: "" if now_ms < 10_000 else "a red cup on the table")
+    svc = stage(policy)
+    capacity = engine.config.capacity
+    svc._batch = [start()]
+    longest = 0
+    try:
+        for t0 in range(0, 24, 4):
+            svc._batch += [frame(t) for t in range(t0, t0 + 4)]
+            svc.end_batch()  # raised CacheFull before the fix
+            longest = max(longest, engine.length("t/cam"))
+    finally:
+        release.set()
+    assert longest <= capacity
+    # the boundary's rebuild started (and was held); the step made room by a rebuild of its own
+    assert policy.rebuilds.get("prefix", 0) >= 1 and policy.rebuilds.get("full", 0) >= 1
+    seconds = {d.media_ts_ms // 1000 for d in svc.out.of(topics.DECISIONS)}
+    assert seconds == set(range(24))  # a response every second, none lost to a full cache
+    text = cache_text(engine)
+    assert "a red cup on the table" in text and "< 2 3 . 0 seconds >" in text

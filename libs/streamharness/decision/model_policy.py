@@ -151,8 +151,8 @@ class ModelPolicy(DecisionPolicy):
             parts.append(memory_prefix.strip())
         return "\n\n".join(parts)
 
-    def _carried(self, memo: _Memo) -> list[TokenChunk]:
-        turns = list(memo.turns)
+    def _carried(self, turns: list[_Turn]) -> list[TokenChunk]:
+        """The turns as they are appended again (the first without the tail of the turn before it)."""
         if not turns:
             return []
         first = turns[0]
@@ -160,11 +160,19 @@ class ModelPolicy(DecisionPolicy):
         head = TokenChunk(c.ids[first.tail_len:], c.mm[first.tail_len:], c.pixel_values, c.grid)
         return [head, *(t.chunk for t in turns[1:])]
 
-    def _rebuild(self, state: StreamState, memo: _Memo, *, background: bool, reason: str) -> None:
+    def _rebuild(self, state: StreamState, memo: _Memo, *, background: bool, reason: str, room: int = 0) -> None:
+        """Rebuild the cache on the prefix and the carried turns; with ``room``, the oldest carried
+        turns are left out until that many tokens stay free."""
         from streamharness.telemetry import meters
 
         system = self.system_text(state, memo.prefix)
-        chunks = [self.engine.model.system(system), *self._carried(memo)]
+        head = self.engine.model.system(system)
+        turns = list(memo.turns)
+        carried = self._carried(turns)
+        while room and turns and len(head) + sum(len(c) for c in carried) + room > self.engine.config.capacity:
+            turns.pop(0)
+            carried = self._carried(turns)
+        chunks = [head, *carried]
         if self.engine.rebuild(_name(state), chunks, key=_key(system), background=background):
             meters.engine_rebuilds().add(1, {"reason": reason})
             self.rebuilds[reason] = self.rebuilds.get(reason, 0) + 1
@@ -191,6 +199,29 @@ class ModelPolicy(DecisionPolicy):
         elif self.engine.length(name) > self.config.high_water * self.engine.config.capacity:
             if not (self.config.overflow == "drop" and self._drop(state, memo)):
                 self._rebuild(state, memo, background=True, reason="full")
+
+    def _reply_room(self, question: bool) -> int:
+        """The most tokens a step appends after its turn: the longer option, the response's budget
+        and the turn's close."""
+        budget = self.config.question_max_new_tokens if question else self.config.alert_max_new_tokens
+        return max(len(self._silence), len(self._response)) + budget + len(self._close_turn) + 1
+
+    def _ensure_room(self, state: StreamState, memo: _Memo, need: int) -> None:
+        """Make sure this step (``need`` tokens) fits the live cache. The high-water mark keeps it so
+        as a rule; it can fail while a background rebuild is behind (the live cache goes on growing
+        until the new one catches up) or when the prefix and the carried turns alone are long. Then
+        the oldest turns are dropped in place, or, failing that (or during a rebuild, whose live
+        cache cannot be cut), the cache is rebuilt now from the prefix and as many carried turns as
+        leave room: a one-off stall rather than a step that cannot be taken."""
+        name = _name(state)
+        capacity = self.engine.config.capacity
+        if not self.engine.has(name) or self.engine.length(name) + need <= capacity:
+            return
+        if not self.engine.rebuilding(name) and self.config.overflow == "drop" and self._drop(state, memo) \
+                and self.engine.length(name) + need <= capacity:
+            return
+        self.engine.close(name)  # a background rebuild still running stops (its slot comes back)
+        self._rebuild(state, memo, background=False, reason="full", room=need)
 
     def _fit_prefix(self, prefix: str) -> str:
         """Memory's prefix within ``prefix_share`` of the capacity, in tokens: its newest end is kept
@@ -258,10 +289,12 @@ class ModelPolicy(DecisionPolicy):
             memo = self._memo(state)
             due = [q for q in state.questions if q.media_ts_ms <= ev.media_ts_ms]
             said = self._said(state, memo, due)
+            chunk = self._turn(state, memo, ev, said)
             self._prepare(state, memo, ev.media_ts_ms)
+            self._ensure_room(state, memo, len(chunk) + self._reply_room(bool(due)))
             if not self.engine.rebuilding(_name(state)):
                 self._mark(state, memo)
-            rows.append((state, ev, memo, due, self._turn(state, memo, ev, said)))
+            rows.append((state, ev, memo, due, chunk))
         options = [[self._response] if due and self.config.answer_questions else [self._silence, self._response]
                    for _, _, _, due, _ in rows]
         batch = [(_name(state), chunk) for state, _, _, _, chunk in rows]
@@ -311,6 +344,9 @@ class ModelPolicy(DecisionPolicy):
         gets the tokens appended and the new tail once it ends (also when the reader stops early)."""
         em = self.engine.model
         budget = self.config.question_max_new_tokens if question else self.config.alert_max_new_tokens
+        # never past the cache (the step made room for the budget; this holds whatever happened since)
+        room = self.engine.config.capacity - self.engine.length(_name(state)) - len(tail) - len(self._close_turn) - 1
+        budget = max(1, min(budget, room))
         banned = [ids[0] for ids in (self._silence, self._response) if len(ids) == 1]
         # A response the model chose says something: no stop before its first token (a prompted
         # model that never saw </response> tends to close the turn right after it).
