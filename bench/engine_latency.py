@@ -47,6 +47,7 @@ PROFILE_STREAMS = 64
 SWEEP_STOP_MS = 400.0
 PROFILE_OUT: Path | None = None
 CACHED_ONLY = False
+SYNC_DEBUG = False
 VOCAB = "you watch a live camera stream memory summary what is happening now ? tell me when a person walks in"
 
 
@@ -64,7 +65,8 @@ def summary(xs):
             "p99_ms": percentile(xs, 0.99) * 1e3, "max_ms": max(xs) * 1e3 if xs else float("nan")}
 
 
-def build_qwen2vl_7b(torch, hidden=3584, layers=28, heads=28, kv_heads=4, inter=18944, vocab=152064):
+def build_qwen2vl_7b(torch, hidden=3584, layers=28, heads=28, kv_heads=4, inter=18944, vocab=152064, weights="model",
+                     compile_layers="auto"):
     from transformers import Qwen2VLForConditionalGeneration
 
     from streamharness.engine import EngineModel
@@ -84,7 +86,7 @@ def build_qwen2vl_7b(torch, hidden=3584, layers=28, heads=28, kv_heads=4, inter=
         model = Qwen2VLForConditionalGeneration(config)
     torch.set_default_dtype(torch.float32)
     ip = make_image_processor(56 * 56, 1024 * 1024)
-    return EngineModel(model.eval(), tok, ip), tok
+    return EngineModel(model.eval(), tok, ip, weights=weights, compile_layers=compile_layers), tok
 
 
 class Workload:
@@ -142,7 +144,9 @@ class Workload:
 def label(em) -> str:
     from streamharness.engine import attention
 
-    return "flex-heads" if em.attention == "flex" and not attention.FOLD_FLEX else em.attention
+    name = "flex-heads" if em.attention == "flex" and not attention.FOLD_FLEX else em.attention
+    k = em.kernels
+    return name + ("/fp8" if k.weights == "fp8" else "") + ("/compiled" if k.compiled else "")
 
 
 def sync(torch):
@@ -165,7 +169,7 @@ def measure_point(em, torch, wl, t_s, reps, window_s, engine_cls, config_cls, ca
     eng = engine_cls(em, config_cls(capacity=max(capacity, context + room + 4 * margin), margin=margin, slots=3, spare_slots=1,
                                     prefill_piece=512))
     if em.compiles:
-        eng.warm_up()  # as the shared engine does at start
+        out["warm_up_s"] = eng.warm_up()  # as the shared engine does at start
 
     def one_shot(chunks):
         """Prefill chunks into a fresh stream and return the time to the first token."""
@@ -319,22 +323,27 @@ def random_streams(em, torch, n, context, int8, engine_cls, config_cls, max_batc
     """An engine with n streams of ``context`` tokens each (KV filled with random values)."""
     from streamharness.engine.core import _Stream
 
-    eng = engine_cls(em, config_cls(capacity=context + 256, margin=512, slots=n + 1, spare_slots=1, int8_kv=int8,
+    eng = engine_cls(em, config_cls(capacity=context + 256, margin=512, slots=n + 8, spare_slots=1, int8_kv=int8,
                                     max_batch=max_batch))
-    for layer in range(em.shape.layers):
-        for buf in (eng.pool.k[layer], eng.pool.v[layer]):
-            if int8:
-                buf.random_(-100, 100)
-            else:
-                buf.normal_()
-        if int8:
-            eng.pool.k_scale[layer].fill_(0.01)
-            eng.pool.v_scale[layer].fill_(0.01)
+    with torch.inference_mode():  # the pool's buffers are inference tensors
+        fill_random(eng.pool, em.shape.layers, int8)
     for i in range(n):
         name = f"t/{i}"
         eng._free.remove(i)
         eng.streams[name] = _Stream(name, i, length=context, next_pos=context, ids=[0] * context, pos_after=list(range(1, context + 1)))
     return eng
+
+
+def fill_random(pool, layers, int8):
+    for layer in range(layers):
+        for buf in (pool.k[layer], pool.v[layer]):
+            if int8:
+                buf.random_(-100, 100)
+            else:
+                buf.normal_()
+        if int8:
+            pool.k_scale[layer].fill_(0.01)
+            pool.v_scale[layer].fill_(0.01)
 
 
 def reset(eng, names, context):
@@ -356,7 +365,7 @@ def release(torch):
 
 def concurrency(em, torch, wl, ns, context, reps, int8, engine_cls, config_cls):
     """A batched step of N streams that each hold ``context`` tokens (random KV)."""
-    global PROFILE
+    global PROFILE, SYNC_DEBUG
     results = []
     options = [em.ids("</silence>"), em.ids("</response>")]
     for n in ns:
@@ -390,6 +399,12 @@ def concurrency(em, torch, wl, ns, context, reps, int8, engine_cls, config_cls):
             if PROFILE_OUT is not None:
                 PROFILE_OUT.write_text(tables)
             PROFILE = False
+        if SYNC_DEBUG and torch.cuda.is_available():
+            reset(eng, names, context)
+            print(json.dumps({"streams": n, "attention": label(em),
+                              "syncs": syncs(torch, lambda: eng.decide([(name, wl.turn(3800.0)) for name in names], [options] * n))}),
+                  flush=True)
+            SYNC_DEBUG = False
         times = times[1:]  # the first step warms the kernels for this shape
         row = {"streams": n, "attention": label(em), **summary(times), "per_stream_ms": statistics.median(times) * 1e3 / n,
                "kv_bytes_per_stream": eng.pool.bytes // eng.pool.slots,
@@ -401,6 +416,39 @@ def concurrency(em, torch, wl, ns, context, reps, int8, engine_cls, config_cls):
         if row["p95_ms"] > SWEEP_STOP_MS:
             break
     return results
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a recompile mid-run shows here)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def syncs(torch, step) -> dict[str, int]:
+    """Where ``step()`` makes the host wait for the device: call sites (streamharness and
+    transformers frames, innermost first) and how often."""
+    import collections
+    import traceback
+    import warnings
+
+    seen: collections.Counter = collections.Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "streamharness" in f.filename or "transformers" in f.filename]
+        seen[" <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(frames[-4:]))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return dict(seen.most_common())
 
 
 def arrivals(em, torch, wl, ns, context, seconds, engine_cls, config_cls, max_batch):
@@ -417,12 +465,15 @@ def arrivals(em, torch, wl, ns, context, seconds, engine_cls, config_cls, max_ba
             results.append({"streams": n, "error": f"does not fit: {err}"[:200]})
             break
         names = [f"t/{i}" for i in range(n)]
-        for size in sorted({n, max(1, n // 3), max(1, n // 7), 1}):  # compile / warm the shapes first
+        if em.compiles:
+            eng.warm_up()  # as the shared engine does at start
+        for size in sorted({n, max(1, n // 3), max(1, n // 7), 1}):  # warm the shapes first
             reset(eng, names[:size], context)
             eng.decide([(name, wl.turn(1.0)) for name in names[:size]], [options] * size)
         sync(torch)
         due = [i / n for i in range(n)]
-        latencies, batches = [], []
+        latencies, batches, timeline = [], [], []
+        compiled_before = compiled_graphs()
         start = time.perf_counter()
         while True:
             now = time.perf_counter() - start
@@ -434,10 +485,12 @@ def arrivals(em, torch, wl, ns, context, seconds, engine_cls, config_cls, max_ba
                 continue
             items = [(names[i], wl.turn(3600.0 + due[i])) for i in ready]
             reset(eng, [names[i] for i in ready], context)
+            began = time.perf_counter() - start
             eng.decide(items, [options] * len(items))
             sync(torch)
             done = time.perf_counter() - start
             batches.append(len(ready))
+            timeline.append((round(began, 4), len(ready), round((done - began) * 1e3, 2)))
             for i in ready:
                 if due[i] >= 1.0:
                     latencies.append(done - due[i])
@@ -445,10 +498,13 @@ def arrivals(em, torch, wl, ns, context, seconds, engine_cls, config_cls, max_ba
         behind = sum(1 for d in due if d < seconds - 1.0)
         row = {"streams": n, "attention": label(em), "seconds": seconds, **summary(latencies),
                "steps": len(batches), "mean_batch": statistics.fmean(batches) if batches else 0,
+               "step_ms": summary([ms / 1e3 for t, _, ms in timeline if t >= 1.0]),
+               "graphs_compiled_during_run": compiled_graphs() - compiled_before,
+               "timeline": timeline,  # (start s, streams, step ms) of each step
                "frames_per_s": len(latencies) / max(1e-9, seconds - 1.0), "streams_behind_at_end": behind,
                "gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
         results.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "timeline"}), flush=True)
         del eng
         release(torch)
         if row["p95_ms"] > 1000:
@@ -484,9 +540,17 @@ def main() -> None:
     ap.add_argument("--arrivals", type=int, nargs="*", default=[], help="N streams at 1 FPS in real time (latency from a frame's arrival)")
     ap.add_argument("--arrival-seconds", type=float, default=8.0)
     ap.add_argument("--max-batch", type=int, default=256, help="the most streams one step of the arrival run takes")
+    ap.add_argument("--weights", nargs="+", default=["model"], choices=["model", "fp8"],
+                    help="the decoder's weights (SH_ENGINE_WEIGHTS); several: the concurrency and arrival runs of each, side by side")
+    ap.add_argument("--compile", nargs="+", default=["auto"], choices=["auto", "on", "off"],
+                    help="fused projections and compiled element-wise layers (SH_ENGINE_COMPILE); several: as --weights")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="list where one step of the concurrency sweep's first N waits for the device (torch's sync debug mode)")
+    ap.add_argument("--skip-int8", action="store_true", help="no int8-KV concurrency sweep")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    global PROFILE, PROFILE_STREAMS, SWEEP_STOP_MS, PROFILE_OUT, CACHED_ONLY
+    global PROFILE, PROFILE_STREAMS, SWEEP_STOP_MS, PROFILE_OUT, CACHED_ONLY, SYNC_DEBUG
+    SYNC_DEBUG = args.sync_debug
     PROFILE, PROFILE_STREAMS, SWEEP_STOP_MS = args.profile, args.profile_streams, args.sweep_stop_ms
     PROFILE_OUT, CACHED_ONLY = args.out.with_suffix(".profile.txt"), args.cached_only
 
@@ -496,23 +560,29 @@ def main() -> None:
     from streamharness.engine import EngineConfig, StreamingEngine
     from streamharness.engine.model import load_engine_model
 
-    if args.model == "qwen2vl-7b":
-        em, _ = build_qwen2vl_7b(torch)
-    elif args.model == "tiny":
-        from streamharness.engine import EngineModel
-        from streamharness.train.vlm import build_tiny_qwen2_vl
+    def build(weights, compile_layers):
+        if args.model == "qwen2vl-7b":
+            return build_qwen2vl_7b(torch, weights=weights, compile_layers=compile_layers)[0]
+        if args.model == "tiny":
+            from streamharness.engine import EngineModel
+            from streamharness.train.vlm import build_tiny_qwen2_vl
 
-        model, tok, ip = build_tiny_qwen2_vl([VOCAB])
-        em = EngineModel(model.eval(), tok, ip)
-    else:
-        em = load_engine_model(None, device="cpu", threads=args.threads)
+            model, tok, ip = build_tiny_qwen2_vl([VOCAB])
+            return EngineModel(model.eval(), tok, ip, weights=weights, compile_layers=compile_layers)
+        return load_engine_model(None, device="cpu", threads=args.threads, weights=weights, compile_layers=compile_layers)
+
+    variants = [(w, c) for w in args.weights for c in args.compile]
+    em = build(*variants[0])
     from streamharness.engine import EngineModel
 
-    def with_attention(mode):
+    def with_attention(mode, base=None):
         from streamharness.engine import attention
 
+        base = base or em
         attention.FOLD_FLEX = mode != "flex-heads"
-        return EngineModel(em.model, em.tokenizer, em.image_processor, attention_mode="flex" if mode == "flex-heads" else mode)
+        k = base.kernels
+        return EngineModel(base.model, base.tokenizer, base.image_processor, attention_mode="flex" if mode == "flex-heads" else mode,
+                           weights=k.weights, compile_layers="on" if k.compiled else "off")
 
     em = with_attention(args.attention[0])
     tpfs = args.tokens_per_frame if em.takes_images else [0]
@@ -539,21 +609,28 @@ def main() -> None:
                     run["steady"].append(point)
                     print(json.dumps(point), flush=True)
                     args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
-        if not args.skip_concurrency and (torch.cuda.is_available() or args.model == "tiny"):
-            for mode in args.attention:
-                m = with_attention(mode)
-                run["concurrency"][f"bf16-{label(m)}"] = concurrency(
-                    m, torch, Workload(m, torch, tpf), args.streams, args.stream_context, 8, False, StreamingEngine, EngineConfig)
+        for v, variant in enumerate(variants):
+            if v:  # each variant on a model of its own (installing changes the model in place)
+                del m
+                em = wl = None
+                release(torch)
+                em = build(*variant)
+            if not args.skip_concurrency and (torch.cuda.is_available() or args.model == "tiny"):
+                for mode in args.attention:
+                    m = with_attention(mode)
+                    run["concurrency"][f"bf16-{label(m)}"] = concurrency(
+                        m, torch, Workload(m, torch, tpf), args.streams, args.stream_context, 8, False, StreamingEngine, EngineConfig)
+                    args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
+                if not args.skip_int8:
+                    m = with_attention(args.attention[0])
+                    run["concurrency"][f"int8-{label(m)}"] = concurrency(
+                        m, torch, Workload(m, torch, tpf), args.streams, args.stream_context, 8, True, StreamingEngine, EngineConfig)
+                    args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
+            m = with_attention(args.attention[0])
+            if args.arrivals:
+                run.setdefault("arrivals", []).extend(arrivals(m, torch, Workload(m, torch, tpf), args.arrivals, args.stream_context,
+                                                               args.arrival_seconds, StreamingEngine, EngineConfig, args.max_batch))
                 args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
-            m = with_attention(args.attention[0])
-            run["concurrency"][f"int8-{label(m)}"] = concurrency(
-                m, torch, Workload(m, torch, tpf), args.streams, args.stream_context, 8, True, StreamingEngine, EngineConfig)
-            args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
-        if args.arrivals:
-            m = with_attention(args.attention[0])
-            run["arrivals"] = arrivals(m, torch, Workload(m, torch, tpf), args.arrivals, args.stream_context,
-                                       args.arrival_seconds, StreamingEngine, EngineConfig, args.max_batch)
-            args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
         report["runs"].append(run)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

@@ -109,9 +109,13 @@ def lower_right_block_mask(lengths, q_len: int, kv_len: int, device, groups: int
     from torch.nn.attention.flex_attention import create_block_mask
 
     starts = torch.as_tensor(lengths, device=device, dtype=torch.int32)
+    # The query length as a tensor, not a Python int: the compiled kernel takes the mask's captured
+    # tensors as inputs but specialises on captured numbers, so every new turn length (a question, a
+    # longer time tag) recompiled it: a stall of seconds mid-stream (measured on the H200).
+    rows = torch.full((1,), q_len, device=device, dtype=torch.int32)
 
     def lower_right(b, h, q_idx, kv_idx):
-        return kv_idx <= starts[b] + q_idx % q_len
+        return kv_idx <= starts[b] + q_idx % rows[0]
 
     return create_block_mask(lower_right, B=len(lengths), H=None, Q_LEN=groups * q_len, KV_LEN=kv_len, device=device)
 

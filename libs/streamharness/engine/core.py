@@ -117,26 +117,59 @@ class StreamingEngine:
 
     def warm_up(self, shapes: Sequence[tuple[int, int]] | None = None) -> float:
         """Forwards of a few ``(streams, tokens)`` shapes on scratch streams, closed after, so that
-        the compiled attention kernels are built before the first real step rather than stalling it
-        for seconds. By default, from the smallest batch that runs FlexAttention (``m``): one token
+        the compiled kernels are built before the first real step rather than stalling it for
+        seconds. By default, from the smallest batch that runs FlexAttention (``m``): one token
         (shapes of size one are compiled apart), few queries (Flex's decoding kernel) and a frame's
-        worth (its main one), for ``m`` to ``m + 2`` streams. Returns the seconds it took; the
-        shared engine runs it at start when its attention compiles."""
+        worth (its main one), for ``m`` to ``m + 2`` streams; with compiled layers also one and two
+        streams (below ``m``: SDPA) and, for a VLM, steps with a frame (the vision tower's compiled
+        rotary embedding). ``tokens < 0`` means a turn with a frame. Returns the seconds it took;
+        the shared engine runs it at start when the model compiles."""
         m = self.model.flex_min_batch
         if shapes is None:
-            shapes = ((m, 1), (m + 1, 3), (m + 2, 17), (m + 1, 90), (m, 5), (m, 90), (m + 2, 1))
+            shapes = [(m, 1), (m + 1, 3), (m + 2, 17), (m + 1, 90), (m, 5), (m, 90), (m + 2, 1)] if self.model.attention in ("flex", "hybrid") else []
+            if self.model.kernels.compiled:
+                shapes += [(1, 1), (1, 90), (2, 1), (2, 7), (1, 5)]
+                if self.model.takes_images:
+                    shapes += [(1, -1), (2, -1), (max(m, 3), -1)]
         start = time.monotonic()
         free = max(1, self.pool.slots - min(self.config.spare_slots, self.pool.slots - 1) - len(self.streams))
+        frame = self._warm_frame() if any(tokens < 0 for _, tokens in shapes) else None
         for streams, tokens in shapes:
             names = [f"\x00warm-up/{i}" for i in range(min(streams, free))]
+            chunk = frame if tokens < 0 else TokenChunk([self.model.pad_id] * min(tokens, self.config.margin))
             try:
-                self.append([(name, TokenChunk([self.model.pad_id] * min(tokens, self.config.margin))) for name in names])
+                self.append([(name, chunk) for name in names])
+            finally:
+                for name in names:
+                    self.close(name)
+        if self.model.attention in ("flex", "hybrid") and free >= m + 1:
+            # Streams whose slots are not one run (the usual case once streams come and go) are
+            # gathered rather than viewed, and the gathered keys are another kind of tensor to the
+            # compiled kernel: build that graph too (it stalled the first such step by ~3 s).
+            names = [f"\x00warm-up/{i}" for i in range(m + 1)]
+            try:
+                # longer than one 128-key block, as every real stream is (one block is another graph)
+                self.append([(name, TokenChunk([self.model.pad_id] * min(300, self.config.margin))) for name in names])
+                for tokens in (1, 90):
+                    self.append([(name, TokenChunk([self.model.pad_id] * tokens)) for name in names[:1] + names[2:]])
             finally:
                 for name in names:
                     self.close(name)
         seconds = time.monotonic() - start
         log.info("engine: warmed up %d shapes in %.1f s (%s attention)", len(shapes), seconds, self.model.attention)
         return seconds
+
+    def _warm_frame(self) -> TokenChunk:
+        """A protocol turn with one grey frame (for warming the vision tower's kernels)."""
+        import io
+
+        from PIL import Image
+
+        from streamharness.protocol import user_turn
+
+        buf = io.BytesIO()
+        Image.new("RGB", (224, 224), (128, 128, 128)).save(buf, format="JPEG")
+        return self.model.user_turn(user_turn(0.0), buf.getvalue())
 
     # -- slots -------------------------------------------------------------------------------------
     @property

@@ -55,12 +55,17 @@ class KVPool:
         self.dtype, self.device, self.int8 = dtype, device, int8
         size = (slots, shape.kv_heads, capacity + margin, shape.head_dim)
         store = torch.int8 if int8 else dtype
-        self.k = [torch.zeros(size, dtype=store, device=device) for _ in range(shape.layers)]
-        self.v = [torch.zeros(size, dtype=store, device=device) for _ in range(shape.layers)]
-        if int8:
-            scale = size[:3] + (1,)
-            self.k_scale = [torch.zeros(scale, dtype=torch.float16, device=device) for _ in range(shape.layers)]
-            self.v_scale = [torch.zeros(scale, dtype=torch.float16, device=device) for _ in range(shape.layers)]
+        # Inference tensors, as what a step gathers from scattered slots is: a view of a whole slot
+        # run and a gathered copy are then the same kind of tensor to the compiled attention kernel
+        # (a normal tensor's view carries another dispatch key, and each kind was a graph of its own:
+        # a recompile of seconds mid-stream). Written only in inference mode (steps, move, copy_slot).
+        with torch.inference_mode():
+            self.k = [torch.zeros(size, dtype=store, device=device) for _ in range(shape.layers)]
+            self.v = [torch.zeros(size, dtype=store, device=device) for _ in range(shape.layers)]
+            if int8:
+                scale = size[:3] + (1,)
+                self.k_scale = [torch.zeros(scale, dtype=torch.float16, device=device) for _ in range(shape.layers)]
+                self.v_scale = [torch.zeros(scale, dtype=torch.float16, device=device) for _ in range(shape.layers)]
 
     @property
     def bytes(self) -> int:
@@ -70,6 +75,12 @@ class KVPool:
         return total
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self._copy_slot(src, dst, length)
+
+    def _copy_slot(self, src: int, dst: int, length: int) -> None:
         for layer in range(self.shape.layers):
             self.k[layer][dst, :, :length] = self.k[layer][src, :, :length]
             self.v[layer][dst, :, :length] = self.v[layer][src, :, :length]
@@ -81,6 +92,12 @@ class KVPool:
     def move(self, slot: int, src: int, end: int, dst: int, rotate_keys) -> None:
         """Move positions ``[src, end)`` of a slot's keys and values down to ``dst`` (every layer),
         the keys through ``rotate_keys`` (float32 ``[kv_heads, n, head_dim]`` -> the same)."""
+        import torch
+
+        with torch.inference_mode():
+            self._move(slot, src, end, dst, rotate_keys)
+
+    def _move(self, slot: int, src: int, end: int, dst: int, rotate_keys) -> None:
         n = end - src
         for layer in range(self.shape.layers):
             k, v = self.k[layer], self.v[layer]
@@ -114,6 +131,9 @@ def lower_right_mask(lengths, q_len: int, kv_len: int, device):
     return j <= lengths + i
 
 
+FLEX_BLOCK = 128  # FlexAttention's default block size (keys and queries)
+
+
 def batch_cache(pool: KVPool, slots: list[int], lengths: list[int], q_len: int, *, whole_slots: bool = False) -> Any:
     """A transformers ``Cache`` over ``slots`` for one forward of ``q_len`` new tokens per row.
     Attention reads the rows' first ``kv_len = max(lengths) + q_len`` positions, or (``whole_slots``, for
@@ -132,6 +152,11 @@ def batch_cache(pool: KVPool, slots: list[int], lengths: list[int], q_len: int, 
     # slots gathered: for those, only what the rows reach.
     whole = whole_slots and contiguous and not pool.int8
     kv_len = pool.capacity + pool.margin if whole else max(lengths) + q_len
+    if whole_slots and not whole:
+        # FlexAttention on gathered rows: whole 128-key blocks, at least two, so that a short
+        # cache never gives the compiled kernel a one-block shape (a graph of its own, compiled
+        # mid-stream); the block mask skips what no row reaches.
+        kv_len = min(pool.capacity + pool.margin, max(FLEX_BLOCK * 2, -(-kv_len // FLEX_BLOCK) * FLEX_BLOCK))
     positions = starts.view(-1, 1) + torch.arange(q_len, device=device).view(1, -1)  # [B, q]
     row_index = rows.view(-1, 1).expand_as(positions)
 

