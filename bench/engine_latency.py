@@ -402,7 +402,7 @@ def concurrency(em, torch, wl, ns, context, reps, int8, engine_cls, config_cls):
         if SYNC_DEBUG and torch.cuda.is_available():
             reset(eng, names, context)
             print(json.dumps({"streams": n, "attention": label(em),
-                              "syncs": syncs(torch, lambda: eng.decide([(name, wl.turn(3800.0)) for name in names], [options] * n))}),
+                              "syncs": syncs(torch, eng.decide, [(name, wl.turn(3800.0)) for name in names], [options] * n)}),
                   flush=True)
             SYNC_DEBUG = False
         times = times[1:]  # the first step warms the kernels for this shape
@@ -427,8 +427,8 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def syncs(torch, step) -> dict[str, int]:
-    """Where ``step()`` makes the host wait for the device: call sites (streamharness and
+def syncs(torch, step, *args) -> dict[str, int]:
+    """Where ``step(*args)`` makes the host wait for the device: call sites (streamharness and
     transformers frames, innermost first) and how often."""
     import collections
     import traceback
@@ -445,7 +445,7 @@ def syncs(torch, step) -> dict[str, int]:
         warnings.showwarning = show
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step()
+            step(*args)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     return dict(seen.most_common())
@@ -611,8 +611,7 @@ def main() -> None:
                     args.out.write_text(json.dumps({**report, "runs": [*report["runs"], run]}, indent=1))
         for v, variant in enumerate(variants):
             if v:  # each variant on a model of its own (installing changes the model in place)
-                del m
-                em = wl = None
+                m = em = wl = None
                 release(torch)
                 em = build(*variant)
             if not args.skip_concurrency and (torch.cuda.is_available() or args.model == "tiny"):
