@@ -102,13 +102,18 @@ def test_a_fused_group_never_answers_one_input_with_anothers_projections():
     weights = [(lin.weight.detach().clone(), lin.bias.detach().clone()) for lin in lins]
     group = kernels._Group(lins, fp8=False, compile_=False)
     x, y = torch.randn(3, 16), torch.randn(3, 16)
-    q = group.outputs(x)[0]
+    q = group.output(x, 0)
     assert torch.allclose(q, torch.nn.functional.linear(x, *weights[0]), atol=1e-6)
-    k = group.outputs(y)[1]  # another input: recomputed, not x's k
+    k = group.output(y, 1)  # another input: recomputed, not x's k
     assert torch.allclose(k, torch.nn.functional.linear(y, *weights[1]), atol=1e-6)
     y.mul_(2)  # the same tensor changed in place: recomputed too
-    v = group.outputs(y)[2]
+    v = group.output(y, 2)
     assert torch.allclose(v, torch.nn.functional.linear(y, *weights[2]), atol=1e-6)
+    calls = []
+    group.matmul = (lambda f: lambda t: calls.append(1) or f(t))(group.matmul)
+    for i in range(3):  # one GEMM serves the three, then nothing of the step is held
+        assert torch.allclose(group.output(x, i), torch.nn.functional.linear(x, *weights[i]), atol=1e-6)
+    assert len(calls) == 1 and group._out is None and group._x is None
 
 
 def test_installing_twice_reuses_the_same_kernels_or_refuses_other_settings():

@@ -60,6 +60,7 @@ OPTIONAL: dict[str, tuple[str, bool]] = {
     # The streaming engine (SH_DECISION_POLICY=model, SH_GENERATION_BACKEND=engine): torch and
     # transformers inside functions, reached only where a model is loaded (an image with [models]).
     "streamharness.engine.attention": ("models", False),
+    "streamharness.engine.kernels": ("models", False),
     "streamharness.engine.kv": ("models", False),
     "streamharness.engine.model": ("models", False),
     # load_pretrained(): a local VLM checkpoint (the engine and the trainer).

@@ -133,10 +133,10 @@ class _Matmul:
 
 
 class _Group:
-    """Several projections of the same input as one GEMM; each member returns its slice. The last
-    input and output are held until the next call (matched by identity and version, so a new or
-    modified tensor is always recomputed; an inference tensor, which cannot change in place, by
-    identity)."""
+    """Several projections of the same input as one GEMM; each member returns its slice. The input
+    and the outputs are held until every member has taken its slice (then let go, so no layer keeps
+    a step's activations), matched by identity and version: a new or modified tensor is always
+    recomputed (an inference tensor, which cannot change in place, by identity)."""
 
     def __init__(self, linears, fp8: bool, compile_: bool) -> None:
         import torch
@@ -153,23 +153,29 @@ class _Group:
         self._key = None
         self._out = None
         self._x = None
+        self._taken: set[int] = set()
 
-    def outputs(self, x):
+    def output(self, x, index: int):
         try:
             version = x._version
         except RuntimeError:  # an inference tensor has no version counter (and cannot be changed in place)
             version = None
         key = (id(x), version, x.data_ptr(), tuple(x.shape))
-        if self._key != key or self._out is None or self._x is not x:
+        if self._key != key or self._out is None or self._x is not x or index in self._taken:
             self._out = self.matmul(x).split(self.sizes, dim=-1)
             self._key = key
             self._x = x  # keeps the id from being reused while the outputs are held
-        return self._out
+            self._taken = set()
+        out = self._out[index]
+        self._taken.add(index)
+        if len(self._taken) == len(self.sizes):
+            self._key = self._out = self._x = None
+        return out
 
 
 def _member_forward(group: _Group, index: int):
     def forward(self, x):
-        return group.outputs(x)[index]
+        return group.output(x, index)
 
     return forward
 

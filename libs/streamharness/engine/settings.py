@@ -42,12 +42,12 @@ class EngineSettings(BaseSettings):
     weights: Literal["model", "fp8"] = Field(
         "model", description="The decoder's linear layers: model = as loaded (SH_ENGINE_DTYPE); fp8 = float8 e4m3 weights "
         "with a scale per output channel and each token's input quantised at run time (torch._scaled_mm): half the weight "
-        "memory and about twice the GEMM rate on an H100/H200 (compute capability 8.9+), at a small loss of precision. The "
+        "memory and up to about twice the GEMM rate on an H100/H200 (compute capability 8.9+), at a small loss of precision. The "
         "vision tower, embeddings, LM head and KV cache stay as loaded.")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="Fused decoder projections (q/k/v as one GEMM, gate/up as another) and compiled element-wise "
-        "work (RMSNorm, the MLP's activation, FP8 input quantisation; torch.compile, dynamic shapes, built at start): "
-        "auto = on CUDA, off on CPU (compiling costs a minute of CPU at start).")
+        "work (RMSNorm, the MLP's activation, the rotary embedding, FP8 input quantisation; torch.compile, dynamic shapes, "
+        "built by the warm-up at start): auto = on CUDA, off on CPU (where compiling costs more at start than it saves).")
     torch_threads: int = Field(1, ge=0, le=256, description="CPU: torch intra-op threads; 0 = torch's default.")
 
     @property
