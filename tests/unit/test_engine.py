@@ -507,3 +507,24 @@ def test_drop_oldest_turns_stops_at_the_target_or_the_turns_it_must_keep(text_lm
     # keeping the last 2 of 3 turns: one more can go, not two
     assert eng2.drop_oldest_turns("s", after, 0, keep=2) == [4, 8] and eng2.length("s") == 12
     assert eng2.drop_oldest_turns("s", [4, 8], 0, keep=2) is None
+
+
+def test_generate_does_not_stop_before_something_that_is_not_blank(text_lm, monkeypatch):
+    """min_new_tokens counts tokens that say something: a model that writes a newline and closes the
+    turn (SmolLM2 prompted with the protocol did, every second) is kept going past the newline."""
+    eng = engine(text_lm)
+    eng.prefill("s", [text_lm.system("you watch a room")])
+    vocab = len(text_lm.tokenizer)
+    newline, stop, word = 5, 6, 7
+    script = iter([newline, stop, stop, stop, stop, stop])  # what the "model" prefers at each step
+
+    def logits_of(token):
+        row = torch.zeros(vocab)
+        row[token] = 10.0
+        row[word] = 5.0  # the runner-up when the preferred token is banned
+        return row
+
+    monkeypatch.setattr(eng, "append", lambda items: [logits_of(next(script))])
+    assert list(eng.generate("s", [1], max_new_tokens=6, stop=[stop], min_new_tokens=1)) == [newline, stop]
+    script = iter([newline, stop, stop, stop, stop, stop])
+    assert list(eng.generate("s", [1], max_new_tokens=6, stop=[stop], min_new_tokens=1, blank=[newline])) == [newline, word, stop]

@@ -304,3 +304,22 @@ def test_a_cache_never_overflows_while_its_background_rebuild_is_held_back():
     assert seconds == set(range(24))  # a response every second, none lost to a full cache
     text = cache_text(engine)
     assert "a red cup on the table" in text and "< 2 3 . 0 seconds >" in text
+
+
+def test_a_response_neither_starts_a_new_turn_nor_stops_before_it_says_something():
+    """SmolLM2 prompted with the protocol answered every question with "\\n" and closed the turn
+    (the 2-hour eval got no response at all), and, kept going, wrote the next user turn itself.
+    A response now goes on past whitespace, and <|im_start|> is never chosen inside it."""
+    engine, _ = tiny("response")
+    em = engine.model
+    tok = em.tokenizer
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    with torch.no_grad():  # the model prefers to open a new turn over writing "cup"
+        em.model.lm_head.bias[im_start] = 75.0
+    svc = stage(ModelPolicy(engine, ModelPolicyConfig(min_gap_s=0, alert_max_new_tokens=4)))
+    svc._batch = [start(), frame(0)]
+    svc.end_batch()
+    finals = [r for r in svc.out.of(topics.RESPONSES) if r.final]
+    assert len(finals) == 1 and "cup" in finals[0].answer_text and "im_start" not in finals[0].answer_text
+    blanks = svc.policy._blank_ids()
+    assert blanks and all(not tok.decode([i]).strip() for i in blanks) and im_start not in blanks

@@ -47,7 +47,7 @@ import numpy as np
 from streamharness.decision.policy import Decision, DecisionPolicy, Evidence, InstructionState, PendingQuestion, StreamState
 from streamharness.engine.core import CacheFull, StreamingEngine
 from streamharness.engine.model import DecodedText, ImageRejected, TokenChunk
-from streamharness.protocol import RESPONSE, SILENCE, user_turn
+from streamharness.protocol import IM_START, RESPONSE, SILENCE, user_turn
 from streamharness.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ class ModelPolicy(DecisionPolicy):
         if not self._silence or not self._response or self._silence == self._response:
             raise ValueError("the model's tokenizer cannot tell </silence> from </response>")
         self._close_turn = [em.im_end, *em.ids("\n")]
+        self._blanks: frozenset[int] | None = None
+        self._im_start = em.tokenizer.convert_tokens_to_ids(IM_START)
         self.rebuilds: dict[str, int] = {}
 
     @property
@@ -347,11 +349,14 @@ class ModelPolicy(DecisionPolicy):
         # never past the cache (the step made room for the budget; this holds whatever happened since)
         room = self.engine.config.capacity - self.engine.length(_name(state)) - len(tail) - len(self._close_turn) - 1
         budget = max(1, min(budget, room))
-        banned = [ids[0] for ids in (self._silence, self._response) if len(ids) == 1]
+        # Inside a response: no decision token, and no new turn (a prompted model that does not
+        # close its turn with <|im_end|> goes on to write the next user turn itself).
+        banned = [ids[0] for ids in (self._silence, self._response) if len(ids) == 1] + [self._im_start]
         # A response the model chose says something: no stop before its first token (a prompted
         # model that never saw </response> tends to close the turn right after it).
         decoded = DecodedText(em, self.engine.generate(_name(state), tail, max_new_tokens=budget, stop=[em.im_end],
-                                                       banned=banned, min_new_tokens=1), em.im_end, lstrip=True)
+                                                       banned=banned, min_new_tokens=1, blank=self._blank_ids()),
+                              em.im_end, lstrip=True)
         try:
             yield from decoded
         finally:
@@ -361,6 +366,15 @@ class ModelPolicy(DecisionPolicy):
                 remember([*tail, *out], list(self._close_turn))
             else:
                 remember([*tail, *out[:-1]], [out[-1], *self._close_turn])
+
+    def _blank_ids(self) -> frozenset[int]:
+        """The tokens that decode to whitespace only (a response of them says nothing: SmolLM2
+        prompted with the protocol wrote "\n" and closed the turn, every time, on the 2-hour eval)."""
+        if self._blanks is None:
+            tok = self.engine.model.tokenizer
+            texts = tok.batch_decode([[i] for i in range(len(tok))])
+            self._blanks = frozenset(i for i, text in enumerate(texts) if not text.strip() and text)
+        return self._blanks
 
     def _attribute(self, state: StreamState, ev: Evidence, due: list[PendingQuestion], text: str, p: float, *,
                    upfront: bool = False) -> Decision | None:

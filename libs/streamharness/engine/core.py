@@ -511,14 +511,17 @@ class StreamingEngine:
         return [result[i] for i in range(len(items))]
 
     def generate(self, name: str, first: Sequence[int], *, max_new_tokens: int, stop: Sequence[int] = (),
-                 banned: Sequence[int] = (), min_new_tokens: int = 0) -> Iterator[int]:
+                 banned: Sequence[int] = (), min_new_tokens: int = 0, blank: Sequence[int] = ()) -> Iterator[int]:
         """Append ``first`` (may be empty: then the stream's last logits are recomputed from its
         last token) and continue greedily, yielding each new token; a stop token is yielded and not
         appended (it is the caller's tail), nor is the last one. ``banned`` tokens are never chosen
-        (the protocol's decision tokens inside a response); the stop tokens are not chosen for the
-        first ``min_new_tokens``. At most ``max_new_tokens`` tokens."""
+        (the protocol's decision tokens inside a response); the stop tokens are not chosen before
+        ``min_new_tokens`` tokens that are not in ``blank`` (whitespace, which says nothing). At most
+        ``max_new_tokens`` tokens."""
         stops = set(stop)
         banned = list(banned)
+        blanks = set(blank)
+        said = 0
         if first:
             logits = self.append([(name, TokenChunk(list(first)))])[0]
         else:
@@ -527,11 +530,12 @@ class StreamingEngine:
             self.truncate(name, s.length - 1)
             logits = self.append([(name, TokenChunk([last]))])[0]
         for n in range(max_new_tokens):
-            ban = banned + (list(stops) if n < min_new_tokens else [])
+            ban = banned + (list(stops) if said < min_new_tokens else [])
             if ban:
                 logits = logits.clone()
                 logits[ban] = float("-inf")
             token = int(logits.argmax())
+            said += token not in blanks
             yield token
             if token in stops or n == max_new_tokens - 1:
                 return
