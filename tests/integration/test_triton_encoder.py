@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -132,12 +133,27 @@ def test_more_frames_than_max_batch_size(client: FrameEncoderClient, images: dic
     ]
 
 
+def settled_statistics(server: TritonServer, timeout_s: float = 5.0) -> dict:
+    """The model's statistics once two reads 50 ms apart agree: Triton counts an inference after its
+    response has gone out, so a read right after a request can miss it (and the next test's
+    difference then counts it: 49 of 48, seen in CI)."""
+    deadline = time.monotonic() + timeout_s
+    last = server.model_statistics()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = server.model_statistics()
+        if now["inference_count"] == last["inference_count"] and now["execution_count"] == last["execution_count"]:
+            return now
+        last = now
+    return last
+
+
 def test_concurrent_requests_all_succeed_and_are_batched(
     client: FrameEncoderClient, images: dict[str, np.ndarray], triton_server: TritonServer
 ) -> None:
     names = ["chelsea", "orange.jpg", "butterfly.jpg", "baboon.jpg"]
     expected = {name: top1(client.encode([images[name]])[0]) for name in names}
-    before = triton_server.model_statistics()
+    before = settled_statistics(triton_server)
     start = threading.Barrier(8)
 
     def worker(i: int) -> list[tuple[str, str]]:
@@ -153,7 +169,7 @@ def test_concurrent_requests_all_succeed_and_are_batched(
     assert len(results) == 48
     assert all(label == expected[name] for name, label in results), results
 
-    after = triton_server.model_statistics()
+    after = settled_statistics(triton_server)
     inferences = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert inferences == 48
