@@ -321,5 +321,5 @@ def test_a_response_neither_starts_a_new_turn_nor_stops_before_it_says_something
     svc.end_batch()
     finals = [r for r in svc.out.of(topics.RESPONSES) if r.final]
     assert len(finals) == 1 and "cup" in finals[0].answer_text and "im_start" not in finals[0].answer_text
-    blanks = svc.policy._blank_ids()
+    blanks = svc.policy._blanks
     assert blanks and all(not tok.decode([i]).strip() for i in blanks) and im_start not in blanks

@@ -121,7 +121,7 @@ class ModelPolicy(DecisionPolicy):
         if not self._silence or not self._response or self._silence == self._response:
             raise ValueError("the model's tokenizer cannot tell </silence> from </response>")
         self._close_turn = [em.im_end, *em.ids("\n")]
-        self._blanks: frozenset[int] | None = None
+        self._blanks = _blank_ids(em.tokenizer)
         self._im_start = em.tokenizer.convert_tokens_to_ids(IM_START)
         self.rebuilds: dict[str, int] = {}
 
@@ -202,11 +202,14 @@ class ModelPolicy(DecisionPolicy):
             if not (self.config.overflow == "drop" and self._drop(state, memo)):
                 self._rebuild(state, memo, background=True, reason="full")
 
+    def _budget(self, question: bool) -> int:
+        """The most tokens a response is given: an answer's or an alert's."""
+        return self.config.question_max_new_tokens if question else self.config.alert_max_new_tokens
+
     def _reply_room(self, question: bool) -> int:
         """The most tokens a step appends after its turn: the longer option, the response's budget
         and the turn's close."""
-        budget = self.config.question_max_new_tokens if question else self.config.alert_max_new_tokens
-        return max(len(self._silence), len(self._response)) + budget + len(self._close_turn) + 1
+        return max(len(self._silence), len(self._response)) + self._budget(question) + len(self._close_turn) + 1
 
     def _ensure_room(self, state: StreamState, memo: _Memo, need: int) -> None:
         """Make sure this step (``need`` tokens) fits the live cache. The high-water mark keeps it so
@@ -345,7 +348,7 @@ class ModelPolicy(DecisionPolicy):
         """The response after ``</response>``, generated on the cache as text pieces; ``remember``
         gets the tokens appended and the new tail once it ends (also when the reader stops early)."""
         em = self.engine.model
-        budget = self.config.question_max_new_tokens if question else self.config.alert_max_new_tokens
+        budget = self._budget(question)
         # never past the cache (the step made room for the budget; this holds whatever happened since)
         room = self.engine.config.capacity - self.engine.length(_name(state)) - len(tail) - len(self._close_turn) - 1
         budget = max(1, min(budget, room))
@@ -355,7 +358,7 @@ class ModelPolicy(DecisionPolicy):
         # A response the model chose says something: no stop before its first token (a prompted
         # model that never saw </response> tends to close the turn right after it).
         decoded = DecodedText(em, self.engine.generate(_name(state), tail, max_new_tokens=budget, stop=[em.im_end],
-                                                       banned=banned, min_new_tokens=1, blank=self._blank_ids()),
+                                                       banned=banned, min_new_tokens=1, blank=self._blanks),
                               em.im_end, lstrip=True)
         try:
             yield from decoded
@@ -366,15 +369,6 @@ class ModelPolicy(DecisionPolicy):
                 remember([*tail, *out], list(self._close_turn))
             else:
                 remember([*tail, *out[:-1]], [out[-1], *self._close_turn])
-
-    def _blank_ids(self) -> frozenset[int]:
-        """The tokens that decode to whitespace only (a response of them says nothing: SmolLM2
-        prompted with the protocol wrote "\n" and closed the turn, every time, on the 2-hour eval)."""
-        if self._blanks is None:
-            tok = self.engine.model.tokenizer
-            texts = tok.batch_decode([[i] for i in range(len(tok))])
-            self._blanks = frozenset(i for i, text in enumerate(texts) if not text.strip() and text)
-        return self._blanks
 
     def _attribute(self, state: StreamState, ev: Evidence, due: list[PendingQuestion], text: str, p: float, *,
                    upfront: bool = False) -> Decision | None:
@@ -433,6 +427,14 @@ class ModelPolicy(DecisionPolicy):
     def forget(self, state: StreamState) -> None:
         """The stream ended: its KV slot goes back."""
         self.engine.close(_name(state))
+
+
+def _blank_ids(tokenizer) -> frozenset[int]:
+    """The tokens that decode to whitespace only (a response of them says nothing: SmolLM2 prompted
+    with the protocol wrote "\n" and closed the turn, every time, on the 2-hour eval). Read once, when
+    the policy is built, rather than on the first response."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return frozenset(i for i, text in enumerate(texts) if text and not text.strip())
 
 
 def _name(state: StreamState) -> str:

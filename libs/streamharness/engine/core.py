@@ -126,7 +126,7 @@ class StreamingEngine:
         the shared engine runs it at start when the model compiles."""
         m = self.model.flex_min_batch
         if shapes is None:
-            shapes = [(m, 1), (m + 1, 3), (m + 2, 17), (m + 1, 90), (m, 5), (m, 90), (m + 2, 1)] if self.model.attention in ("flex", "hybrid") else []
+            shapes = [(m, 1), (m + 1, 3), (m + 2, 17), (m + 1, 90), (m, 5), (m, 90), (m + 2, 1)] if self.model.uses_flex else []
             if self.model.kernels.compiled:
                 shapes += [(1, 1), (1, 90), (2, 1), (2, 7), (1, 5)]
                 if self.model.takes_images:
@@ -142,7 +142,7 @@ class StreamingEngine:
             finally:
                 for name in names:
                     self.close(name)
-        if self.model.attention in ("flex", "hybrid") and free >= m + 1:
+        if self.model.uses_flex and free >= m + 1:
             # Streams whose slots are not one run (the usual case once streams come and go) are
             # gathered rather than viewed, and the gathered keys are another kind of tensor to the
             # compiled kernel: build that graph too (it stalled the first such step by ~3 s).

@@ -77,7 +77,7 @@ class KVPool:
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode():  # the buffers are inference tensors
             self._copy_slot(src, dst, length)
 
     def _copy_slot(self, src: int, dst: int, length: int) -> None:

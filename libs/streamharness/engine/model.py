@@ -180,10 +180,15 @@ class EngineModel:
         return rotate
 
     @property
+    def uses_flex(self) -> bool:
+        """Whether steps of at least ``flex_min_batch`` streams run FlexAttention."""
+        return self.attention in ("flex", "hybrid")
+
+    @property
     def compiles(self) -> bool:
         """Whether some steps run compiled kernels (FlexAttention, the compiled layers), which the
         engine's warm-up builds."""
-        return self.attention in ("flex", "hybrid") or self.kernels.compiled
+        return self.uses_flex or self.kernels.compiled
 
     @property
     def takes_images(self) -> bool:
@@ -293,7 +298,7 @@ class EngineModel:
             pos = torch.tensor([[padded(p[d]) for p in positions] for d in range(3)], dtype=torch.long)
         else:
             pos = torch.tensor([padded(p) for p in positions], dtype=torch.long)
-        flex = self.attention in ("flex", "hybrid") and b >= self.flex_min_batch
+        flex = self.uses_flex and b >= self.flex_min_batch
         cache = batch_cache(pool, slots, lengths, q, whole_slots=flex)
         if flex:
             mask = attention.lower_right_block_mask(lengths, q, cache.kv_len, self.device,
