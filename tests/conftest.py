@@ -8,7 +8,13 @@ pytest_plugins = [
 ]
 
 
-import pytest  # noqa: E402 - after the plugin list, which pytest reads first
+import os  # noqa: E402 - after the plugin list, which pytest reads first
+
+import pytest  # noqa: E402
+
+# Every service checks internal identity tokens signed with this (the chart makes a random one per
+# release; a LocalStack makes its own unless this is set). Set before any settings are read.
+os.environ.setdefault("SH_AUTH_INTERNAL_SECRET", "tests-internal-identity-secret-0123456789abcdef")
 
 
 @pytest.fixture(scope="session")

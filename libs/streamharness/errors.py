@@ -23,6 +23,22 @@ class QuotaExceeded(StreamHarnessError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class RateLimited(QuotaExceeded):
+    """Over a rate: ``retry_after_s`` says when the next one is taken."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooLarge(QuotaExceeded):
+    """A message or a field above its size limit (RESOURCE_EXHAUSTED, as gRPC's own limit)."""
+
+
+class DeadlineExceeded(StreamHarnessError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class Unauthenticated(StreamHarnessError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

@@ -1,27 +1,37 @@
 """The service lifecycle: ``load → register → start → ready… → stop``, owned by one runner.
 
 A service implements :class:`Service`. :class:`ServiceRunner` builds the gRPC server (standard
-health service, reflection, error-mapping interceptor, explicit message limits), loads the
-service, serves, keeps the health status equal to ``service.ready()``, and on SIGTERM/SIGINT:
+health service, reflection, error-mapping interceptor, explicit message limits, TLS when
+``SH_GRPC_TLS_CERT_FILE`` is set), loads the service, serves, keeps the health status equal to
+``service.ready()``, and on SIGTERM/SIGINT:
 
 1. sets health to NOT_SERVING (load balancers stop sending new sessions),
 2. stops accepting RPCs and lets in-flight ones finish within ``SH_SHUTDOWN_GRACE_S``,
 3. calls ``service.stop(deadline)`` to stop intake, drain in-flight work and commit Kafka offsets,
 4. exits 0 (1 if the drain failed or ran out of time).
+
+The server is ``grpc.aio`` on an event loop of its own thread. ``async`` handlers (the gateway's and
+ingest's sessions) are coroutines on that loop, so an open session costs memory, not a thread;
+plain handlers run in a pool of ``SH_GRPC_WORKERS`` threads. Health and reflection are coroutines
+on the loop too: a pool busy with slow calls never starves them.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from streamharness.errors import SettingsError
@@ -41,8 +51,9 @@ class Service(abc.ABC):
     def load(self) -> None:
         """Load models and open clients. Runs before the server accepts calls; raise to fail start."""
 
-    def register(self, server: grpc.Server) -> None:
-        """Add the service's servicers to ``server``."""
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the service's servicers to ``server`` (a ``grpc.aio`` server: ``async`` methods run on
+        its loop, plain ones in its thread pool)."""
 
     def start(self) -> None:
         """Start background work (Kafka consumers...). Must return promptly."""
@@ -62,8 +73,10 @@ class ServiceRunner:
         self.telemetry = telemetry or TelemetrySettings()
         self.port: int | None = None
         self._stop = threading.Event()
-        self._server: grpc.Server | None = None
-        self._health = health.HealthServicer(experimental_non_blocking=True)
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -71,15 +84,31 @@ class ServiceRunner:
             log.info("stop requested: draining (grace %.1fs)", self.settings.shutdown_grace_s)
         self._stop.set()
 
-    def _set_health(self, status: int) -> None:
-        for name in ("", *self.service.grpc_service_names):
-            self._health.set(name, status)
+    def _on_loop(self, coro: Coroutine[Any, Any, Any], timeout: float | None = 30.0) -> Any:
+        """Run ``coro`` on the server's event loop from another thread; its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def serve(self) -> grpc.Server:
-        """Load, build and start the gRPC server; return it (the caller then waits)."""
-        self.service.load()
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.settings.grpc_workers, thread_name_prefix="grpc"),
+    def _set_health(self, status: int) -> None:
+        async def put() -> None:
+            for name in ("", *self.service.grpc_service_names):
+                await self._health.set(name, status)
+
+        if self._loop is None or self._loop.is_closed():
+            return  # stopped meanwhile
+        self._on_loop(put())
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        s = self.settings
+        if s.grpc_tls_cert_file is None:
+            return None
+        ca = s.grpc_tls_client_ca_file.read_bytes() if s.grpc_tls_client_ca_file else None
+        return grpc.ssl_server_credentials([(s.grpc_tls_key_file.read_bytes(), s.grpc_tls_cert_file.read_bytes())],
+                                           root_certificates=ca, require_client_auth=ca is not None)
+
+    async def _start_server(self) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            migration_thread_pool=futures.ThreadPoolExecutor(max_workers=self.settings.grpc_workers, thread_name_prefix="grpc"),
             interceptors=[ErrorMappingInterceptor()],
             options=message_size_options(self.settings.grpc_max_message_bytes),
         )
@@ -87,15 +116,31 @@ class ServiceRunner:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = (*self.service.grpc_service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
-        if self.port == 0:
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        credentials = self._credentials()
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
             raise SettingsError(f"SH_GRPC_PORT: cannot bind {self.settings.grpc_host}:{self.settings.grpc_port}")
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        server.start()
-        self._server = server
-        self.service.start()
-        log.info("%s listening on %s:%d", self.settings.service_name, self.settings.grpc_host, self.port)
+        self.port = port
+        for name in ("", *self.service.grpc_service_names):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
         return server
+
+    def serve(self) -> grpc.aio.Server:
+        """Load, build and start the gRPC server; return it (the caller then waits)."""
+        self.service.load()
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
+        self._loop_thread.start()
+        self._server = self._on_loop(self._start_server())
+        self.service.start()
+        log.info("%s listening on %s:%d%s", self.settings.service_name, self.settings.grpc_host, self.port,
+                 " (TLS)" if self.settings.grpc_tls_cert_file else "")
+        return self._server
 
     def _watch_readiness(self) -> None:
         last: bool | None = None
@@ -114,17 +159,28 @@ class ServiceRunner:
     def shutdown(self) -> bool:
         """Drain and stop. True when everything finished within the grace period."""
         deadline = time.monotonic() + self.settings.shutdown_grace_s
-        self._health.enter_graceful_shutdown()
-        stopped = self._server.stop(self.settings.shutdown_grace_s) if self._server else threading.Event()
+        stopped: futures.Future[None] | None = None
+        if self._server is not None and self._loop is not None:
+            self._on_loop(self._health.enter_graceful_shutdown())
+            stopped = asyncio.run_coroutine_threadsafe(self._server.stop(self.settings.shutdown_grace_s), self._loop)
         clean = True
         try:
             self.service.stop(deadline)
         except Exception:  # noqa: BLE001
             log.exception("drain failed")
             clean = False
-        if self._server and not stopped.wait(max(0.0, deadline - time.monotonic()) + 1.0):
-            log.error("gRPC server did not stop within the grace period")
-            clean = False
+        if stopped is not None:
+            try:
+                stopped.result(max(0.0, deadline - time.monotonic()) + 1.0)
+            except futures.TimeoutError:
+                log.error("gRPC server did not stop within the grace period")
+                clean = False
+        if self._loop is not None and self._loop_thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(5.0)
+            if not self._loop_thread.is_alive():
+                self._loop.close()
+            self._loop = None
         log.info("%s stopped%s", self.settings.service_name, "" if clean else " (unclean)")
         return clean
 

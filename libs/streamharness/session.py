@@ -11,7 +11,8 @@ so both refuse the same input with the same words and publish the same records.
 - :meth:`SessionMapper.end`: the ``KIND_SESSION_END`` query, stamped with the media time of the
   session's last published frame (-1: none), so that the decision step knows when it has seen all.
 
-Every problem is :class:`~streamharness.errors.InvalidInput` with a message that says what was wrong.
+Every problem is :class:`~streamharness.errors.InvalidInput` (or :class:`~streamharness.errors.TooLarge`, RESOURCE_EXHAUSTED,
+for a field above its limit) with a message that says what was wrong.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from streamharness.errors import InvalidInput
+from streamharness.errors import InvalidInput, TooLarge
 from streamharness.keys import make_key
 from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, session_pb2
 
@@ -47,7 +48,7 @@ class SessionMapper:
         if not text.strip():
             raise InvalidInput(f"{what} text is empty")
         if len(text) > self.max_text_chars:
-            raise InvalidInput(f"{what} text has {len(text)} characters, above the limit of {self.max_text_chars}")
+            raise TooLarge(f"{what}.text has {len(text)} characters, above the limit of {self.max_text_chars} (SH_GATEWAY_MAX_TEXT_CHARS)")
 
     def _query(self, **fields: object) -> events_pb2.QueryEvent:
         return Q(key=self.key, session_id=self.session_id, reply_to=self.reply_to, hops=[_stamp("gateway")], **fields)
@@ -73,7 +74,7 @@ class SessionMapper:
         if not f.image:
             raise InvalidInput(f"frame seq {f.seq} has no image bytes")
         if len(f.image) > self.max_frame_bytes:
-            raise InvalidInput(f"frame seq {f.seq} is {len(f.image)} bytes, above the limit of {self.max_frame_bytes}")
+            raise TooLarge(f"frame.image of seq {f.seq} is {len(f.image)} bytes, above the limit of {self.max_frame_bytes} (SH_GATEWAY_MAX_FRAME_BYTES)")
         return ingest_pb2.IngestFrameRequest(
             key=self.key, session_id=self.session_id, media_ts_ms=f.media_ts_ms, image=f.image, encoding=f.encoding,
             seq=f.seq, decision_fps=self.decision_fps, hops=[_stamp("gateway")],

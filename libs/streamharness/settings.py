@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness.errors import SettingsError
@@ -88,9 +88,23 @@ class ServiceSettings(BaseSettings):
     grpc_host: str = Field("127.0.0.1", description="Bind address; the chart sets 0.0.0.0 inside pods.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="0 picks a free port (tests).")
     grpc_max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Frames are large: explicit gRPC message limit.")
-    grpc_workers: int = Field(16, ge=1, le=1024, description="Threads serving gRPC calls (a bidi session holds one while open).")
+    grpc_workers: int = Field(16, ge=1, le=1024, description="Threads serving the plain (non-async) gRPC calls, e.g. memory's queries. Sessions of the gateway and ingest are coroutines and hold none; health and reflection never wait for one.")
+    grpc_tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS on SH_GRPC_PORT (the chart sets it on the gateway from gateway.tls). Unset: plaintext.")
+    grpc_tls_key_file: Path | None = Field(None, description="PEM private key of SH_GRPC_TLS_CERT_FILE.")
+    grpc_tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle: also require client certificates signed by it (mutual TLS). Unset: no client certificate asked.")
     shutdown_grace_s: float = Field(20.0, ge=0, le=600, description="Drain time on SIGTERM; keep below the pod's terminationGracePeriodSeconds.")
     readiness_interval_s: float = Field(2.0, gt=0, le=60, description="How often ready() is probed to update the gRPC health status.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServiceSettings:
+        if (self.grpc_tls_cert_file is None) != (self.grpc_tls_key_file is None):
+            raise ValueError("SH_GRPC_TLS_CERT_FILE and SH_GRPC_TLS_KEY_FILE go together")
+        if self.grpc_tls_client_ca_file is not None and self.grpc_tls_cert_file is None:
+            raise ValueError("SH_GRPC_TLS_CLIENT_CA_FILE needs SH_GRPC_TLS_CERT_FILE and SH_GRPC_TLS_KEY_FILE")
+        for path in (self.grpc_tls_cert_file, self.grpc_tls_key_file, self.grpc_tls_client_ca_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        return self
 
 
 S = TypeVar("S", bound=BaseSettings)

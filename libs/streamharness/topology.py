@@ -23,6 +23,7 @@ _TRITON = "streamharness.settings:TritonSettings"
 _TEXT = "streamharness.text_encoder:TextEncoderSettings"
 _TIERS = "streamharness.memory.tiers:TierSettings"
 _GENERATION = "streamharness.generation.settings:GenerationSettings"
+_AUTH = "streamharness.auth:AuthSettings"
 
 TOPOLOGY: dict[str, StageSpec] = {
     spec.name: spec
@@ -30,7 +31,7 @@ TOPOLOGY: dict[str, StageSpec] = {
         StageSpec(
             name="gateway",
             factory="streamharness.gateway.service:GatewayStage",
-            settings=("streamharness.gateway.service:GatewaySettings",),
+            settings=("streamharness.gateway.service:GatewaySettings", _AUTH),
             consumes={topics.RESPONSES: events_pb2.ResponseEvent},
             produces=(topics.QUERIES,),
             group="gateway",  # one group per replica: gateway-<replica id> (configure())
@@ -43,7 +44,7 @@ TOPOLOGY: dict[str, StageSpec] = {
         StageSpec(
             name="ingest",
             factory="streamharness.ingest.service:IngestStage",
-            settings=("streamharness.ingest.service:IngestSettings",),
+            settings=("streamharness.ingest.service:IngestSettings", _AUTH),
             produces=(topics.FRAMES,),
             grpc_services=(ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,),
         ),
@@ -62,7 +63,7 @@ TOPOLOGY: dict[str, StageSpec] = {
         StageSpec(
             name="memory",
             factory="streamharness.memory.service:MemoryStage",
-            settings=("streamharness.memory.service:MemorySettings", _TIERS, _TEXT),
+            settings=("streamharness.memory.service:MemorySettings", _TIERS, _TEXT, _AUTH),
             # Frames (short-term), summaries (mid/long-term) and finished answers (the Q&A history).
             consumes={
                 topics.EMBEDDINGS: events_pb2.EncodedFrameEvent,

@@ -35,7 +35,8 @@ from streamharness.hosts.kafka import KafkaHost
 from streamharness.decision.policy import RulePolicy
 from streamharness.decision.service import DecisionSettings, DecisionStage
 from streamharness.devinfra.common import free_port
-from streamharness.memory.service import TENANT_METADATA, MemorySettings, MemoryStage
+from streamharness.auth import AuthSettings, InternalTokens
+from streamharness.memory.service import MemorySettings, MemoryStage
 from streamharness.memory.store import Scope
 from streamharness.memory.tiers import TierSettings
 from streamharness.summariser.backends import DigestSummariser
@@ -85,6 +86,30 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 90.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.1)
+
+
+TOKENS = InternalTokens(AuthSettings(), "memory-test")
+
+
+def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
+    """The metadata a stage acting for ``tenant`` sends (a signed internal identity token)."""
+    return TOKENS.metadata(tenant, "memory")
+
+
+class AsStreamTenant:
+    """``MemoryServiceStub`` whose calls carry the identity of the request's stream's tenant (as the
+    stages' :class:`~streamharness.memory.client.MemoryClient` does), unless ``metadata`` is given."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = memory_pb2_grpc.MemoryServiceStub(channel)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._stub, name)
+
+        def call(request, metadata=None, **kw):
+            return method(request, metadata=as_tenant(request.key.tenant) if metadata is None else metadata, **kw)
+
+        return call
 
 
 @dataclass
@@ -147,7 +172,7 @@ def running_memory(kafka_settings: KafkaSettings, text_encoder: TextEncoder, dat
         writer.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{runner.port}")
     try:
-        yield Running(service, runner, memory_pb2_grpc.MemoryServiceStub(channel), kafka_settings, writer)
+        yield Running(service, runner, AsStreamTenant(channel), kafka_settings, writer)
     finally:
         channel.close()
         if writer is not None:
@@ -214,14 +239,34 @@ def test_recall_finds_what_was_seen_and_said_at_the_right_time(memory: Running) 
 def test_unknown_and_other_tenants_streams_are_not_found(memory: Running) -> None:
     remembered(memory)
     for request, metadata in (
-        (memory_pb2.RecallRequest(key=make_key(TENANT, "cam-9"), query="a bus"), ()),  # unknown
-        (memory_pb2.RecallRequest(key=make_key("globex", STREAM), query="a bus"), ()),  # B's stream id under another tenant
-        (memory_pb2.RecallRequest(key=KEY, query="a bus"), ((TENANT_METADATA, "globex"),)),  # acme's stream, asked as globex
+        (memory_pb2.RecallRequest(key=make_key(TENANT, "cam-9"), query="a bus"), None),  # unknown
+        (memory_pb2.RecallRequest(key=make_key("globex", STREAM), query="a bus"), None),  # B's stream id under another tenant
+        (memory_pb2.RecallRequest(key=KEY, query="a bus"), as_tenant("globex")),  # acme's stream, asked as globex
     ):
         with pytest.raises(grpc.RpcError) as err:
             memory.stub.Recall(request, metadata=metadata)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "memory holds nothing" in err.value.details()
-    assert memory.stub.Recall(memory_pb2.RecallRequest(key=KEY, query="a bus"), metadata=((TENANT_METADATA, TENANT),)).items
+    assert memory.stub.Recall(memory_pb2.RecallRequest(key=KEY, query="a bus"), metadata=as_tenant(TENANT)).items
+    # globex asking about its own id of the same name: nothing of acme's.
+    with pytest.raises(grpc.RpcError) as err:
+        memory.stub.Recall(memory_pb2.RecallRequest(key=make_key("globex", STREAM), query="a bus"), metadata=as_tenant("globex"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("method", ["Recall", "Context", "Items"])
+def test_a_call_without_a_verifiable_identity_is_refused(memory: Running, method: str) -> None:
+    remembered(memory)
+    request = {"Recall": memory_pb2.RecallRequest(key=KEY, query="a bus"), "Context": memory_pb2.ContextRequest(key=KEY, now_ms=89_000),
+               "Items": memory_pb2.ItemsRequest(key=KEY, tier=memory_pb2.MEMORY_TIER_SHORT)}[method]
+    forged = InternalTokens(AuthSettings(internal_secret="another-secret-that-is-32-chars-long!"), "attacker").metadata(TENANT, "memory")
+    wrong_audience = TOKENS.metadata(TENANT, "ingest")
+    for metadata, words in (((), "no x-sh-identity metadata"), ((("x-streamharness-tenant", TENANT),), "no x-sh-identity metadata"),
+                            (forged, "Signature verification failed"), (wrong_audience, "Audience doesn't match"),
+                            ((("x-sh-identity", "not-a-token"),), "not valid")):
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(memory.stub, method)(request, metadata=metadata)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (metadata, err.value.details())
+        assert words in err.value.details()
 
 
 def test_context_prefix_changes_only_at_chunk_boundaries(memory: Running) -> None:
@@ -343,7 +388,7 @@ def test_a_slow_summariser_never_delays_memory_or_a_decision(kafka_settings: Kaf
 
 
 def _service(name: str, kafka: KafkaSettings, port: int, data_dir: Path, extra: dict[str, str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SH_") or k == "SH_AUTH_INTERNAL_SECRET"}
     env.update({
         "SH_SERVICE_NAME": name, "SH_GRPC_HOST": "127.0.0.1", "SH_GRPC_PORT": str(port),
         "SH_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "SH_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",
@@ -365,7 +410,7 @@ def test_memory_and_summariser_killed_mid_stream_resume_without_duplicates_or_ga
     port = free_port()
     extra = {"SH_SUMMARISER_MEMORY_ADDRESS": f"127.0.0.1:{port}"}
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = memory_pb2_grpc.MemoryServiceStub(channel)
+    stub = AsStreamTenant(channel)
 
     def summaries(tier: int) -> list[memory_pb2.MemoryItem]:
         try:

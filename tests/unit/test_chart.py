@@ -6,6 +6,7 @@ against the CLI's options."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shlex
@@ -153,6 +154,19 @@ def test_cpu_default_requests_no_gpu(tmp_path):
         ("jobs.trainHead.claims.output.mountPath=/tmp", "mountPath"),
         ("jobs.trainHead.claims.output.claimname=x", "claimname"),
         ("jobImage.tagg=1", "tagg"),
+        # The internal identity key comes from a Secret only, never as a plain value.
+        ("env.SH_AUTH_INTERNAL_SECRET=plain", "SH_AUTH_INTERNAL_SECRET"),
+        ("components.memory.env.SH_AUTH_INTERNAL_SECRET=plain", "SH_AUTH_INTERNAL_SECRET"),
+        ("auth.internalSecret.secret=x", "secret"),
+        # Client identity and TLS belong to the public entry point.
+        ("components.ingest.tls.enabled=true", "tls"),
+        ("components.memory.apiKeys.existingSecret=keys", "apiKeys"),
+        ("components.gateway.tls.secretname=x", "secretname"),
+        ("networkPolicy.enabled=maybe", "enabled"),
+        ("networkPolicy.gatewayFrom[0].podSelectr.matchLabels.a=b", "podSelectr"),
+        ("components.ingest.allowFrom[0]=gatewy", "gatewy"),  # no such component or Job
+        ("components.triton.monitoringPorts[0]=nope", "nope"),  # not one of its ports
+        ("components.triton.allowPorts[0]=grcp", "grcp"),
     ],
 )
 def test_schema_rejects_bad_values(setting, complaint):
@@ -491,3 +505,274 @@ def test_training_scenario_renders_the_training_job_manifests(tmp_path):
     host, port = container_env(jobs["build-dataset"])["SH_TRITON_URL"]["value"].split(":")
     service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == host)
     assert any(p["name"] == "grpc" and p["port"] == int(port) for p in service["spec"]["ports"]), service["spec"]["ports"]
+
+
+# -- Identity on every hop: the internal key, API keys, TLS, NetworkPolicies ----------------------
+
+INTERNAL_SECRET = "SH_AUTH_INTERNAL_SECRET"
+TLS_VARIABLES = {"SH_GRPC_TLS_CERT_FILE", "SH_GRPC_TLS_KEY_FILE", "SH_GRPC_TLS_CLIENT_CA_FILE"}
+EVAL_JOBS = sorted((ROOT / "eval-jobs").glob("*.yaml"))
+
+
+def chart_values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def pod_of(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def mount_sources(workload: dict) -> dict[str, tuple[dict, dict]]:
+    """mountPath -> (the volumeMount, its volume; {} for a StatefulSet's claim)."""
+    pod = pod_of(workload)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return {m["mountPath"]: (m, volumes.get(m["name"], {})) for m in pod["containers"][0]["volumeMounts"]}
+
+
+def test_internal_secret_reaches_every_service_from_a_secret_never_as_a_literal(tmp_path):
+    streamharness = {n for n, c in chart_values()["components"].items() if c.get("streamharness")}
+    assert streamharness >= {*SERVICES, "generator"}
+    docs = render(tmp_path)
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == "sh-internal-token" and set(secret["data"]) == {"internal-secret"}
+    value = base64.b64decode(secret["data"]["internal-secret"]).decode()
+    assert len(value) == 48 and value.isalnum()
+    found = workloads(docs)
+    for name, workload in found.items():
+        env = container_env(workload)
+        if name not in streamharness:
+            assert INTERNAL_SECRET not in env, name  # Triton reads no SH_*
+            continue
+        assert env[INTERNAL_SECRET] == {
+            "name": INTERNAL_SECRET,
+            "valueFrom": {"secretKeyRef": {"name": "sh-internal-token", "key": "internal-secret"}},
+        }, name
+    # Nowhere as a literal: no manifest but the Secret holds the value, in clear or encoded.
+    rendered = (tmp_path / "rendered.yaml").read_text()
+    assert rendered.count(secret["data"]["internal-secret"]) == 1 and value not in rendered
+    # A Secret of one's own (name, a template, and key): referenced, and the chart creates none.
+    own = tmp_path / "own-secret.yaml"
+    own.write_text(yaml.safe_dump({"auth": {"internalSecret": {"existingSecret": "{{ .Release.Name }}-mine", "key": "hmac"}}}))
+    docs = render(tmp_path, own)
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    for name in streamharness:
+        ref = container_env(workloads(docs)[name])[INTERNAL_SECRET]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "sh-mine", "key": "hmac"}, name
+
+
+def test_internal_secret_is_kept_across_upgrades():
+    """The chart-made key is looked up in the cluster before a fresh one is drawn (`lookup` sees no
+    cluster under `helm template`, so this is read from the template)."""
+    text = (CHART / "templates" / "internal-secret.yaml").read_text()
+    assert re.search(r'lookup "v1" "Secret" \.Release\.Namespace \$name', text)
+    assert re.search(r"\$value = index \$existing\.data \$key", text)
+
+
+def test_api_keys_and_jwt_issuers_are_directory_mounts_without_sub_path(tmp_path):
+    default = workloads(render(tmp_path))
+    for name, workload in default.items():
+        env = container_env(workload)
+        assert not {"SH_GATEWAY_API_KEYS_FILE", "SH_GATEWAY_JWT_ISSUERS_FILE"} & set(env), name
+        assert not [p for p in mount_sources(workload) if p.startswith("/etc/streamharness")], name
+    found = workloads(render(tmp_path, sets=("components.gateway.apiKeys.existingSecret=sh-api-keys",
+                                             "components.gateway.jwtIssuers.existingConfigMap=sh-jwt")))
+    gateway = found["gateway"]
+    env = container_env(gateway)
+    sources = mount_sources(gateway)
+    for variable, directory, kind, name, key, items in (
+        ("SH_GATEWAY_API_KEYS_FILE", "/etc/streamharness/api-keys", "secret", "sh-api-keys", "api-keys.json", [{"key": "api-keys.json", "path": "api-keys.json"}]),
+        # Every key of the ConfigMap: the issuers' public keys are files next to issuers.json.
+        ("SH_GATEWAY_JWT_ISSUERS_FILE", "/etc/streamharness/jwt", "configMap", "sh-jwt", "issuers.json", None),
+    ):
+        assert env[variable]["value"] == f"{directory}/{key}"
+        mount, volume = sources[directory]
+        # A directory mount: Kubernetes updates the file in place (rotation without a restart) only
+        # without subPath.
+        assert "subPath" not in mount and "subPathExpr" not in mount and mount["readOnly"] is True
+        source = volume[kind]
+        assert source.get("secretName", source.get("name")) == name
+        assert source.get("items") == items
+    for m in pod_of(gateway)["containers"][0]["volumeMounts"]:
+        assert "subPath" not in m, m
+    for name, workload in found.items():
+        if name != "gateway":
+            assert not {"SH_GATEWAY_API_KEYS_FILE", "SH_GATEWAY_JWT_ISSUERS_FILE"} & set(container_env(workload)), name
+
+
+def test_tls_on_the_gateway_only_and_only_when_enabled(tmp_path):
+    for name, workload in workloads(render(tmp_path)).items():
+        assert not TLS_VARIABLES & set(container_env(workload)), name
+        assert "/etc/streamharness/tls" not in mount_sources(workload), name
+    for client_ca in (None, "sh-client-ca"):
+        values = tmp_path / "tls.yaml"  # the Secret's name is a template
+        values.write_text(yaml.safe_dump({"components": {"gateway": {"tls": {"enabled": True, "secretName": "{{ .Release.Name }}-gateway-tls"}}}}))
+        sets = (f"components.gateway.tls.clientCaSecretName={client_ca}",) if client_ca else ()
+        found = workloads(render(tmp_path, values, sets=sets))
+        gateway = found["gateway"]
+        env = {k: e["value"] for k, e in container_env(gateway).items() if k in TLS_VARIABLES}
+        want = {"SH_GRPC_TLS_CERT_FILE": "/etc/streamharness/tls/tls.crt", "SH_GRPC_TLS_KEY_FILE": "/etc/streamharness/tls/tls.key"}
+        if client_ca:
+            want["SH_GRPC_TLS_CLIENT_CA_FILE"] = "/etc/streamharness/tls/ca.crt"
+        assert env == want
+        mount, volume = mount_sources(gateway)["/etc/streamharness/tls"]
+        assert "subPath" not in mount and mount["readOnly"] is True
+        secrets = [src["secret"] for src in volume["projected"]["sources"]]
+        assert secrets[0] == {"name": "sh-gateway-tls", "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}
+        assert secrets[1:] == ([{"name": client_ca, "items": [{"key": "ca.crt", "path": "ca.crt"}]}] if client_ca else [])
+        # The kubelet's gRPC probe speaks no TLS: the TLS port is probed another way.
+        container = pod_of(gateway)["containers"][0]
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert "grpc" not in container[probe] and container[probe]["tcpSocket"] == {"port": "grpc"}, probe
+        for name, workload in found.items():
+            if name != "gateway":
+                assert not TLS_VARIABLES & set(container_env(workload)), name
+                assert "/etc/streamharness/tls" not in mount_sources(workload), name
+                assert "grpc" in pod_of(workload)["containers"][0]["readinessProbe"] or name in ("triton", "generator"), name
+
+
+def test_tls_without_a_secret_fails_to_render_with_the_reason():
+    proc = helm("template", "sh", str(CHART), "--set", "components.gateway.tls.enabled=true")
+    assert proc.returncode != 0
+    assert "components.gateway.tls.secretName is empty" in proc.stderr and "kubernetes.io/tls" in proc.stderr, proc.stderr
+
+
+# NetworkPolicies: who may reach whom, evaluated from the rendered policies as a CNI would (pods of
+# the release's namespace; a peer with a namespaceSelector or ipBlock stands for elsewhere).
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # the chart writes matchLabels only
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def admitted(policies: list[dict], target: dict, port: str, source: dict | None) -> bool:
+    """Whether a pod with labels `source` (None: a client outside the namespace) may open a connection
+    to port `port` (a name) of a pod with labels `target`."""
+    isolating = [p for p in policies if "Ingress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], target)]
+    if not isolating:
+        return True
+    for policy in isolating:
+        for rule in policy["spec"].get("ingress", []):
+            if "ports" in rule and not any(p["port"] == port for p in rule["ports"]):
+                continue
+            if "from" not in rule:
+                return True
+            for peer in rule["from"]:
+                if source is not None and set(peer) == {"podSelector"} and selects(peer["podSelector"], source):
+                    return True
+    return False
+
+
+def eval_job_pods() -> dict[str, dict]:
+    """The pod templates of eval-jobs/*.yaml (outside the release), by file name."""
+    return {m.name: yaml.safe_load(m.read_text())["spec"]["template"] for m in EVAL_JOBS}
+
+
+def pod_labels(docs: list[dict]) -> dict[str, dict]:
+    """The pod labels of every workload and Job (by component label), and of the eval Jobs of
+    eval-jobs/ ("eval": they carry the same labels, so no policy tells them apart)."""
+    found = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["template"]["metadata"]["labels"]
+             for d in docs if d["kind"] in (*WORKLOAD_KINDS, "Job")}
+    (found["eval"],) = {tuple(sorted(t["metadata"]["labels"].items())): t["metadata"]["labels"] for t in eval_job_pods().values()}.values()
+    return found
+
+
+def callers_by_address(docs: list[dict]) -> dict[tuple[str, str], set[str]]:
+    """(target component, port name) -> the pods whose environment names that Service's address
+    (sh-<name>:<port>, as SH_*_ADDRESS, SH_TRITON_URL or SH_GENERATION_BASE_URL do)."""
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service" and "clusterIP" not in d["spec"]}
+    pods = [(d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"], d["spec"]["template"]["spec"]) for d in docs if d["kind"] in (*WORKLOAD_KINDS, "Job")]
+    pods += [("eval", t["spec"]) for t in eval_job_pods().values()]
+    found: dict[tuple[str, str], set[str]] = {}
+    for caller, pod in pods:
+        for e in pod["containers"][0].get("env", []):
+            for host, port in re.findall(r"\b(sh-[a-z0-9-]+):(\d+)", e.get("value", "")):
+                service = services[host]
+                (name,) = [p["name"] for p in service["spec"]["ports"] if p["port"] == int(port)]
+                found.setdefault((service["spec"]["selector"]["app.kubernetes.io/component"], name), set()).add(caller)
+    return found
+
+
+def test_network_policies_admit_only_the_callers(tmp_path):
+    docs = render(tmp_path, CHART / "ci" / "training-values.yaml")  # the Jobs' pods too
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    labels = pod_labels(docs)
+    by_port = {name: {p["name"] for p in pod_of(w)["containers"][0]["ports"]} for name, w in workloads(docs).items()}
+    inside = sorted(labels)
+
+    def reach(target: str, port: str) -> set[str]:
+        return {s for s in inside if admitted(policies, labels[target], port, labels[s])}
+
+    # Default deny: one policy isolates every pod of the release, Jobs included, and admits nothing.
+    (deny,) = [p for p in policies if not p["spec"].get("ingress")]
+    assert deny["spec"]["policyTypes"] == ["Ingress"]
+    assert all(selects(deny["spec"]["podSelector"], labels[n]) for n in inside if n != "eval")
+    assert not selects(deny["spec"]["podSelector"], labels["eval"])  # not the release's pods
+    # The gateway is open: any pod, and clients outside the namespace.
+    assert reach("gateway", "grpc") == set(inside) and admitted(policies, labels["gateway"], "grpc", None)
+    # Ingest only from the gateway; memory only from the stages that query it.
+    assert reach("ingest", "grpc") == {"gateway"}
+    assert reach("memory", "grpc") == {"decision", "responder", "summariser"}
+    assert not admitted(policies, labels["ingest"], "grpc", None) and not admitted(policies, labels["memory"], "grpc", None)
+    # Triton from the frame encoder, decision's trained head, the dataset builder and the in-process
+    # eval; the generator from its two callers and the in-process eval.
+    assert reach("triton", "grpc") == {"encoder", "decision", "build-dataset", "eval"}
+    assert reach("generator", "http") == {"responder", "summariser", "eval"}
+    # Nobody calls the other stages: only their health port, and only kubelet probes use it.
+    for name in ("encoder", "decision", "summariser", "responder"):
+        assert reach(name, "grpc") == set(), name
+    # Least privilege both ways: every address a pod is given is reachable, and an internal port
+    # admits exactly the pods given its address.
+    callers = callers_by_address(docs)
+    assert callers[("ingest", "grpc")] == {"gateway"}
+    for name, ports in by_port.items():
+        for port in ports:
+            want = callers.get((name, port), set())
+            if name == "gateway":
+                assert want <= reach(name, port)
+            else:
+                assert reach(name, port) == want, (name, port)
+    # Every port a policy opens is a port of the pods it selects.
+    for policy in policies:
+        component = policy["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component")
+        for rule in policy["spec"].get("ingress", []):
+            assert {p["port"] for p in rule.get("ports", [])} <= by_port[component], policy["metadata"]["name"]
+
+
+def test_network_policies_gateway_sources_monitoring_and_switch(tmp_path):
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    docs = render(tmp_path, sets=(
+        "networkPolicy.gatewayFrom[0].podSelector.matchLabels.app\\.kubernetes\\.io/name=ingress-nginx",
+        "networkPolicy.monitoringFrom[0].podSelector.matchLabels.app\\.kubernetes\\.io/name=prometheus",
+    ))
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    labels = pod_labels(docs)
+    # gatewayFrom narrows the gateway to those peers.
+    assert admitted(policies, labels["gateway"], "grpc", {"app.kubernetes.io/name": "ingress-nginx"})
+    assert not admitted(policies, labels["gateway"], "grpc", None)
+    assert not admitted(policies, labels["gateway"], "grpc", labels["responder"])
+    # monitoringFrom reaches every component's health/metrics ports, and no others.
+    for name in SERVICES:
+        assert admitted(policies, labels[name], "grpc", prometheus), name
+    assert admitted(policies, labels["triton"], "metrics", prometheus) and admitted(policies, labels["triton"], "http", prometheus)
+    assert not admitted(policies, labels["triton"], "grpc", prometheus)
+    assert admitted(policies, labels["generator"], "http", prometheus)
+    assert not admitted(policies, labels["ingest"], "grpc", {"app.kubernetes.io/name": "ingress-nginx"})
+    # No egress policy unless asked for (Kafka is external).
+    assert not [p for p in policies if "Egress" in p["spec"]["policyTypes"]]
+    # networkPolicy.enabled=false: none at all.
+    assert not [d for d in render(tmp_path, sets=("networkPolicy.enabled=false",)) if d["kind"] == "NetworkPolicy"]
+
+
+def test_egress_policy_allows_dns_kafka_and_the_release(tmp_path):
+    docs = render(tmp_path, CHART / "ci" / "identity-values.yaml")
+    (egress,) = [d for d in docs if d["kind"] == "NetworkPolicy" and "Egress" in d["spec"]["policyTypes"]]
+    assert egress["spec"]["policyTypes"] == ["Egress"]
+    rules = egress["spec"]["egress"]
+    dns = [r for r in rules if "to" not in r]
+    assert dns == [{"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}]
+    ports = [{p["port"] for p in r.get("ports", [])} for r in rules]
+    assert {9092, 9093} in ports  # the ports of kafka.bootstrapServers
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "streamharness", "app.kubernetes.io/instance": "sh"}}} in [
+        peer for r in rules for peer in r.get("to", [])]
+    assert {4317} in ports  # networkPolicy.egress.extra

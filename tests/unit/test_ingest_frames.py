@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from streamharness.errors import InvalidInput
+from streamharness.errors import InvalidInput, TooLarge
 from streamharness.ingest.frames import Resampler, bound_pixels, decode_image, encode_jpeg
 from streamharness.media import sample_path
 from streamharness.v1 import common_pb2
@@ -51,7 +51,7 @@ def test_encoding_must_match_the_bytes(baboon_jpeg):
 
 
 def test_size_limit(baboon_jpeg):
-    with pytest.raises(InvalidInput, match="above the limit"):
+    with pytest.raises(TooLarge, match="above the limit"):
         decode_image(baboon_jpeg, JPEG, 1000)
 
 

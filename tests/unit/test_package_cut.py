@@ -79,6 +79,7 @@ IMPORT_NAMES: dict[str, tuple[str, ...]] = {
     "qdrant-edge-py": ("qdrant_edge",),
     "opencv-python-headless": ("cv2",),
     "pillow": ("PIL",),
+    "pyjwt": ("jwt",),
     "nvidia-pytriton": ("pytriton",),
     "scikit-image": ("skimage",),
     "pyyaml": ("yaml",),

@@ -3,8 +3,9 @@ bad message refused with words that say what was wrong."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
-from streamharness.errors import InvalidInput
+from streamharness.errors import InvalidInput, StreamHarnessError, TooLarge
 from streamharness.session import SessionMapper
 from streamharness.v1 import common_pb2, events_pb2, session_pb2
 
@@ -49,8 +50,9 @@ def test_frames_become_ingest_requests_with_the_session_rate_and_bad_ones_are_re
     assert (req.key.stream_id, req.session_id, req.media_ts_ms, req.seq, req.decision_fps) == ("cam", "s1", 500, 3, 2.0)
     with pytest.raises(InvalidInput, match="frame seq 4 has no image bytes"):
         mapper.frame(session_pb2.Frame(seq=4))
-    with pytest.raises(InvalidInput, match="frame seq 5 is 11 bytes, above the limit of 10"):
+    with pytest.raises(TooLarge, match=r"frame.image of seq 5 is 11 bytes, above the limit of 10 \(SH_GATEWAY_MAX_FRAME_BYTES\)") as err:
         mapper.frame(session_pb2.Frame(seq=5, image=b"x" * 11))
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_questions_and_instruction_changes_become_queries_with_their_acks():
@@ -69,7 +71,7 @@ def test_questions_and_instruction_changes_become_queries_with_their_acks():
 
 @pytest.mark.parametrize(("message", "words"), [
     (CM(question=session_pb2.Question(question_id="q", text="   ")), "question text is empty"),
-    (CM(question=session_pb2.Question(question_id="q", text="x" * 21)), "21 characters, above the limit of 20"),
+    (CM(question=session_pb2.Question(question_id="q", text="x" * 21)), "question.text has 21 characters, above the limit of 20"),
     (CM(question=session_pb2.Question(text="hi")), "question_id is empty"),
     (CM(instruction=session_pb2.InstructionUpdate(media_ts_ms=1)), "neither add nor remove_instruction_id"),
     (CM(instruction=session_pb2.InstructionUpdate(add=common_pb2.StandingInstruction(text="a dog"))), "instruction_id is empty"),
@@ -77,5 +79,5 @@ def test_questions_and_instruction_changes_become_queries_with_their_acks():
     (CM(), "empty ClientMessage"),
 ])
 def test_a_bad_message_in_a_session_is_refused(message, words):
-    with pytest.raises(InvalidInput, match=words):
+    with pytest.raises(StreamHarnessError, match=words):
         started().query(message)

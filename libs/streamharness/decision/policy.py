@@ -89,6 +89,10 @@ class StreamState:
     held: list = field(default_factory=list)
     held_since: float = 0.0  # monotonic wall time the oldest held frame arrived
     policy_state: dict = field(default_factory=dict)  # what a policy keeps per stream (the trained one: its frame window)
+    # Questions accepted and not answered yet (question id -> media time asked): pending here, or
+    # decided and waiting for their final response (SH_DECISION_MAX_OPEN_QUESTIONS_PER_STREAM).
+    open_questions: dict[str, int] = field(default_factory=dict)
+    refusing: bool = False  # the last question was refused (one log line per run of refusals)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,14 @@
 """The decision stage: consumes ``queries`` and ``embeddings`` of the same streams in one
 consumer group (both topics are keyed ``tenant/stream`` with equal partition counts, and the range
 assignor gives one member the same partition of both), keeps per-stream state on media time, and
-publishes a ``DecisionEvent`` to ``decisions`` for every step that chose to respond."""
+publishes a ``DecisionEvent`` to ``decisions`` for every step that chose to respond.
+
+**Fairness.** A stream may have at most ``SH_DECISION_MAX_OPEN_QUESTIONS_PER_STREAM`` questions open
+(accepted and not answered yet: pending here, or decided and waiting for their final response). The
+stage then also reads ``responses`` (co-partitioned like the rest) to see answers close them. A
+question beyond the bound is refused at once with a final ``ResponseEvent`` that says so (never
+dropped): one stream's flood cannot put more than that many of its questions in its partition's
+queue ahead of the other streams there (docs/architecture.md, "Fairness between streams")."""
 
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from streamharness import topics
 from streamharness.engine.settings import EngineSettings
 from streamharness.memory.tiers import TierSettings
 from streamharness.decision.policy import DecisionPolicy, Evidence, PendingQuestion, RulePolicy, RuleThresholds, StreamState
-from streamharness.keys import key_str
+from streamharness.keys import key_str, parse_key
 from streamharness.records import ConsumedEvent
 from streamharness.settings import TritonSettings, load_settings
 from streamharness.stage import Outbox, Stage, StageContext, StageSpec
@@ -59,6 +66,18 @@ class DecisionSettings(BaseSettings):
     model_answer_questions: bool = Field(True, description="With policy 'model': a second holding a question must respond (a prompted model may not); false = the model may wait (a trained model answering forward questions when the event comes).")
     model_alert_max_new_tokens: int = Field(40, ge=1, le=4096, description="With policy 'model': token budget of a proactive response.")
     model_question_max_new_tokens: int = Field(128, ge=1, le=4096, description="With policy 'model': token budget of an answer.")
+    max_open_questions_per_stream: int = Field(
+        8, ge=0, le=10_000,
+        description="Questions one stream may have open at once: accepted and not answered yet (pending, or decided and "
+        "waiting for their final response, which the stage then reads on 'responses'). A question beyond it is answered "
+        "at once with a final response refusing it and saying why (never dropped), so one stream's flood cannot queue "
+        "more than this many generations ahead of the other streams of its partition; 0 = no bound (and 'responses' is "
+        "not read).")
+
+
+#: The text of the final response that refuses a question past SH_DECISION_MAX_OPEN_QUESTIONS_PER_STREAM.
+REFUSAL_TOO_MANY_OPEN = ("Not answered: this stream already has {limit} questions waiting for an answer, the most one "
+                         "stream may have open at once. Ask again once one of them has been answered.")
 
 
 def _thresholds(settings: DecisionSettings) -> RuleThresholds:
@@ -174,6 +193,8 @@ class DecisionStage(Stage):
         self._text_encoder = text_encoder
         self.states: dict[str, StreamState] = {}
         self._batch: list = []
+        self._answers: list[events_pb2.ResponseEvent] = []  # final responses to questions, from 'responses'
+        self._refusals: list = []  # deliveries of this batch's refusals: durable before its commit
         self.out: Outbox | None = None
         self._policy_tried = 0.0
 
@@ -195,6 +216,15 @@ class DecisionStage(Stage):
     def configure(self, spec: StageSpec) -> StageSpec:
         consumes = dict(spec.consumes)
         consumes.pop(topics.EMBEDDINGS if self.takes_frames else topics.FRAMES, None)
+        if self.settings.max_open_questions_per_stream:
+            # Answers close open questions. Keyed tenant/stream with the same partition count as
+            # queries (every host creates all topics alike) and read with the range assignor: the
+            # member that holds a stream's queries holds its responses too.
+            consumes.setdefault(topics.RESPONSES, events_pb2.ResponseEvent)
+        else:
+            consumes.pop(topics.RESPONSES, None)
+        # Refusals go to 'responses' with every policy (the topology row lists it); for a policy that
+        # writes no answers it stays out of the configured row, so its metadata comes at the first refusal.
         produces = spec.produces if self.writes_responses else tuple(t for t in spec.produces if t != topics.RESPONSES)
         return replace(spec, group=self.settings.consumer_group, consumes=consumes, produces=produces)
 
@@ -207,12 +237,9 @@ class DecisionStage(Stage):
             self._text_encoder = self._text_encoder or TextEncoder(self.text or load_settings(TextEncoderSettings)).load()
             memory = self._memory
             if memory is None and self.settings.policy == "model" and self.settings.memory_address:
-                import grpc
+                from streamharness.memory.client import MemoryClient
 
-                from streamharness.v1 import memory_pb2_grpc
-
-                self._channel = grpc.insecure_channel(self.settings.memory_address)
-                memory = memory_pb2_grpc.MemoryServiceStub(self._channel)
+                self._channel = memory = MemoryClient(self.settings.memory_address, "decision")
             self.policy = make_policy(self.settings, self._text_encoder.encode, self.triton, memory, self.tiers, self.engine_settings)
             self._policy_tried = time.monotonic()
         log.info("decision policy: %s%s", getattr(self.policy, "name", "none (waiting for the trained head)"),
@@ -250,7 +277,14 @@ class DecisionStage(Stage):
     HOLD_S = 30.0
 
     def handle(self, event: ConsumedEvent) -> None:
-        self._batch.append(event.message)
+        msg = event.message
+        if isinstance(msg, events_pb2.ResponseEvent):
+            if msg.final and msg.question_id:
+                if not (msg.key.tenant and msg.key.stream_id):
+                    msg.key.CopyFrom(parse_key(event.key))
+                self._answers.append(msg)
+            return  # the other chunks of a response say nothing to the decision
+        self._batch.append(msg)
 
     # With policy "trained" and the head not served at start (Triton came up later, or a new head is
     # being rolled out), the rules decide; every so often the head is looked for again and, once
@@ -260,10 +294,19 @@ class DecisionStage(Stage):
 
     def end_batch(self) -> None:
         batch, self._batch = self._batch, []
+        answers, self._answers = self._answers, []
+        self._refusals = []
+        # Answers first: a slot they free is free for the questions of this batch (a question
+        # redelivered with its own answer in one poll is simply decided and answered again).
+        for answer in answers:
+            self._on_answer(answer)
         batch.sort(key=_media_order)
         for msg in batch:
             self.apply(msg)
         self._flush_round()
+        refusals, self._refusals = self._refusals, []
+        for fut in refusals:
+            fut.get(timeout=30)  # durable before the offsets of the questions they refuse are committed
         self._maybe_upgrade()
 
     def _maybe_upgrade(self) -> None:
@@ -328,6 +371,13 @@ class DecisionStage(Stage):
         elif q.kind == Q.KIND_INSTRUCTION_REMOVE:
             state.instructions.pop(q.instruction_id, None)
         elif q.kind == Q.KIND_QUESTION:
+            limit = self.settings.max_open_questions_per_stream
+            if limit:
+                if q.question_id not in state.open_questions and len(state.open_questions) >= limit:
+                    self._refuse(state, q, limit)
+                    return
+                state.open_questions[q.question_id] = q.media_ts_ms
+                state.refusing = False
             state.questions.append(PendingQuestion(q.question_id, q.text, q.media_ts_ms))
             # Frames already went past the question's time: answer now rather than at the next frame.
             if state.last is not None and state.last.media_ts_ms >= q.media_ts_ms:
@@ -344,6 +394,30 @@ class DecisionStage(Stage):
             # media_ts_ms < 0: the session published no frame at all, so nothing is coming.
             if q.media_ts_ms < 0 or (state.last is not None and state.last.media_ts_ms >= q.media_ts_ms):
                 self._finish(state, q.hops)
+
+    def _on_answer(self, r: events_pb2.ResponseEvent) -> None:
+        """A question's final response (an answer, a closed failure, a refusal): it is not open any more."""
+        state = self.states.get(key_str(r.key))
+        if state is None or (r.session_id and state.session_id and r.session_id != state.session_id):
+            return  # a stream this member does not hold (any more), or an earlier session's answer
+        state.open_questions.pop(r.question_id, None)
+
+    def _refuse(self, state: StreamState, q: events_pb2.QueryEvent, limit: int) -> None:
+        """Answer ``q`` at once with a final response that refuses it (the stream has ``limit`` open)."""
+        if not state.refusing:
+            log.warning("%s: %d questions open (SH_DECISION_MAX_OPEN_QUESTIONS_PER_STREAM); refusing new ones until "
+                        "one is answered", key_str(state.key), limit)
+        state.refusing = True
+        event = events_pb2.ResponseEvent(
+            key=state.key, session_id=state.session_id or q.session_id,
+            # Its own id: the question may be asked again (or redelivered) and then be answered.
+            response_id=f"{key_str(state.key)}/{q.media_ts_ms}/{q.question_id}/refused",
+            index=0, text=REFUSAL_TOO_MANY_OPEN.format(limit=limit), final=True, trigger=common_pb2.TRIGGER_QUESTION,
+            question_id=q.question_id, media_ts_ms=q.media_ts_ms, reply_to=state.reply_to or q.reply_to,
+            # No hops: a refusal is not a generation, it must not count in time-to-first-token.
+            # No answer_text: memory keeps no dialogue turn for it.
+        )
+        self._refusals.append(self.out.send(topics.RESPONSES, state.key, event))
 
     def _on_frame(self, f) -> None:
         state = self._state(f.key, f.session_id)
@@ -405,6 +479,8 @@ class DecisionStage(Stage):
             if pieces is not None:  # the policy's own response: published before its decision
                 text, sent = self._stream(state, d, pieces, hops)
                 futures += sent
+                if d.trigger == common_pb2.TRIGGER_QUESTION:
+                    state.open_questions.pop(d.trigger_id, None)  # answered here (or never will be)
                 if not text:
                     log.info("%s t=%.1fs: the model chose to respond but wrote nothing", key_str(state.key), d.media_ts_ms / 1000)
                     continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -69,6 +70,8 @@ class LocalStack:
         self.broker: KafkaBroker | None = None
         self.triton: TritonServer | None = None
         self.procs: list[Proc] = []
+        # One internal identity secret per stack (the chart makes one per release).
+        self.internal_secret = os.environ.get("SH_AUTH_INTERNAL_SECRET") or secrets.token_urlsafe(48)
 
     # -- addresses ------------------------------------------------------------------------------
     def proc(self, name: str) -> Proc:
@@ -92,6 +95,7 @@ class LocalStack:
             "SH_TRITON_URL": self.triton.grpc_url,
             "SH_MEMORY_DATA_DIR": str(self.work_dir / "memory"),
             "SH_TELEMETRY_LOG_LEVEL": os.environ.get("SH_TELEMETRY_LOG_LEVEL", "INFO"),
+            "SH_AUTH_INTERNAL_SECRET": self.internal_secret,
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
@@ -134,7 +138,9 @@ class LocalStack:
         ports = {(name, i): free_port() for name, n in replicas.items() for i in range(n)}
         addresses = {name: f"127.0.0.1:{ports[(name, 0)]}" for name in TOPOLOGY}
         wiring = {
-            "gateway": {"SH_GATEWAY_INGEST_ADDRESS": addresses["ingest"]},
+            # A development stack: anonymous tenants (x-tenant) unless extra_env names an API keys file.
+            "gateway": {"SH_GATEWAY_INGEST_ADDRESS": addresses["ingest"],
+                        **({} if "SH_GATEWAY_API_KEYS_FILE" in self.extra_env else {"SH_GATEWAY_ALLOW_ANONYMOUS": "true"})},
             "decision": {"SH_DECISION_MEMORY_ADDRESS": addresses["memory"]},  # the model policy's stable prefix
             "summariser": {
                 "SH_SUMMARISER_MEMORY_ADDRESS": addresses["memory"],

@@ -7,39 +7,56 @@ cluster) that it stamps into ``QueryEvent.reply_to``; decisions and responses ca
 each replica consumes ``responses`` in a consumer group of its own and keeps only the records
 addressed to it, delivering them to the session by ``session_id``. Chunks are de-duplicated by
 ``(response_id, index)`` because delivery is at least once.
+
+**Sessions are coroutines** (``grpc.aio``): an open session holds no thread, so thousands of idle
+ones cost memory only, and health, reflection and new sessions never wait behind them. In order,
+before anything is allocated for a call: the caller is authenticated (:mod:`streamharness.auth`),
+the tenant's and the replica's session quotas are taken, then the first message must arrive within
+``SH_GATEWAY_FIRST_MESSAGE_TIMEOUT_S``; a session silent for ``SH_GATEWAY_IDLE_TIMEOUT_S`` ends with
+DEADLINE_EXCEEDED. Client messages arrive as bytes and are parsed here
+(:mod:`streamharness.grpcutil.wire`), so a message that does not parse (invalid UTF-8 in a
+question, say) is answered with a ``SessionError`` naming the field and the session goes on.
+Questions and instruction changes are rate-limited per session and per tenant (RESOURCE_EXHAUSTED
+with ``retry_after_ms``). Ingest is called with an internal identity token for the session's tenant.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import os
-import queue
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from concurrent import futures
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness import topics
-from streamharness.errors import InvalidInput, QuotaExceeded, Unauthenticated
-from streamharness.keys import key_str, validate_name
+from streamharness.auth import AuthSettings, InternalTokens, TenantAuth, audit
+from streamharness.errors import DeadlineExceeded, QuotaExceeded, RateLimited, StreamHarnessError
+from streamharness.grpcutil.wire import parse
+from streamharness.keys import key_str
+from streamharness.limits import Buckets, TokenBucket
 from streamharness.records import ConsumedEvent
 from streamharness.session import SessionMapper
 from streamharness.settings import load_settings
 from streamharness.stage import Outbox, Stage, StageContext, StageSpec
 from streamharness.telemetry import meters
-from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc, session_pb2, session_pb2_grpc
+from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc, session_pb2
 
 log = logging.getLogger(__name__)
 Q = events_pb2.QueryEvent
 _DONE = object()
+SERVICE = "streamharness.v1.SessionService"
 
 
 def _default_replica_id() -> str:
@@ -53,24 +70,31 @@ class GatewaySettings(BaseSettings):
 
     replica_id: str = Field(default_factory=_default_replica_id, description="This replica's id for response routing; the chart sets the pod name. Default: host-pid-random.")
     ingest_address: str = Field("127.0.0.1:50052", description="host:port of the ingest service.")
-    api_keys: SecretStr | None = Field(None, description='JSON object {"<api key>": "<tenant>"}; clients send the key as metadata x-api-key. Unset: no authentication, tenant from x-tenant metadata (default "default").')
-    max_sessions_per_tenant: int = Field(64, ge=1, description="Open sessions a tenant may hold at once (RESOURCE_EXHAUSTED beyond).")
-    max_frame_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest encoded frame accepted from a client.")
-    max_text_chars: int = Field(2000, ge=1, description="Longest question or instruction text.")
+    api_keys_file: Path | None = Field(None, description='JSON file {"<tenant>": ["sha256:<hex>", ...]}: hashed API keys, several per tenant (`streamharness keys new` makes one). Clients send the key as metadata x-api-key. Re-read when it changes (rotation without restart).')
+    jwt_issuers_file: Path | None = Field(None, description='JSON list of accepted JWT issuers [{"issuer", "audience", "public_key_file" or "jwks_url", "algorithms", "tenant_claim"}]; clients send authorization: Bearer <JWT>. Re-read when it changes.')
+    auth_reload_s: float = Field(5.0, gt=0, le=3600, description="How often the API keys and issuers files are checked for changes.")
+    allow_anonymous: bool = Field(False, description="Development only: with neither file set, take the tenant from x-tenant metadata (default \"default\") without authentication. Without it and without a file the gateway refuses to start.")
+    max_sessions_per_tenant: int = Field(64, ge=1, description="Open sessions a tenant may hold at once on this replica (RESOURCE_EXHAUSTED beyond, before anything is allocated).")
+    max_sessions: int = Field(10_000, ge=1, description="Open sessions of all tenants on this replica (RESOURCE_EXHAUSTED beyond).")
+    first_message_timeout_s: float = Field(10.0, gt=0, le=600, description="A call must send SessionStart within this long (DEADLINE_EXCEEDED otherwise).")
+    idle_timeout_s: float = Field(300.0, gt=0, le=86_400, description="A session with no client message for this long ends with DEADLINE_EXCEEDED.")
+    max_frame_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest encoded frame accepted from a client (a larger one: RESOURCE_EXHAUSTED, the session goes on; keep below SH_GRPC_MAX_MESSAGE_BYTES, beyond which gRPC itself ends the call).")
+    max_text_chars: int = Field(2000, ge=1, description="Longest question or instruction text (RESOURCE_EXHAUSTED beyond).")
+    questions_per_s: float = Field(2.0, gt=0, description="Questions and instruction changes per second of one session (token bucket; RESOURCE_EXHAUSTED with retry_after_ms beyond).")
+    questions_burst: int = Field(10, ge=1, description="Burst of the per-session bucket.")
+    tenant_questions_per_s: float = Field(20.0, gt=0, description="Questions and instruction changes per second of one tenant on this replica, all sessions together.")
+    tenant_questions_burst: int = Field(100, ge=1, description="Burst of the per-tenant bucket.")
+    publish_workers: int = Field(8, ge=1, le=256, description="Threads that wait for Kafka to acknowledge queries (sessions themselves hold no thread).")
     end_grace_s: float = Field(60.0, ge=0, le=600, description="After SessionEnd, wait this long at most for answers to pending questions before closing.")
     consumer_poll_timeout_ms: int = Field(50, ge=1, le=5000, description="Poll timeout of the responses consumer (latency of delivery).")
 
-    @field_validator("api_keys")
-    @classmethod
-    def _json_map(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            parsed = json.loads(value.get_secret_value())
-            if not isinstance(parsed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()):
-                raise ValueError('must be a JSON object of "<api key>": "<tenant>"')
-        return value
 
-    def tenants_by_key(self) -> dict[str, str] | None:
-        return json.loads(self.api_keys.get_secret_value()) if self.api_keys else None
+@dataclass
+class _Fatal:
+    """Ends the call with this status (after what is queued before it)."""
+
+    code: grpc.StatusCode
+    message: str
 
 
 @dataclass
@@ -78,132 +102,186 @@ class _Session:
     session_id: str
     key: common_pb2.StreamKey
     mapper: SessionMapper
-    outbound: queue.Queue = field(default_factory=queue.Queue)
+    loop: asyncio.AbstractEventLoop
+    bucket: TokenBucket
+    outbound: asyncio.Queue = field(default_factory=asyncio.Queue)
+    frames: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=64))
     seen_chunks: set[tuple[str, int]] = field(default_factory=set)
     open_questions: set[str] = field(default_factory=set)
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
     last_published_ms: int = -1  # media time of the last frame ingest published; -1: none (SessionEnd carries it)
-    answered: threading.Condition = field(default_factory=threading.Condition)
+
+    def put(self, item: Any) -> None:
+        self.outbound.put_nowait(item)
+
+    def deliver(self, message: session_pb2.ServerMessage, answered_question: str) -> None:
+        """On the loop: a response chunk; ``answered_question`` is the question it closes, if any."""
+        self.outbound.put_nowait(message)
+        if answered_question:
+            self.open_questions.discard(answered_question)
+            if not self.open_questions:
+                self.answered.set()
 
 
-class _SessionApi(session_pb2_grpc.SessionServiceServicer):
+def _error(err: Exception, seq: int = 0, ts: int = 0) -> session_pb2.ServerMessage:
+    code = getattr(err, "code", grpc.StatusCode.INVALID_ARGUMENT)
+    retry = getattr(err, "retry_after_s", 0.0)
+    return session_pb2.ServerMessage(error=session_pb2.SessionError(
+        code=code.value[0], message=str(err), seq=seq, media_ts_ms=ts, retry_after_ms=int(retry * 1000 + 0.999)))
+
+
+class _SessionApi:
     def __init__(self, gateway: GatewayStage):
         self.g = gateway
 
-    # -- authentication and quotas -------------------------------------------------------------
-    def _tenant(self, context: grpc.ServicerContext) -> str:
-        md = dict(context.invocation_metadata() or ())
-        keys = self.g.tenants_by_key
-        if keys is None:
-            return validate_name("tenant", md.get("x-tenant", "default"))
-        api_key = md.get("x-api-key")
-        if not api_key:
-            raise Unauthenticated("missing x-api-key metadata")
-        tenant = keys.get(api_key)
-        if tenant is None:
-            raise Unauthenticated("unknown API key")
-        return tenant
+    def handler(self) -> grpc.GenericRpcHandler:
+        # Requests as bytes (no deserializer): parsed in the handler, so a bad one is answered.
+        return grpc.method_handlers_generic_handler(SERVICE, {"Stream": grpc.stream_stream_rpc_method_handler(
+            self.Stream, request_deserializer=None, response_serializer=session_pb2.ServerMessage.SerializeToString)})
 
-    def Stream(self, requests: Iterator[session_pb2.ClientMessage], context: grpc.ServicerContext) -> Iterator[session_pb2.ServerMessage]:  # noqa: N802
-        tenant = self._tenant(context)
-        settings = self.g.settings
-        mapper = SessionMapper(tenant, uuid.uuid4().hex, max_text_chars=settings.max_text_chars,
-                               max_frame_bytes=settings.max_frame_bytes, reply_to=settings.replica_id)
-        start = mapper.start(next(requests, None))
-        key = mapper.key
-        session = self.g.open_session(key, mapper)
-        context.add_callback(lambda: self.g.close_session(session))
-        log.info("session %s opened for %s (%d instructions)", session.session_id, key_str(key), len(start.instructions))
-        self.g.publish_query(start)
-        yield session_pb2.ServerMessage(accepted=session_pb2.SessionAccepted(session_id=session.session_id, key=key,
-                                                                             decision_fps=mapper.decision_fps))
-
-        ingest_q: queue.Queue = queue.Queue(maxsize=256)
-        results = self.g.ingest.IngestFrames(iter(ingest_q.get, _DONE))
-        pump = threading.Thread(target=self._pump_ingest, args=(results, session), daemon=True, name=f"ingest-{session.session_id[:8]}")
-        pump.start()
-        reader = threading.Thread(target=self._read, args=(requests, session, ingest_q, pump), daemon=True, name=f"read-{session.session_id[:8]}")
-        reader.start()
+    async def _first(self, requests: AsyncIterator[bytes]) -> session_pb2.ClientMessage | None:
+        timeout = self.g.settings.first_message_timeout_s
         try:
+            raw = await asyncio.wait_for(anext(requests, None), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no SessionStart within {timeout:g} s (SH_GATEWAY_FIRST_MESSAGE_TIMEOUT_S)") from None
+        return None if raw is None else parse(session_pb2.ClientMessage, raw, "the first message")
+
+    async def Stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[session_pb2.ServerMessage]:  # noqa: N802
+        g, settings = self.g, self.g.settings
+        tenant = g.auth.tenant(context.invocation_metadata(), peer=context.peer())
+        g.reserve(tenant)  # quotas before anything is allocated
+        session: _Session | None = None
+        reader: asyncio.Task | None = None
+        pump: asyncio.Task | None = None
+        results = None
+        try:
+            mapper = SessionMapper(tenant, uuid.uuid4().hex, max_text_chars=settings.max_text_chars,
+                                   max_frame_bytes=settings.max_frame_bytes, reply_to=settings.replica_id)
+            start = mapper.start(await self._first(requests))
+            session = g.open_session(mapper)
+            log.info("session %s opened for %s (%d instructions)", session.session_id, key_str(mapper.key), len(start.instructions))
+            await g.publish_query(start)
+            yield session_pb2.ServerMessage(accepted=session_pb2.SessionAccepted(
+                session_id=session.session_id, key=mapper.key, decision_fps=mapper.decision_fps))
+
+            results = g.ingest_stub().IngestFrames(self._frames(session), metadata=g.tokens.metadata(tenant, "ingest"))
+            pump = asyncio.create_task(self._pump_ingest(results, session), name=f"ingest-{session.session_id[:8]}")
+            reader = asyncio.create_task(self._read(requests, session, pump), name=f"read-{session.session_id[:8]}")
             while True:
-                item = session.outbound.get()
+                item = await session.outbound.get()
                 if item is _DONE:
                     break
+                if isinstance(item, _Fatal):
+                    log.info("session %s ends: %s", session.session_id, item.message)
+                    await context.abort(item.code, item.message)
                 yield item
         finally:
-            try:
-                ingest_q.put_nowait(_DONE)
-            except queue.Full:
-                pass  # the reader's own _DONE is queued behind the backlog
-            if not context.is_active():
-                results.cancel()  # the client left: stop the ingest call too
+            for task in (reader, pump):
+                if task is not None and not task.done():
+                    task.cancel()
+            if results is not None and not results.done():
+                results.cancel()  # the client left (or the session ended badly): stop the ingest call too
+            if session is not None:
+                g.close_session(session)
+            g.release(tenant)
 
-    def _error(self, session: _Session, err: Exception, seq: int = 0, ts: int = 0) -> None:
-        code = getattr(err, "code", grpc.StatusCode.INVALID_ARGUMENT).value[0]
-        session.outbound.put(session_pb2.ServerMessage(error=session_pb2.SessionError(code=code, message=str(err), seq=seq, media_ts_ms=ts)))
+    async def _frames(self, session: _Session) -> AsyncIterator[ingest_pb2.IngestFrameRequest]:
+        while True:
+            item = await session.frames.get()
+            if item is _DONE:
+                return
+            yield item
 
-    def _read(self, requests, session: _Session, ingest_q: queue.Queue, pump: threading.Thread) -> None:
+    async def _read(self, requests: AsyncIterator[bytes], session: _Session, pump: asyncio.Task) -> None:
         """Client messages → ingest / queries. A bad message is answered with a non-fatal error."""
+        g = self.g
         last_ts = -1
         ended = False
         mapper = session.mapper
+        idle = g.settings.idle_timeout_s
         try:
-            for msg in requests:
-                kind = msg.WhichOneof("message")
+            while True:
                 try:
+                    raw = await asyncio.wait_for(anext(requests, None), idle)
+                except TimeoutError:
+                    await self._abandon(session)
+                    session.put(_Fatal(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"no message for {idle:g} s (SH_GATEWAY_IDLE_TIMEOUT_S): session closed"))
+                    return
+                if raw is None:
+                    break
+                msg: session_pb2.ClientMessage | None = None
+                try:
+                    msg = parse(session_pb2.ClientMessage, raw, "message")
+                    kind = msg.WhichOneof("message")
                     if kind == "frame":
-                        ingest_q.put(mapper.frame(msg.frame))
+                        await session.frames.put(mapper.frame(msg.frame))
                         last_ts = max(last_ts, msg.frame.media_ts_ms)
                     elif kind == "end":
                         ended = True
                         break
                     else:
+                        if kind in ("question", "instruction"):
+                            g.take_query_token(session)
                         query, ack = mapper.query(msg)
                         if kind == "question":
                             session.open_questions.add(query.question_id)
-                        self.g.publish_query(query)
-                        session.outbound.put(ack)
-                except InvalidInput as err:
-                    self._error(session, err, seq=msg.frame.seq if kind == "frame" else 0)
+                            session.answered.clear()
+                        await g.publish_query(query)
+                        session.put(ack)
+                except StreamHarnessError as err:
+                    frame = msg is not None and msg.WhichOneof("message") == "frame"
+                    session.put(_error(err, seq=msg.frame.seq if frame else 0, ts=msg.frame.media_ts_ms if frame else 0))
         except grpc.RpcError:
             pass  # the client went away
-        finally:
-            ingest_q.put(_DONE)
+        await session.frames.put(_DONE)
         if not ended:
             # The client went away without SessionEnd: still tell the pipeline the session is over,
             # so per-stream state is released.
-            try:
-                self.g.publish_query(mapper.end(session.last_published_ms))
-            except Exception:  # noqa: BLE001 - best effort on a broken session
-                log.warning("could not publish the end of abandoned session %s", session.session_id)
-        if ended:
-            # Every frame sent before SessionEnd gets its ack or error before the session closes.
-            pump.join(timeout=self.g.settings.end_grace_s)
-            self.g.publish_query(mapper.end(session.last_published_ms))
-            deadline = time.monotonic() + self.g.settings.end_grace_s
-            with session.answered:
-                while session.open_questions and time.monotonic() < deadline:
-                    session.answered.wait(timeout=max(0.0, deadline - time.monotonic()))
-            session.outbound.put(session_pb2.ServerMessage(ack=session_pb2.Ack(kind=session_pb2.Ack.KIND_END, media_ts_ms=max(0, last_ts))))
-        session.outbound.put(_DONE)
-
-    def _pump_ingest(self, results, session: _Session) -> None:
+            await self._abandon(session)
+            session.put(_DONE)
+            return
+        # Every frame sent before SessionEnd gets its ack or error before the session closes.
+        grace = g.settings.end_grace_s
         try:
-            for r in results:
-                if r.status == ingest_pb2.IngestFrameResult.STATUS_REJECTED:
-                    session.outbound.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
+            await asyncio.wait_for(asyncio.shield(pump), grace)
+        except TimeoutError:
+            log.warning("session %s: ingest did not answer every frame within %g s", session.session_id, grace)
+        await g.publish_query(mapper.end(session.last_published_ms))
+        if session.open_questions:
+            try:
+                await asyncio.wait_for(session.answered.wait(), grace)
+            except TimeoutError:
+                pass
+        session.put(session_pb2.ServerMessage(ack=session_pb2.Ack(kind=session_pb2.Ack.KIND_END, media_ts_ms=max(0, last_ts))))
+        session.put(_DONE)
+
+    async def _abandon(self, session: _Session) -> None:
+        try:
+            await self.g.publish_query(session.mapper.end(session.last_published_ms))
+        except Exception:  # noqa: BLE001 - best effort on a broken session
+            log.warning("could not publish the end of abandoned session %s", session.session_id)
+
+    async def _pump_ingest(self, results: Any, session: _Session) -> None:
+        R = ingest_pb2.IngestFrameResult  # noqa: N806
+        try:
+            async for r in results:
+                if r.status == R.STATUS_REJECTED:
+                    session.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
                         code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=r.error, seq=r.seq, media_ts_ms=r.media_ts_ms)))
                 else:
-                    if r.status == ingest_pb2.IngestFrameResult.STATUS_PUBLISHED:
+                    if r.status == R.STATUS_PUBLISHED:
                         session.last_published_ms = max(session.last_published_ms, r.media_ts_ms)
-                    session.outbound.put(session_pb2.ServerMessage(ack=session_pb2.Ack(
+                    session.put(session_pb2.ServerMessage(ack=session_pb2.Ack(
                         kind=session_pb2.Ack.KIND_FRAME, seq=r.seq, media_ts_ms=r.media_ts_ms,
-                        sampled=r.status == ingest_pb2.IngestFrameResult.STATUS_PUBLISHED)))
+                        sampled=r.status == R.STATUS_PUBLISHED, shed=r.status == R.STATUS_SHED)))
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
                 log.warning("ingest call of session %s failed: %s", session.session_id, err.details())
-                session.outbound.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
+                session.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
                     code=err.code().value[0], message=f"ingest unavailable: {err.details()}", fatal=True)))
-                session.outbound.put(_DONE)
+                session.put(_DONE)
 
 
 class GatewayStage(Stage):
@@ -212,46 +290,93 @@ class GatewayStage(Stage):
 
     name = "gateway"
 
-    def __init__(self, settings: GatewaySettings | None = None):
+    def __init__(self, settings: GatewaySettings | None = None, auth: AuthSettings | None = None):
         self.settings = settings or load_settings(GatewaySettings)
-        self.tenants_by_key = self.settings.tenants_by_key()
+        s = self.settings
+        self.auth = TenantAuth(s.api_keys_file, s.jwt_issuers_file, reload_s=s.auth_reload_s, allow_anonymous=s.allow_anonymous)
+        if self.auth.anonymous:
+            log.warning("authentication is off (SH_GATEWAY_ALLOW_ANONYMOUS): the tenant is whatever x-tenant says")
+        self.tokens = InternalTokens(auth or load_settings(AuthSettings), "gateway")
         self.sessions: dict[str, _Session] = {}
         self._per_tenant: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._open = 0
+        self._tenant_queries = Buckets(s.tenant_questions_per_s, s.tenant_questions_burst)
+        self._publish_pool = futures.ThreadPoolExecutor(s.publish_workers, thread_name_prefix="gateway-publish")
         self.out: Outbox | None = None
-        self._channel: grpc.Channel | None = None
+        self._health_channel: grpc.Channel | None = None
         self._ingest_health: health_pb2_grpc.HealthStub | None = None
-        self.ingest: ingest_pb2_grpc.IngestServiceStub | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._channel_loop: asyncio.AbstractEventLoop | None = None
+        self._ingest: Any = None
 
     def configure(self, spec: StageSpec) -> StageSpec:
         return replace(spec, group=f"{spec.group}-{self.settings.replica_id}",
                        poll_timeout_ms=self.settings.consumer_poll_timeout_ms)
 
-    # -- sessions --------------------------------------------------------------------------------
-    def open_session(self, key: common_pb2.StreamKey, mapper: SessionMapper) -> _Session:
-        with self._lock:
-            count = self._per_tenant.get(key.tenant, 0)
-            if count >= self.settings.max_sessions_per_tenant:
-                raise QuotaExceeded(f"tenant {key.tenant} already has {count} open sessions (limit {self.settings.max_sessions_per_tenant})")
-            session = _Session(session_id=mapper.session_id, key=key, mapper=mapper)
-            self.sessions[session.session_id] = session
-            self._per_tenant[key.tenant] = count + 1
-        meters.sessions_active().add(1, {"tenant": key.tenant})
+    # -- quotas and sessions (on the server's event loop) -----------------------------------------
+    def reserve(self, tenant: str) -> None:
+        """Take a session slot of ``tenant`` or raise (audited); :meth:`release` gives it back."""
+        s = self.settings
+        count = self._per_tenant.get(tenant, 0)
+        if count >= s.max_sessions_per_tenant:
+            audit("quota_exceeded", quota="sessions_per_tenant", tenant=tenant, limit=s.max_sessions_per_tenant)
+            raise QuotaExceeded(f"tenant {tenant} already has {count} open sessions (limit {s.max_sessions_per_tenant}, SH_GATEWAY_MAX_SESSIONS_PER_TENANT)")
+        if self._open >= s.max_sessions:
+            audit("quota_exceeded", quota="sessions", tenant=tenant, limit=s.max_sessions)
+            raise QuotaExceeded(f"this gateway replica holds {self._open} sessions (limit {s.max_sessions}, SH_GATEWAY_MAX_SESSIONS); try again later")
+        self._per_tenant[tenant] = count + 1
+        self._open += 1
+        meters.sessions_active().add(1, {"tenant": tenant})
+
+    def release(self, tenant: str) -> None:
+        self._per_tenant[tenant] -= 1
+        if not self._per_tenant[tenant]:
+            del self._per_tenant[tenant]
+        self._open -= 1
+        meters.sessions_active().add(-1, {"tenant": tenant})
+
+    def take_query_token(self, session: _Session) -> None:
+        """One question or instruction change of ``session``, or ``RateLimited`` (audited)."""
+        s, tenant = self.settings, session.key.tenant
+        wait = session.bucket.take()
+        if wait:
+            audit("quota_exceeded", quota="questions_per_session", tenant=tenant, session=session.session_id, limit=s.questions_per_s)
+            raise RateLimited(f"questions and instruction changes are limited to {s.questions_per_s:g}/s per session "
+                              f"(burst {s.questions_burst}, SH_GATEWAY_QUESTIONS_PER_S); resets in {wait:.2f} s", wait)
+        wait = self._tenant_queries.take(tenant)
+        if wait:
+            audit("quota_exceeded", quota="questions_per_tenant", tenant=tenant, limit=s.tenant_questions_per_s)
+            raise RateLimited(f"questions and instruction changes are limited to {s.tenant_questions_per_s:g}/s for tenant {tenant} "
+                              f"(burst {s.tenant_questions_burst}, SH_GATEWAY_TENANT_QUESTIONS_PER_S); resets in {wait:.2f} s", wait)
+
+    def open_session(self, mapper: SessionMapper) -> _Session:
+        s = self.settings
+        session = _Session(session_id=mapper.session_id, key=mapper.key, mapper=mapper, loop=asyncio.get_running_loop(),
+                           bucket=TokenBucket(s.questions_per_s, s.questions_burst))
+        self.sessions[session.session_id] = session
         return session
 
     def close_session(self, session: _Session) -> None:
-        with self._lock:
-            if self.sessions.pop(session.session_id, None) is None:
-                return
-            self._per_tenant[session.key.tenant] -= 1
-        meters.sessions_active().add(-1, {"tenant": session.key.tenant})
-        session.outbound.put(_DONE)
+        self.sessions.pop(session.session_id, None)
 
-    def publish_query(self, query: events_pb2.QueryEvent) -> None:
-        self.out.send(topics.QUERIES, query.key, query).get(timeout=10)
+    def ingest_stub(self) -> Any:
+        """The ingest client, on the server's event loop (made at the first session)."""
+        if self._ingest is None:
+            self._channel = grpc.aio.insecure_channel(self.settings.ingest_address, options=[
+                ("grpc.max_send_message_length", self.settings.max_frame_bytes + 65536),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ])
+            self._channel_loop = asyncio.get_running_loop()
+            self._ingest = ingest_pb2_grpc.IngestServiceStub(self._channel)
+        return self._ingest
+
+    async def publish_query(self, query: events_pb2.QueryEvent) -> None:
+        """Publish and wait for Kafka's acknowledgement in a worker thread (the loop never blocks)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._publish_pool, lambda: self.out.send(topics.QUERIES, query.key, query).get(timeout=10))
 
     def handle(self, event: ConsumedEvent) -> None:
-        """A record of ``responses``: to the session it is addressed to, once per chunk."""
+        """A record of ``responses`` (on a consumer thread): to the session it is addressed to, once per chunk."""
         r: events_pb2.ResponseEvent = event.message
         if r.reply_to != self.settings.replica_id:
             return  # another replica's session
@@ -263,26 +388,23 @@ class GatewayStage(Stage):
         session.seen_chunks.add((r.response_id, r.index))
         if r.index == 0:
             meters.record_hops(r.hops, "gateway_first_token", time.time_ns())
-        session.outbound.put(session_pb2.ServerMessage(response=session_pb2.ResponseChunk(
+        message = session_pb2.ServerMessage(response=session_pb2.ResponseChunk(
             response_id=r.response_id, index=r.index, text=r.text, final=r.final, trigger=r.trigger,
-            question_id=r.question_id, instruction_id=r.instruction_id, media_ts_ms=r.media_ts_ms)))
-        if r.final and r.question_id:
-            with session.answered:
-                session.open_questions.discard(r.question_id)
-                session.answered.notify_all()
+            question_id=r.question_id, instruction_id=r.instruction_id, media_ts_ms=r.media_ts_ms))
+        try:
+            session.loop.call_soon_threadsafe(session.deliver, message, r.question_id if r.final else "")
+        except RuntimeError:
+            pass  # the server's loop is closed: shutting down
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self, ctx: StageContext) -> None:
         self.out = ctx.outbox
-        self._channel = grpc.insecure_channel(self.settings.ingest_address, options=[
-            ("grpc.max_send_message_length", self.settings.max_frame_bytes + 65536),
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-        ])
-        self.ingest = ingest_pb2_grpc.IngestServiceStub(self._channel)
-        self._ingest_health = health_pb2_grpc.HealthStub(self._channel)
+        # Health from the readiness thread: a plain channel of its own.
+        self._health_channel = grpc.insecure_channel(self.settings.ingest_address)
+        self._ingest_health = health_pb2_grpc.HealthStub(self._health_channel)
 
-    def register(self, server: grpc.Server) -> None:
-        session_pb2_grpc.add_SessionServiceServicer_to_server(_SessionApi(self), server)
+    def register(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((_SessionApi(self).handler(),))
 
     def healthy(self) -> bool:
         """Ingest answers. A health call rather than ``channel_ready_future``: that one leaves a
@@ -297,5 +419,11 @@ class GatewayStage(Stage):
 
     def close(self, deadline: float) -> None:
         # The runner already stopped taking calls; open sessions end when their clients do.
-        if self._channel is not None:
-            self._channel.close()
+        if self._health_channel is not None:
+            self._health_channel.close()
+        if self._channel is not None and self._channel_loop is not None and self._channel_loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._channel.close(), self._channel_loop).result(max(0.1, deadline - time.monotonic()))
+            except (futures.TimeoutError, RuntimeError):
+                log.warning("the ingest channel did not close before the deadline")
+        self._publish_pool.shutdown(wait=False)

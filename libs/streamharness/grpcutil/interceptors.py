@@ -1,15 +1,24 @@
 """Map exceptions raised by handlers to gRPC status codes with a useful message, log each call,
 and record its duration. Handlers raise ``streamharness.errors`` exceptions; anything else is a
-bug and becomes INTERNAL (logged with its traceback, but only its type reaches the client)."""
+bug and becomes INTERNAL (logged with its traceback, but only its type reaches the client).
+
+The server is ``grpc.aio`` (:mod:`streamharness.runner`): ``async`` handlers (the gateway's and
+ingest's sessions) run on its event loop, plain ones (memory's queries) in its thread pool. The
+interceptor wraps each kind in a wrapper of the same kind. A call the client cancelled is logged
+at INFO without a traceback: leaving is not an error.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
+import grpc.aio
 
 from streamharness.errors import StreamHarnessError
 from streamharness.telemetry import meters
@@ -17,7 +26,8 @@ from streamharness.telemetry import meters
 log = logging.getLogger("streamharness.grpc")
 
 
-def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
+def status_of(method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a handler's exception becomes (logged here, once)."""
     if isinstance(exc, StreamHarnessError):
         code, message = exc.code, str(exc) or exc.__class__.__name__
         log.info("%s -> %s: %s", method, code.name, message)
@@ -26,18 +36,22 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> No
         log.info("%s -> INVALID_ARGUMENT: %s", method, message)
     else:
         code, message = grpc.StatusCode.INTERNAL, f"internal error ({exc.__class__.__name__}); see server logs"
-        log.exception("%s failed", method)
-    context.abort(code, message)
+        log.error("%s failed", method, exc_info=exc)
+    return code, message
 
 
 def _already_aborted(exc: BaseException) -> bool:
-    # context.abort() raises a bare Exception after setting the status; let it through untouched.
-    return type(exc) is Exception and not exc.args
+    # context.abort() raises after setting the status (AbortError on grpc.aio); let it through untouched.
+    return isinstance(exc, grpc.aio.AbortError) or (type(exc) is Exception and not exc.args)
 
 
-class ErrorMappingInterceptor(grpc.ServerInterceptor):
-    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
+def _cancelled(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError | GeneratorExit)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]], details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
@@ -46,7 +60,28 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             meters.rpc_duration().record(time.perf_counter() - start, {"rpc.method": method, "rpc.status": status})
             log.debug("%s %s in %.1f ms", method, status, 1e3 * (time.perf_counter() - start))
 
+        def left(start: float) -> None:
+            record(start, "CANCELLED")
+            log.info("%s: the client cancelled the call", method)
+
         def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.iscoroutinefunction(fn):
+                async def ainner(request_or_iter: Any, context: grpc.aio.ServicerContext) -> Any:
+                    start = time.perf_counter()
+                    try:
+                        result = await fn(request_or_iter, context)
+                        record(start, "OK")
+                        return result
+                    except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+                        if _cancelled(exc):
+                            left(start)
+                            raise
+                        record(start, "ERROR")
+                        if _already_aborted(exc):
+                            raise
+                        await context.abort(*status_of(method, exc))
+                return ainner
+
             def inner(request_or_iter: Any, context: grpc.ServicerContext) -> Any:
                 start = time.perf_counter()
                 try:
@@ -57,22 +92,40 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
                     record(start, "ERROR")
                     if _already_aborted(exc):
                         raise
-                    _abort(context, method, exc)
-
+                    context.abort(*status_of(method, exc))
             return inner
 
         def wrap_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(fn):
+                async def ainner(request_or_iter: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                    start = time.perf_counter()
+                    try:
+                        async for item in fn(request_or_iter, context):
+                            yield item
+                        record(start, "OK")
+                    except BaseException as exc:  # noqa: BLE001
+                        if _cancelled(exc):
+                            left(start)
+                            raise
+                        record(start, "ERROR")
+                        if _already_aborted(exc):
+                            raise
+                        await context.abort(*status_of(method, exc))
+                return ainner
+
             def inner(request_or_iter: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 start = time.perf_counter()
                 try:
                     yield from fn(request_or_iter, context)
                     record(start, "OK")
                 except BaseException as exc:  # noqa: BLE001
-                    record(start, "ERROR")
-                    if _already_aborted(exc) or isinstance(exc, GeneratorExit):
+                    if isinstance(exc, GeneratorExit):
+                        left(start)
                         raise
-                    _abort(context, method, exc)
-
+                    record(start, "ERROR")
+                    if _already_aborted(exc):
+                        raise
+                    context.abort(*status_of(method, exc))
             return inner
 
         if handler.unary_unary:

@@ -10,19 +10,23 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from streamharness.errors import InvalidInput
+from streamharness.errors import InvalidInput, TooLarge
 from streamharness.v1 import common_pb2
 
 _FORMATS = {common_pb2.IMAGE_ENCODING_JPEG: "JPEG", common_pb2.IMAGE_ENCODING_PNG: "PNG"}
 
 
-def decode_image(data: bytes, encoding: int, max_bytes: int) -> np.ndarray:
+def decode_image(data: bytes, encoding: int, max_bytes: int, max_input_pixels: int | None = None) -> np.ndarray:
     """Decode a JPEG/PNG into RGB uint8. Truncated or damaged data is an error, not a half-grey
-    frame: Pillow's strict load raises on a truncated file where libjpeg would pad it."""
+    frame: Pillow's strict load raises on a truncated file where libjpeg would pad it.
+
+    The dimensions are read from the header first: an image whose header claims more than
+    ``max_input_pixels`` (a decompression bomb: a few hundred bytes that say 20000x20000) is
+    refused before a pixel buffer is allocated."""
     if not data:
         raise InvalidInput("frame has no image bytes")
     if len(data) > max_bytes:
-        raise InvalidInput(f"frame is {len(data)} bytes, above the limit of {max_bytes}")
+        raise TooLarge(f"frame is {len(data)} bytes, above the limit of {max_bytes}")
     expected = _FORMATS.get(encoding)
     if expected is None:
         raise InvalidInput(f"unsupported image encoding {encoding}: send IMAGE_ENCODING_JPEG or IMAGE_ENCODING_PNG")
@@ -30,11 +34,15 @@ def decode_image(data: bytes, encoding: int, max_bytes: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             if img.format != expected:
                 raise InvalidInput(f"frame says {expected} but the bytes are {img.format or 'unknown'}")
+            width, height = img.size  # from the header; nothing decoded yet
+            if max_input_pixels is not None and width * height > max_input_pixels:
+                raise InvalidInput(f"frame header says {width}x{height} = {width * height} pixels, above the limit of "
+                                   f"{max_input_pixels} (SH_INGEST_MAX_INPUT_PIXELS); not decoded")
             img.load()
             rgb = np.asarray(img.convert("RGB"))
     except InvalidInput:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise InvalidInput(f"cannot decode {expected} frame: {err}") from None
     if rgb.ndim != 3 or rgb.shape[0] < 8 or rgb.shape[1] < 8:
         raise InvalidInput(f"frame of shape {rgb.shape} is too small (at least 8x8 pixels)")
@@ -62,9 +70,12 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 class Resampler:
     """Keep the first frame of each 1/fps slot of media time; drop the rest.
 
-    Runs on media time only, so a recorded stream replayed faster gives the same frames."""
+    Runs on media time only, so a recorded stream replayed faster gives the same frames. A frame
+    more than ``max_jump_ms`` after the previous one is refused and not recorded: one bad
+    timestamp (ten years ahead) costs that frame, not the rest of the stream."""
 
     fps: float
+    max_jump_ms: int | None = None
     last_ts_ms: int | None = None
     next_due_ms: float = -math.inf
 
@@ -77,6 +88,9 @@ class Resampler:
             raise InvalidInput(f"media_ts_ms {ts_ms} is negative")
         if self.last_ts_ms is not None and ts_ms <= self.last_ts_ms:
             raise InvalidInput(f"media_ts_ms {ts_ms} is not after the previous frame's {self.last_ts_ms}")
+        if self.last_ts_ms is not None and self.max_jump_ms is not None and ts_ms - self.last_ts_ms > self.max_jump_ms:
+            raise InvalidInput(f"media_ts_ms {ts_ms} is {ts_ms - self.last_ts_ms} ms after the previous frame's {self.last_ts_ms}, "
+                               f"more than the {self.max_jump_ms} ms a stream may jump (SH_INGEST_MAX_MEDIA_JUMP_MS); frame refused, the stream goes on")
 
     def keep(self, ts_ms: int) -> bool:
         """Call after check_order; records the frame as seen."""

@@ -1,28 +1,48 @@
 """The ingest stage: ``IngestService.IngestFrames`` → validated, resampled, bounded frames on
 the ``frames`` topic, keyed ``tenant/stream``. A bad frame gets a REJECTED result with the reason
-and the call goes on; only a broken call (bad key) ends it."""
+and the call goes on; only a broken call (no identity, a bad key, another tenant's stream) ends it.
+
+The call is a coroutine (``grpc.aio``); each frame's decode, re-encode and publish run in a pool of
+``SH_INGEST_DECODE_WORKERS`` threads, at most ``SH_INGEST_TENANT_DECODE_CONCURRENCY`` of them for one
+tenant, so one tenant's frames never occupy the whole pool. Before a frame costs anything:
+
+- the caller's internal identity token is checked (UNAUTHENTICATED without one) and the stream
+  must be the token's tenant's (NOT_FOUND otherwise): :mod:`streamharness.auth`;
+- frames beyond the tenant's ``SH_INGEST_TENANT_MAX_FRAMES_PER_S`` are shed (STATUS_SHED, not
+  decoded): a tenant over its quota loses its own frames, nobody else slows;
+- the media time must move forward by at most ``SH_INGEST_MAX_MEDIA_JUMP_MS``;
+- the image header's dimensions are checked against ``SH_INGEST_MAX_INPUT_PIXELS`` before decoding.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from concurrent import futures
 
 import grpc
+import grpc.aio
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness import topics
-from streamharness.errors import InvalidInput
+from streamharness.auth import AuthSettings, Identity, InternalTokens, audit, caller, check_owner
+from streamharness.errors import InvalidInput, TooLarge
+from streamharness.grpcutil.wire import parse
 from streamharness.ingest.frames import Resampler, bound_pixels, decode_image, encode_jpeg
 from streamharness.keys import key_str, make_key
+from streamharness.limits import Buckets
 from streamharness.settings import load_settings
 from streamharness.stage import Outbox, Stage, StageContext
 from streamharness.telemetry import meters
-from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc
+from streamharness.v1 import common_pb2, events_pb2, ingest_pb2
 
 log = logging.getLogger(__name__)
+SERVICE = "streamharness.v1.IngestService"
+R = ingest_pb2.IngestFrameResult
 
 
 class IngestSettings(BaseSettings):
@@ -32,44 +52,93 @@ class IngestSettings(BaseSettings):
 
     default_decision_fps: float = Field(1.0, gt=0, le=30, description="Decision rate when a session asks for none (frames kept per media second).")
     max_pixels: int = Field(640 * 480, ge=64 * 64, description="Frames above this many pixels are scaled down before publishing.")
+    max_input_pixels: int = Field(3840 * 2160, ge=64 * 64, description="Frames whose header says more pixels than this are refused before decoding (decompression bombs).")
     max_frame_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest encoded frame accepted.")
+    max_media_jump_ms: int = Field(10 * 60 * 1000, ge=1000, description="Largest step of media time from one frame to the next; a frame further ahead is refused and the stream goes on.")
+    tenant_max_frames_per_s: float = Field(240.0, gt=0, description="Frames per second one tenant may send to this replica, all its sessions together; beyond it frames are shed (STATUS_SHED) before decoding.")
+    tenant_frames_burst: int = Field(480, ge=1, description="Burst of the per-tenant frame bucket.")
+    decode_workers: int = Field(4, ge=1, le=256, description="Threads that decode, re-encode and publish frames.")
+    tenant_decode_concurrency: int = Field(2, ge=1, le=256, description="Frames of one tenant in the decode pool at once (the rest of that tenant's frames wait; other tenants do not).")
     jpeg_quality: int = Field(85, ge=30, le=100, description="Quality of the JPEG published to the frames topic.")
     publish_timeout_s: float = Field(10.0, gt=0, description="How long to wait for the broker to acknowledge a frame.")
 
 
-class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
+class IngestServicer:
     """``IngestFrames``; :meth:`ingest_one` is the per-frame step (also used by the local host's sessions)."""
 
-    def __init__(self, settings: IngestSettings, outbox: Outbox, intake_open: threading.Event):
+    def __init__(self, settings: IngestSettings, outbox: Outbox, intake_open: threading.Event, tokens: InternalTokens | None = None):
         self.settings = settings
         self.outbox = outbox
         self.intake_open = intake_open
+        self.tokens = tokens
+        self._frames = Buckets(settings.tenant_max_frames_per_s, settings.tenant_frames_burst)
+        self._pool = futures.ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="ingest-decode")
+        self._per_tenant: dict[str, asyncio.Semaphore] = {}
+        self._shed_logged: dict[str, float] = {}
 
-    def IngestFrames(  # noqa: N802 - gRPC name
-        self, requests: Iterator[ingest_pb2.IngestFrameRequest], context: grpc.ServicerContext
-    ) -> Iterator[ingest_pb2.IngestFrameResult]:
+    def handler(self) -> grpc.GenericRpcHandler:
+        # Requests as bytes: a request that does not parse is answered, not the call's end.
+        return grpc.method_handlers_generic_handler(SERVICE, {"IngestFrames": grpc.stream_stream_rpc_method_handler(
+            self.IngestFrames, request_deserializer=None, response_serializer=R.SerializeToString)})
+
+    def _slot(self, tenant: str) -> asyncio.Semaphore:
+        sem = self._per_tenant.get(tenant)
+        if sem is None:
+            sem = self._per_tenant[tenant] = asyncio.Semaphore(self.settings.tenant_decode_concurrency)
+        return sem
+
+    def shed(self, key: common_pb2.StreamKey, req: ingest_pb2.IngestFrameRequest) -> R | None:
+        """The frame's SHED result when its tenant is over the frame quota, else None."""
+        wait = self._frames.take(key.tenant)
+        if not wait:
+            return None
+        meters.frames_ingested().add(1, {"status": "shed"})
+        now = time.monotonic()
+        if now - self._shed_logged.get(key.tenant, 0.0) > 10.0:  # one audit line per tenant per 10 s
+            self._shed_logged[key.tenant] = now
+            audit("quota_exceeded", quota="frames_per_tenant", tenant=key.tenant, limit=self.settings.tenant_max_frames_per_s)
+        return R(seq=req.seq, media_ts_ms=req.media_ts_ms, status=R.STATUS_SHED,
+                 error=f"tenant {key.tenant} is over its {self.settings.tenant_max_frames_per_s:g} frames/s "
+                       f"(SH_INGEST_TENANT_MAX_FRAMES_PER_S); frame seq {req.seq} shed")
+
+    async def IngestFrames(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[R]:  # noqa: N802 - gRPC name
+        if self.tokens is None:
+            raise RuntimeError("IngestServicer without tokens serves no calls")
+        identity: Identity = caller(self.tokens, context, "ingest")
         resampler: Resampler | None = None
         key: common_pb2.StreamKey | None = None
-        for req in requests:
+        loop = asyncio.get_running_loop()
+        async for raw in requests:
+            try:
+                req = parse(ingest_pb2.IngestFrameRequest, raw, "IngestFrameRequest")
+            except InvalidInput as err:
+                yield R(status=R.STATUS_REJECTED, error=str(err))
+                continue
             if key is None:
                 key = make_key(req.key.tenant, req.key.stream_id)  # bad key: the call ends (interceptor)
-                resampler = Resampler(req.decision_fps or self.settings.default_decision_fps)
+                check_owner(identity, key.tenant, key.stream_id, "ingest")
+                resampler = Resampler(req.decision_fps or self.settings.default_decision_fps, self.settings.max_media_jump_ms)
             elif (req.key.tenant, req.key.stream_id) != (key.tenant, key.stream_id):
                 raise InvalidInput(f"one IngestFrames call carries one stream: got {key_str(req.key)} after {key_str(key)}")
-            yield self.ingest_one(req, key, resampler)
+            shed = self.shed(key, req)
+            if shed is not None:
+                yield shed
+                continue
+            async with self._slot(key.tenant):
+                yield await loop.run_in_executor(self._pool, self.ingest_one, req, key, resampler)
 
-    def ingest_one(self, req: ingest_pb2.IngestFrameRequest, key: common_pb2.StreamKey, resampler: Resampler) -> ingest_pb2.IngestFrameResult:
-        result = ingest_pb2.IngestFrameResult(seq=req.seq, media_ts_ms=req.media_ts_ms)
+    def ingest_one(self, req: ingest_pb2.IngestFrameRequest, key: common_pb2.StreamKey, resampler: Resampler) -> R:
+        result = R(seq=req.seq, media_ts_ms=req.media_ts_ms)
         if not self.intake_open.is_set():
-            result.status = ingest_pb2.IngestFrameResult.STATUS_REJECTED
+            result.status = R.STATUS_REJECTED
             result.error = "ingest is shutting down; frame not taken"
             return result
         try:
             resampler.check_order(req.media_ts_ms)
             # Decode every frame, kept or not: a damaged frame is reported even when it would be skipped.
-            rgb = decode_image(req.image, req.encoding, self.settings.max_frame_bytes)
+            rgb = decode_image(req.image, req.encoding, self.settings.max_frame_bytes, self.settings.max_input_pixels)
             if not resampler.keep(req.media_ts_ms):
-                result.status = ingest_pb2.IngestFrameResult.STATUS_SKIPPED
+                result.status = R.STATUS_SKIPPED
                 return result
             rgb = bound_pixels(rgb, self.settings.max_pixels)
             event = events_pb2.FrameEvent(
@@ -78,14 +147,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 hops=[*req.hops, common_pb2.HopStamp(hop="ingest", wall_unix_ns=time.time_ns())],
             )
             self.outbox.send(topics.FRAMES, key, event).get(timeout=self.settings.publish_timeout_s)
-            result.status = ingest_pb2.IngestFrameResult.STATUS_PUBLISHED
+            result.status = R.STATUS_PUBLISHED
             meters.frames_ingested().add(1, {"status": "published"})
-        except InvalidInput as err:
-            result.status = ingest_pb2.IngestFrameResult.STATUS_REJECTED
+        except (InvalidInput, TooLarge) as err:
+            result.status = R.STATUS_REJECTED
             result.error = f"frame seq {req.seq} at {req.media_ts_ms} ms: {err}"
             meters.frames_ingested().add(1, {"status": "rejected"})
             log.info("%s: %s", key_str(key), result.error)
         return result
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
 
 
 class IngestStage(Stage):
@@ -93,16 +165,19 @@ class IngestStage(Stage):
 
     name = "ingest"
 
-    def __init__(self, settings: IngestSettings | None = None):
+    def __init__(self, settings: IngestSettings | None = None, auth: AuthSettings | None = None):
         self.settings = settings or load_settings(IngestSettings)
+        self.auth = auth
         self.servicer: IngestServicer | None = None
         self._intake_open = threading.Event()
 
     def open(self, ctx: StageContext) -> None:
         self.servicer = IngestServicer(self.settings, ctx.outbox, self._intake_open)
 
-    def register(self, server: grpc.Server) -> None:
-        ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)
+    def register(self, server: grpc.aio.Server) -> None:
+        # Serving the API needs the identity secret (the local host calls ingest_one directly).
+        self.servicer.tokens = InternalTokens(self.auth or load_settings(AuthSettings), "ingest")
+        server.add_generic_rpc_handlers((self.servicer.handler(),))
 
     def start(self) -> None:
         self._intake_open.set()
@@ -112,3 +187,5 @@ class IngestStage(Stage):
 
     def close(self, deadline: float) -> None:
         self._intake_open.clear()
+        if self.servicer is not None:
+            self.servicer.close()

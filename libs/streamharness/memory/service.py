@@ -28,10 +28,11 @@ API (``streamharness.v1.MemoryService``), all on media time, never past the time
   ``history`` = the newest Q&A entries within ``SH_TIERS_QA_TOKENS``.
 * ``Items``: one tier's entries in a range, oldest first (the summariser reads back after a restart).
 
-Streams are per tenant: a ``Recall`` for a stream memory holds nothing of answers NOT_FOUND, and a
-call whose ``x-streamharness-tenant`` metadata names another tenant than the stream key's gets the
-same NOT_FOUND (never another tenant's data; verifiable internal identity is issue 13's). ``Context``
-and ``Items`` of an unknown stream answer empty: a question may come before the first frame landed.
+Streams are per tenant: every call carries a signed internal identity token (``x-sh-identity``,
+:mod:`streamharness.auth`; UNAUTHENTICATED without a valid one), a ``Recall`` for a stream memory
+holds nothing of answers NOT_FOUND, and a call whose identity is another tenant than the stream
+key's gets the same NOT_FOUND (never another tenant's data). ``Context`` and ``Items`` of an
+unknown stream answer empty: a question may come before the first frame landed.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from streamharness.keys import key_str, make_key
 from streamharness.memory.store import Entry, Hit, MemoryStore, QdrantEdgeMemoryStore, QdrantServerMemoryStore, Scope, Tier
 from streamharness.memory.tiers import TierSettings, estimate_tokens
 from streamharness.memory.timephrases import TimeScope, clock, parse_time_scope
+from streamharness.auth import AuthSettings, InternalTokens, caller
 from streamharness.paths import cache_dir
 from streamharness.records import ConsumedEvent
 from streamharness.settings import load_settings
@@ -67,8 +69,6 @@ from streamharness.v1 import common_pb2, events_pb2, memory_pb2, memory_pb2_grpc
 from streamharness.v1.common_pb2 import StreamKey
 
 log = logging.getLogger(__name__)
-
-TENANT_METADATA = "x-streamharness-tenant"
 
 TIER_OF_PROTO: dict[int, Tier] = {
     memory_pb2.MEMORY_TIER_SHORT: "short", memory_pb2.MEMORY_TIER_MID: "mid",
@@ -269,27 +269,30 @@ def fit_newest(entries: list[Entry], budget: int, count: int | None = None) -> l
 
 # -- the service -----------------------------------------------------------------------------------
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
-    def __init__(self, memory: MemoryStage) -> None:
+    """Every call carries a verified internal identity (UNAUTHENTICATED otherwise); a stream of
+    another tenant than the identity's is NOT_FOUND."""
+
+    def __init__(self, memory: MemoryStage, tokens: InternalTokens) -> None:
         self._memory = memory
+        self._tokens = tokens
+
+    def _tenant(self, context: grpc.ServicerContext) -> str:
+        return caller(self._tokens, context, "memory").tenant
 
     def Recall(self, request: memory_pb2.RecallRequest, context: grpc.ServicerContext) -> memory_pb2.RecallResponse:  # noqa: N802
+        tenant = self._tenant(context)
         with self._memory.in_flight():
-            return self._memory.recall(request, caller_tenant=_caller_tenant(context))
+            return self._memory.recall(request, caller_tenant=tenant)
 
     def Context(self, request: memory_pb2.ContextRequest, context: grpc.ServicerContext) -> memory_pb2.ContextResponse:  # noqa: N802
+        tenant = self._tenant(context)
         with self._memory.in_flight():
-            return self._memory.context(request, caller_tenant=_caller_tenant(context))
+            return self._memory.context(request, caller_tenant=tenant)
 
     def Items(self, request: memory_pb2.ItemsRequest, context: grpc.ServicerContext) -> memory_pb2.ItemsResponse:  # noqa: N802
+        tenant = self._tenant(context)
         with self._memory.in_flight():
-            return self._memory.items(request, caller_tenant=_caller_tenant(context))
-
-
-def _caller_tenant(context: grpc.ServicerContext) -> str | None:
-    for name, value in context.invocation_metadata() or ():
-        if name == TENANT_METADATA:
-            return str(value)
-    return None
+            return self._memory.items(request, caller_tenant=tenant)
 
 
 class MemoryStage(Stage):
@@ -302,12 +305,14 @@ class MemoryStage(Stage):
         settings: MemorySettings | None = None,
         tiers: TierSettings | None = None,
         text: TextEncoderSettings | None = None,
+        auth: AuthSettings | None = None,
         *,
         text_encoder: TextEncoder | None = None,
         store: MemoryStore | None = None,
     ) -> None:
         """``text_encoder`` / ``store``: use these (loaded or opened at ``open``) instead of new ones."""
         self.settings = settings or load_settings(MemorySettings)
+        self.auth = auth
         self.tiers = tiers or load_settings(TierSettings)
         self.text = text
         self.text_encoder = text_encoder
@@ -333,8 +338,10 @@ class MemoryStage(Stage):
         if self.store is None:
             self.store = open_store(self.settings)
 
-    def register(self, server: grpc.Server) -> None:
-        memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self), server)
+    def register(self, server: grpc.aio.Server) -> None:
+        # Serving the API needs the identity secret (the local host calls the methods directly).
+        tokens = InternalTokens(self.auth or load_settings(AuthSettings), "memory")
+        memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self, tokens), server)
 
     def healthy(self) -> bool:
         return (self.store is not None and self.store.is_open
@@ -734,4 +741,4 @@ def _key(key: StreamKey, caller_tenant: str | None = None) -> str:
     return key_str(make_key(key.tenant, key.stream_id))  # InvalidInput names the bad part
 
 
-__all__ = ["MemorySettings", "MemoryStage", "Prefix", "TENANT_METADATA", "open_store", "prefix_version", "render_prefix"]
+__all__ = ["MemorySettings", "MemoryStage", "Prefix", "open_store", "prefix_version", "render_prefix"]

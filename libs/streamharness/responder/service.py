@@ -22,24 +22,39 @@ whole answer (``prompt_text``, ``answer_text``), which memory keeps as the strea
   decision carries (the question or instruction, the policy's reason), logged and counted.
 - **Concurrency.** ``SH_RESPONDER_WORKERS`` consumer-group members run in one process, each on
   its own thread with its own partitions; a slow generation holds back only the streams whose
-  partitions that member owns. Within a member, records (and so each stream's responses) are
-  handled in order.
-- **Delivery.** A record's offset is committed only after every chunk of its response is
-  acknowledged by the broker (the host commits after the handler returns). A redelivered
-  decision is answered again under the same ``response_id`` (= ``decision_id``) and the same
-  indexes; with greedy decoding the text is the same too, and the gateway drops repeats by
-  ``(response_id, index)``.
-- **Failures.** A decision that cannot be answered (malformed, or the backend keeps failing) goes to
-  the dead-letter topic after ``SH_KAFKA_HANDLER_RETRIES`` attempts; before that (``give_up``) the
-  response is closed with an empty ``final`` chunk so the client does not wait for it.
+  partitions that member owns.
+- **Fairness.** A member takes up to ``SH_RESPONDER_BATCH_RECORDS`` records per poll. ``handle``
+  checks a decision and takes its frames (as of its place in the partition) but does not generate;
+  ``end_batch`` answers the batch's decisions **round-robin by stream**: every stream's first
+  decision of the batch (in the order they came), then every stream's second, and so on. So a
+  stream's first decision waits for at most one decision of each other stream of the batch, not
+  for all of a flooding stream's; each stream's own decisions (and so its responses) keep their
+  order. The batch is per member: the Kafka host calls ``handle`` and ``end_batch`` of one batch on
+  that member's own thread (``EventConsumer.poll_once``), so each member keeps its batch in a
+  thread-local list and the members share nothing else but the thread-safe frame rings; that is
+  why this accumulating stage may run several members (docs/architecture.md, "Fairness between
+  streams").
+- **Delivery.** The batch's offsets are committed only after every chunk of every response of the
+  batch is acknowledged by the broker (the host commits after ``end_batch`` returns); a crash or a
+  shutdown in the middle redelivers the whole batch. A redelivered decision is answered again under
+  the same ``response_id`` (= ``decision_id``) and the same indexes; with greedy decoding the text
+  is the same too, and the gateway drops repeats by ``(response_id, index)``. On shutdown the
+  generation in hand is finished and no other is started: the rest of the batch goes to the
+  partition's next owner.
+- **Failures.** A malformed decision is dead-lettered by ``handle``. A decision the backend keeps
+  failing on is retried (``SH_KAFKA_HANDLER_RETRIES`` attempts in all), then its response is closed
+  with an empty ``final`` chunk (``give_up``) so the client does not wait for it, it goes to the
+  dead-letter topic, and the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import grpc
 from pydantic import Field
@@ -50,12 +65,13 @@ from streamharness.errors import InvalidInput
 from streamharness.generation import FrameImage, GenerationSettings, Prompt, ResponseGenerator, make_generator
 from streamharness.keys import key_str, parse_key
 from streamharness.memory.timephrases import clock
-from streamharness.records import ConsumedEvent
+from streamharness.records import ConsumedEvent, call_with_retries
 from streamharness.responder.frames import FrameRings
 from streamharness.settings import load_settings
 from streamharness.stage import Outbox, Stage, StageContext, StageSpec
 from streamharness.telemetry import meters
-from streamharness.v1 import common_pb2, events_pb2, memory_pb2, memory_pb2_grpc
+from streamharness.memory.client import MemoryClient
+from streamharness.v1 import common_pb2, events_pb2, memory_pb2
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +140,42 @@ class ResponderSettings(BaseSettings):
         description="Streams whose recent frames one responder process holds (about frame_streams x frames_per_request "
         "JPEGs in memory); the least recently updated stream is dropped and gets frames again as new ones arrive.",
     )
+    batch_records: int = Field(
+        8, ge=1, le=1000,
+        description="Records (decisions, and frames when they are read) one member takes per poll. The batch's decisions "
+        "are answered round-robin by stream, so a stream's first decision waits for at most one of each other stream in "
+        "the batch; the batch is committed once all are answered, so keep batch_records x the slowest generation well "
+        "under the consumer's max.poll.interval.ms (300 s). 1 = record order, one decision per poll.",
+    )
+
+
+T = TypeVar("T")
+
+
+def round_robin(items: Sequence[T], stream: Callable[[T], str]) -> list[T]:
+    """``items`` in turns by ``stream``: each stream's first item (in the order those came), then
+    each stream's second, and so on; one stream's items keep their order."""
+    taken: dict[str, int] = {}
+    turns: list[tuple[int, int]] = []
+    for position, item in enumerate(items):
+        key = stream(item)
+        turns.append((taken.get(key, 0), position))
+        taken[key] = turns[-1][0] + 1
+    return [items[position] for _, position in sorted(turns)]
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """A decision ``handle`` checked, waiting in its member's batch to be answered."""
+
+    event: ConsumedEvent[events_pb2.DecisionEvent]
+    key: common_pb2.StreamKey
+    is_question: bool
+    images: tuple[FrameImage, ...]
+
+
+class Stopping(Exception):
+    """The host is stopping in the middle of a batch: the rest is redelivered, not answered here."""
 
 
 def _span(item: memory_pb2.MemoryItem) -> str:
@@ -150,7 +202,7 @@ def _stamp(hop: str) -> common_pb2.HopStamp:
 class ResponseBuilder:
     """Memory lookups and prompt assembly for one decision (no Kafka, no generation)."""
 
-    def __init__(self, settings: ResponderSettings, memory: memory_pb2_grpc.MemoryServiceStub | None) -> None:
+    def __init__(self, settings: ResponderSettings, memory: MemoryClient | None) -> None:
         self._settings = settings
         self._memory = memory
 
@@ -255,7 +307,7 @@ class ResponderStage(Stage):
         self._generator = generator
         self._owns_generator = generator is None
         self._memory_stub = memory
-        self._channel: grpc.Channel | None = None
+        self._channel: MemoryClient | None = None
         self._builder: ResponseBuilder | None = None
         s = self._settings
         self.frames: FrameRings | None = (
@@ -263,23 +315,29 @@ class ResponderStage(Stage):
             if s.frames_per_request else None
         )
         self.out: Outbox | None = None
+        self._attempts = 1
+        self._stopping: threading.Event | None = None
+        self._member = threading.local()  # each member's batch (see "Fairness" above)
 
     def configure(self, spec: StageSpec) -> StageSpec:
         consumes = dict(spec.consumes)
         if not self._settings.frames_per_request:
             consumes.pop(topics.FRAMES, None)  # text only: the frames are not needed
-        return replace(spec, group=self._settings.consumer_group, members=self._settings.workers, consumes=consumes)
+        return replace(spec, group=self._settings.consumer_group, members=self._settings.workers, consumes=consumes,
+                       batching=replace(spec.batching, max_records=self._settings.batch_records))
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self, ctx: StageContext) -> None:
+        self.ctx = ctx
         self.out = ctx.outbox
+        self._attempts = max(1, ctx.attempts)
+        self._stopping = ctx.stopping
         if self._generator is None:
             self._generator = make_generator(self._generation or load_settings(GenerationSettings))
         self._generator.load()
         stub = self._memory_stub
         if stub is None and self._settings.memory_address:
-            self._channel = grpc.insecure_channel(self._settings.memory_address)
-            stub = memory_pb2_grpc.MemoryServiceStub(self._channel)
+            self._channel = stub = MemoryClient(self._settings.memory_address, "responder")
         self._builder = ResponseBuilder(self._settings, stub)
 
     def healthy(self) -> bool:
@@ -308,6 +366,8 @@ class ResponderStage(Stage):
         self.frames.add(key, frame.session_id, int(frame.media_ts_ms), frame.jpeg)
 
     def _decide(self, event: ConsumedEvent[events_pb2.DecisionEvent]) -> None:
+        """Check the decision and take its frames now (as of its place in the partition: frames later
+        in the batch could push them out of the ring); it is answered at ``end_batch``."""
         decision = event.message
         if decision.action != events_pb2.DecisionEvent.ACTION_RESPOND:
             log.debug("skipping %s decision %s", events_pb2.DecisionEvent.Action.Name(decision.action), decision.decision_id)
@@ -321,13 +381,43 @@ class ResponderStage(Stage):
         if not decision.prompt_text.strip():
             raise InvalidInput(f"decision {decision.decision_id} has no prompt_text")
         key = self._stream_key(event)
-        assert self._builder is not None and self._generator is not None
         images: Sequence[FrameImage] = ()
         if self.frames is not None:
             now = int(decision.media_ts_ms)
             images = self.frames.images(key_str(key), decision.session_id, now, now - int(self._settings.frame_max_age_s * 1000))
-        prompt = self._builder.prompt(decision, key, is_question, images)
-        self._respond(event.key, key, decision, prompt)
+        self._batch().append(_Accepted(event, key, is_question, tuple(images)))
+
+    def _batch(self) -> list[_Accepted]:
+        batch = getattr(self._member, "batch", None)
+        if batch is None:
+            batch = self._member.batch = []
+        return batch
+
+    def end_batch(self) -> None:
+        """Answer this member's batch, round-robin by stream; a decision that fails for good is
+        closed and dead-lettered and the others go on. Raises (nothing is committed, the batch is
+        redelivered) when the host stops before the batch is done, or a dead letter cannot be written."""
+        batch, self._member.batch = self._batch(), []
+        order = round_robin(batch, lambda accepted: accepted.event.key)
+        for done, accepted in enumerate(order):
+            if self._stopping is not None and self._stopping.is_set():
+                raise Stopping(f"stopping with {len(order) - done} of the batch's {len(order)} decisions not answered: "
+                               "the batch is redelivered to the partition's next owner")
+            try:
+                call_with_retries(self._answer, accepted, self._attempts)
+            except Exception as err:  # noqa: BLE001 - one decision's failure must not hold back the batch
+                try:
+                    self.give_up(accepted.event, err)
+                except Exception:  # noqa: BLE001 - the dead letter matters more
+                    log.exception("closing response %s failed", accepted.event.message.decision_id)
+                assert self.out is not None
+                self.out.dead_letter(accepted.event, "handler-failed", err)
+
+    def _answer(self, accepted: _Accepted) -> None:
+        assert self._builder is not None and self._generator is not None
+        decision = accepted.event.message
+        prompt = self._builder.prompt(decision, accepted.key, accepted.is_question, accepted.images)
+        self._respond(accepted.event.key, accepted.key, decision, prompt)
 
     def give_up(self, event: ConsumedEvent[events_pb2.DecisionEvent], error: BaseException) -> None:
         """The decision is dead-lettered next: close its response (an empty ``final`` chunk) unless

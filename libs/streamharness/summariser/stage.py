@@ -44,6 +44,7 @@ from streamharness.generation.base import GenerationError
 from streamharness.keys import parse_key
 from streamharness.memory.tiers import TierSettings, summary_id
 from streamharness.records import ConsumedEvent
+from streamharness.memory.client import MemoryClient
 from streamharness.settings import load_settings
 from streamharness.stage import Outbox, Stage, StageContext, StageSpec
 from streamharness.summariser.backends import (
@@ -58,7 +59,7 @@ from streamharness.summariser.backends import (
 from streamharness.summariser.prompts import label_frames
 from streamharness.summariser.settings import SummariserSettings
 from streamharness.telemetry import meters
-from streamharness.v1 import common_pb2, events_pb2, memory_pb2, memory_pb2_grpc
+from streamharness.v1 import common_pb2, events_pb2, memory_pb2
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class SummariserStage(Stage):
         self.backend = backend
         self._owns_backend = backend is None
         self._memory = memory
-        self._channel: grpc.Channel | None = None
+        self._channel: MemoryClient | None = None
         self._fallback = DigestSummariser()
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -132,8 +133,8 @@ class SummariserStage(Stage):
             self.backend = make_backend(self.settings, generation)
         self.backend.load()
         if self._memory is None and self.settings.memory_address:
-            self._channel = grpc.insecure_channel(self.settings.memory_address)
-            self._memory = memory_pb2_grpc.MemoryServiceStub(self._channel)
+            self._channel = MemoryClient(self.settings.memory_address, "summariser")
+            self._memory = self._channel
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="summariser")
 
     def healthy(self) -> bool:

@@ -100,7 +100,7 @@ class SessionAccepted(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., decision_fps: _Optional[float] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("kind", "seq", "media_ts_ms", "sampled")
+    __slots__ = ("kind", "seq", "media_ts_ms", "sampled", "shed")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Ack.Kind]
@@ -117,11 +117,13 @@ class Ack(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    SHED_FIELD_NUMBER: _ClassVar[int]
     kind: Ack.Kind
     seq: int
     media_ts_ms: int
     sampled: bool
-    def __init__(self, kind: _Optional[_Union[Ack.Kind, str]] = ..., seq: _Optional[int] = ..., media_ts_ms: _Optional[int] = ..., sampled: _Optional[bool] = ...) -> None: ...
+    shed: bool
+    def __init__(self, kind: _Optional[_Union[Ack.Kind, str]] = ..., seq: _Optional[int] = ..., media_ts_ms: _Optional[int] = ..., sampled: _Optional[bool] = ..., shed: _Optional[bool] = ...) -> None: ...
 
 class ResponseChunk(_message.Message):
     __slots__ = ("response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms")
@@ -144,15 +146,17 @@ class ResponseChunk(_message.Message):
     def __init__(self, response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ...) -> None: ...
 
 class SessionError(_message.Message):
-    __slots__ = ("code", "message", "seq", "media_ts_ms", "fatal")
+    __slots__ = ("code", "message", "seq", "media_ts_ms", "fatal", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
     FATAL_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     seq: int
     media_ts_ms: int
     fatal: bool
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., seq: _Optional[int] = ..., media_ts_ms: _Optional[int] = ..., fatal: _Optional[bool] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., seq: _Optional[int] = ..., media_ts_ms: _Optional[int] = ..., fatal: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
