@@ -43,7 +43,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from streamharness import topics
 from streamharness.auth import AuthSettings, InternalTokens, TenantAuth, audit
 from streamharness.errors import DeadlineExceeded, QuotaExceeded, RateLimited, StreamHarnessError
-from streamharness.grpcutil.wire import parse
+from streamharness.grpcutil.wire import drain_first, parse
 from streamharness.keys import key_str
 from streamharness.limits import Buckets, TokenBucket
 from streamharness.records import ConsumedEvent
@@ -110,6 +110,7 @@ class _Session:
     open_questions: set[str] = field(default_factory=set)
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     last_published_ms: int = -1  # media time of the last frame ingest published; -1: none (SessionEnd carries it)
+    end_published: bool = False  # the pipeline was told the session is over
 
     def put(self, item: Any) -> None:
         self.outbound.put_nowait(item)
@@ -149,8 +150,12 @@ class _SessionApi:
 
     async def Stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[session_pb2.ServerMessage]:  # noqa: N802
         g, settings = self.g, self.g.settings
-        tenant = g.auth.tenant(context.invocation_metadata(), peer=context.peer())
-        g.reserve(tenant)  # quotas before anything is allocated
+        try:
+            tenant = g.auth.tenant(context.invocation_metadata(), peer=context.peer())
+            g.reserve(tenant)  # quotas before anything is allocated
+        except StreamHarnessError:
+            await drain_first(requests)  # so that the client sees this status, not INTERNAL
+            raise
         session: _Session | None = None
         reader: asyncio.Task | None = None
         pump: asyncio.Task | None = None
@@ -184,6 +189,12 @@ class _SessionApi:
                 results.cancel()  # the client left (or the session ended badly): stop the ingest call too
             if session is not None:
                 g.close_session(session)
+                if not session.end_published:
+                    # The client left (cancel, broken connection): still tell the pipeline, so
+                    # per-stream state is released; in the background, the call is over.
+                    task = asyncio.get_running_loop().create_task(self._abandon(session))
+                    g.background.add(task)
+                    task.add_done_callback(g.background.discard)
             g.release(tenant)
 
     async def _frames(self, session: _Session) -> AsyncIterator[ingest_pb2.IngestFrameRequest]:
@@ -248,6 +259,7 @@ class _SessionApi:
             await asyncio.wait_for(asyncio.shield(pump), grace)
         except TimeoutError:
             log.warning("session %s: ingest did not answer every frame within %g s", session.session_id, grace)
+        session.end_published = True
         await g.publish_query(mapper.end(session.last_published_ms))
         if session.open_questions:
             try:
@@ -258,6 +270,9 @@ class _SessionApi:
         session.put(_DONE)
 
     async def _abandon(self, session: _Session) -> None:
+        if session.end_published:
+            return
+        session.end_published = True
         try:
             await self.g.publish_query(session.mapper.end(session.last_published_ms))
         except Exception:  # noqa: BLE001 - best effort on a broken session
@@ -302,6 +317,7 @@ class GatewayStage(Stage):
         self._open = 0
         self._tenant_queries = Buckets(s.tenant_questions_per_s, s.tenant_questions_burst)
         self._publish_pool = futures.ThreadPoolExecutor(s.publish_workers, thread_name_prefix="gateway-publish")
+        self.background: set[asyncio.Task] = set()  # session ends published after their call was gone
         self.out: Outbox | None = None
         self._health_channel: grpc.Channel | None = None
         self._ingest_health: health_pb2_grpc.HealthStub | None = None

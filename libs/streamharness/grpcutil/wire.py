@@ -4,7 +4,12 @@ request!"). A string field that is not UTF-8 is named by its path, e.g. ``questi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import TypeVar
+
+import grpc
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
@@ -73,3 +78,11 @@ def invalid_utf8_field(descriptor: Descriptor, data: bytes, prefix: str = "") ->
     except (IndexError, ValueError):
         return None
     return None
+
+
+async def drain_first(requests: AsyncIterator[bytes], timeout_s: float = 0.5) -> None:
+    """Take the first message a client has most likely sent already, before a call is refused at
+    its start: a status that overtakes the client's own write reaches a ``grpc.aio`` client as
+    INTERNAL "Internal error from Core" instead of the status sent. Bounded by ``timeout_s``."""
+    with contextlib.suppress(TimeoutError, grpc.RpcError, StopAsyncIteration):
+        await asyncio.wait_for(anext(requests, None), timeout_s)

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 from streamharness.errors import InvalidInput, TooLarge
 from streamharness.v1 import common_pb2
 
 _FORMATS = {common_pb2.IMAGE_ENCODING_JPEG: "JPEG", common_pb2.IMAGE_ENCODING_PNG: "PNG"}
+_OPENERS = {common_pb2.IMAGE_ENCODING_JPEG: JpegImagePlugin.JpegImageFile, common_pb2.IMAGE_ENCODING_PNG: PngImagePlugin.PngImageFile}
+
+
+def _sniff(data: bytes) -> str | None:
+    """The format the bytes' signature names (for the error message), or None."""
+    if data.startswith(b"\xff\xd8"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    return None
 
 
 def decode_image(data: bytes, encoding: int, max_bytes: int, max_input_pixels: int | None = None) -> np.ndarray:
@@ -31,9 +42,16 @@ def decode_image(data: bytes, encoding: int, max_bytes: int, max_input_pixels: i
     if expected is None:
         raise InvalidInput(f"unsupported image encoding {encoding}: send IMAGE_ENCODING_JPEG or IMAGE_ENCODING_PNG")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format != expected:
-                raise InvalidInput(f"frame says {expected} but the bytes are {img.format or 'unknown'}")
+        # The format's own reader, not Image.open: it reads the header only, and leaves the pixel
+        # limit to us (Image.open refuses only above Pillow's own, far larger, bound).
+        try:
+            img = _OPENERS[encoding](io.BytesIO(data))
+        except (SyntaxError, OSError, ValueError, struct.error) as err:
+            actual = _sniff(data)
+            if actual is not None and actual != expected:
+                raise InvalidInput(f"frame says {expected} but the bytes are {actual}") from None
+            raise InvalidInput(f"cannot decode {expected} frame: {err if actual else 'the bytes are neither JPEG nor PNG'}") from None
+        with img:
             width, height = img.size  # from the header; nothing decoded yet
             if max_input_pixels is not None and width * height > max_input_pixels:
                 raise InvalidInput(f"frame header says {width}x{height} = {width * height} pixels, above the limit of "

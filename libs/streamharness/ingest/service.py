@@ -30,8 +30,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness import topics
 from streamharness.auth import AuthSettings, Identity, InternalTokens, audit, caller, check_owner
-from streamharness.errors import InvalidInput, TooLarge
-from streamharness.grpcutil.wire import parse
+from streamharness.errors import InvalidInput, StreamHarnessError, TooLarge
+from streamharness.grpcutil.wire import drain_first, parse
 from streamharness.ingest.frames import Resampler, bound_pixels, decode_image, encode_jpeg
 from streamharness.keys import key_str, make_key
 from streamharness.limits import Buckets
@@ -104,7 +104,11 @@ class IngestServicer:
     async def IngestFrames(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[R]:  # noqa: N802 - gRPC name
         if self.tokens is None:
             raise RuntimeError("IngestServicer without tokens serves no calls")
-        identity: Identity = caller(self.tokens, context, "ingest")
+        try:
+            identity: Identity = caller(self.tokens, context, "ingest")
+        except StreamHarnessError:
+            await drain_first(requests)  # so that the caller sees this status, not INTERNAL
+            raise
         resampler: Resampler | None = None
         key: common_pb2.StreamKey | None = None
         loop = asyncio.get_running_loop()
