@@ -46,7 +46,7 @@ import jwt
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streamharness.errors import NotFound, SettingsError, Unauthenticated
+from streamharness.errors import InvalidInput, NotFound, SettingsError, Unauthenticated
 from streamharness.keys import validate_name
 
 log = logging.getLogger(__name__)
@@ -241,14 +241,17 @@ class _Watched:
         return self.value
 
 
-def _parse_api_keys(path: Path) -> dict[str, str]:
+def parse_api_keys(path: Path) -> dict[str, str]:
     """``{"<tenant>": ["sha256:<hex>", ...]}`` → hash → tenant."""
     data = json.loads(path.read_text())
     if not isinstance(data, dict):
         raise ValueError('must be a JSON object {"<tenant>": ["sha256:<hex>", ...]}')
     by_hash: dict[str, str] = {}
     for tenant, hashes in data.items():
-        validate_name("tenant", tenant)
+        try:
+            validate_name("tenant", tenant)
+        except InvalidInput as err:
+            raise ValueError(str(err)) from None
         if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
             raise ValueError(f"tenant {tenant!r}: expected a list of key hashes")
         for h in hashes:
@@ -286,7 +289,7 @@ class TenantAuth:
         if api_keys_file is None and jwt_issuers_file is None and not allow_anonymous:
             raise SettingsError("the gateway has no way to authenticate tenants: set SH_GATEWAY_API_KEYS_FILE "
                                 "and/or SH_GATEWAY_JWT_ISSUERS_FILE (or SH_GATEWAY_ALLOW_ANONYMOUS=true for development)")
-        self._keys = _Watched(api_keys_file, reload_s, _parse_api_keys, "API keys file") if api_keys_file else None
+        self._keys = _Watched(api_keys_file, reload_s, parse_api_keys, "API keys file") if api_keys_file else None
         self._issuers = _Watched(jwt_issuers_file, reload_s, _parse_issuers, "JWT issuers file") if jwt_issuers_file else None
         self.anonymous = api_keys_file is None and jwt_issuers_file is None
 
@@ -340,6 +343,8 @@ class TenantAuth:
 def add_api_key(path: Path, tenant: str, api_key: str) -> str:
     """Append ``api_key``'s hash to ``tenant`` in the keys file (created if missing), atomically."""
     validate_name("tenant", tenant)
+    if path.exists():
+        parse_api_keys(path)  # a file that is not a keys file is an error, not something to add to
     data: dict[str, list[str]] = json.loads(path.read_text()) if path.exists() else {}
     digest = hash_key(api_key)
     data.setdefault(tenant, [])
@@ -353,6 +358,7 @@ def add_api_key(path: Path, tenant: str, api_key: str) -> str:
 
 def remove_api_key(path: Path, tenant: str, key_or_id: str) -> int:
     """Remove the keys of ``tenant`` whose hash is ``key_or_id`` or starts with it (a key id); how many."""
+    parse_api_keys(path)
     data: dict[str, list[str]] = json.loads(path.read_text())
     before = data.get(tenant, [])
     wanted = key_or_id if key_or_id.startswith(_HASH_PREFIX) else _HASH_PREFIX + key_or_id

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(help="StreamHarness: live video for vision-language models.", no_args_is_help=True)
@@ -113,6 +115,9 @@ def stream(
     fps: float = typer.Option(1.0, min=0.1, max=30.0, help="Decision rate asked of the server."),
     stream_id: str = typer.Option("cam-1", help="Stream id."),
     api_key: str = typer.Option(None, envvar="SH_CLIENT_API_KEY", help="Tenant API key (x-api-key)."),
+    token: str = typer.Option(None, envvar="SH_CLIENT_TOKEN", help="A JWT from an issuer the gateway accepts (instead of an API key)."),
+    tls: bool = typer.Option(False, "--tls", envvar="SH_CLIENT_TLS", help="Connect over TLS (the system's CA roots)."),
+    tls_ca: Path = typer.Option(None, envvar="SH_CLIENT_TLS_CA", exists=True, dir_okay=False, help="PEM CA bundle of the gateway's certificate (implies --tls)."),
     limit_s: float = typer.Option(None, help="Stop after this much media time."),
 ) -> None:
     """Play a video through the gateway and print responses live with their media timestamps."""
@@ -140,9 +145,62 @@ def stream(
 
     result = asyncio.run(play(gateway, path, stream_id=stream_id, questions=questions, watch_for=watch_for,
                               speed=speed, decision_fps=fps, limit_s=limit_s, api_key=api_key,
-                              on_response=show, on_error=error))
+                              on_response=show, on_error=error, bearer_token=token, tls=tls,
+                              root_certificates=tls_ca.read_bytes() if tls_ca else None))
     console.print(f"{result.frames_sent} frames sent, {result.frames_sampled} kept at {fps:g}/s, "
                   f"{len(result.responses)} responses, {len(result.errors)} rejected frames")
+
+
+keys_app = typer.Typer(help="Tenants' API keys in a keys file (SH_GATEWAY_API_KEYS_FILE): only hashes are stored.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+_KEYS_FILE = typer.Option(..., "--file", envvar="SH_GATEWAY_API_KEYS_FILE", dir_okay=False, help="The keys file (created if missing).")
+
+
+@keys_app.command("new")
+def keys_new(tenant: str = typer.Option(..., help="The tenant the key authenticates."), file: Path = _KEYS_FILE) -> None:
+    """Make a random key for TENANT, add its hash to the file, print the key once (it is stored nowhere)."""
+    from streamharness.auth import add_api_key, key_id, new_api_key
+    from streamharness.errors import InvalidInput
+
+    key = new_api_key()
+    try:
+        digest = add_api_key(file, tenant, key)
+    except (ValueError, InvalidInput) as err:
+        raise typer.BadParameter(f"{file}: {err}") from None
+    typer.echo(key)
+    typer.echo(f"key id {key_id(digest)} added for tenant {tenant} to {file}; the gateway re-reads it by itself", err=True)
+
+
+@keys_app.command("remove")
+def keys_remove(tenant: str = typer.Option(...), key_id: str = typer.Option(..., help="The key's id (`keys list`) or its sha256: hash."),
+                file: Path = _KEYS_FILE) -> None:
+    """Remove a key of TENANT (rotation: add the new key, move the clients, remove the old one)."""
+    from streamharness.auth import remove_api_key
+    from streamharness.errors import InvalidInput
+
+    try:
+        removed = remove_api_key(file, tenant, key_id)
+    except (OSError, ValueError, InvalidInput) as err:
+        raise typer.BadParameter(f"{file}: {err}") from None
+    if not removed:
+        raise typer.BadParameter(f"tenant {tenant} has no key {key_id!r} in {file}")
+    typer.echo(f"removed {removed} key(s) of tenant {tenant}")
+
+
+@keys_app.command("list")
+def keys_list(file: Path = _KEYS_FILE) -> None:
+    """Each tenant with the ids of its keys (never the keys: the file holds only their hashes)."""
+    import json
+
+    from streamharness.auth import key_id, parse_api_keys
+    from streamharness.errors import InvalidInput
+
+    try:
+        parse_api_keys(file)
+    except (OSError, ValueError, InvalidInput) as err:
+        raise typer.BadParameter(f"{file}: {err}") from None
+    for tenant, hashes in sorted(json.loads(file.read_text()).items()):
+        typer.echo(f"{tenant}: {', '.join(key_id(h) for h in hashes) or '(no keys)'}")
 
 
 def main() -> None:

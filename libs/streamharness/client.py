@@ -9,6 +9,11 @@
 
 ``Session`` is an async iterator of ``streamharness.v1.session_pb2.ServerMessage``;
 ``Session.responses()`` yields whole ``Response`` objects assembled from their chunks.
+
+Credentials: ``api_key`` (metadata ``x-api-key``) or ``bearer_token`` (a JWT from an issuer the
+gateway accepts; ``authorization: Bearer``). ``tls=True`` (or ``root_certificates``, PEM bytes of the
+CA that signed the gateway's certificate) connects over TLS; ``client_certificate`` /
+``client_key`` for a gateway that asks for client certificates.
 """
 
 from __future__ import annotations
@@ -54,6 +59,11 @@ class Session:
     api_key: str | None = None
     tenant: str | None = None
     max_message_bytes: int = 16 * 1024 * 1024
+    bearer_token: str | None = None
+    tls: bool = False
+    root_certificates: bytes | None = None
+    client_certificate: bytes | None = None
+    client_key: bytes | None = None
 
     def __post_init__(self) -> None:
         self._out: asyncio.Queue = asyncio.Queue(maxsize=64)
@@ -62,13 +72,18 @@ class Session:
         self.asked_wall: dict[str, float] = {}
 
     async def __aenter__(self) -> Session:
-        self._channel = grpc.aio.insecure_channel(self.address, options=[
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-        ])
+        options = [("grpc.max_send_message_length", self.max_message_bytes),
+                   ("grpc.max_receive_message_length", self.max_message_bytes)]
+        if self.tls or self.root_certificates:
+            credentials = grpc.ssl_channel_credentials(self.root_certificates, self.client_key, self.client_certificate)
+            self._channel = grpc.aio.secure_channel(self.address, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.address, options=options)
         metadata = []
         if self.api_key:
             metadata.append(("x-api-key", self.api_key))
+        if self.bearer_token:
+            metadata.append(("authorization", f"Bearer {self.bearer_token}"))
         if self.tenant:
             metadata.append(("x-tenant", self.tenant))
         stub = session_pb2_grpc.SessionServiceStub(self._channel)

@@ -47,10 +47,11 @@ class Buckets:
         self._lock = threading.Lock()
 
     def take(self, name: str, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
         with self._lock:
             bucket = self._buckets.get(name)
             if bucket is None:
-                bucket = self._buckets[name] = TokenBucket(self.rate, self.burst)
+                bucket = self._buckets[name] = TokenBucket(self.rate, self.burst, stamp=now)
                 if len(self._buckets) > self.max_names:
                     self._buckets.popitem(last=False)
             else:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from streamharness.client import Response, Session
 from streamharness.replay import encoded_frames, replay
@@ -59,12 +60,15 @@ async def play(
     tenant: str | None = None,
     on_response: Callable[[Response], None] | None = None,
     on_error: Callable[[session_pb2.SessionError], None] | None = None,
+    **connect: Any,
 ) -> PlayResult:
+    """Play ``video`` through the gateway at ``address``; ``connect``: more :class:`Session` options
+    (``bearer_token``, ``tls``, ``root_certificates``...)."""
     result = PlayResult()
     instructions = {f"watch-{i + 1}": text for i, text in enumerate(watch_for)}
     result.instruction_ids = dict(instructions)
     async with Session(address, stream_id=stream_id, decision_fps=decision_fps, instructions=instructions,
-                       api_key=api_key, tenant=tenant) as session:
+                       api_key=api_key, tenant=tenant, **connect) as session:
         result.session_id = session.session_id
 
         def seen(msg: session_pb2.ServerMessage) -> None:

@@ -77,6 +77,8 @@ class ServiceRunner:
         self._health = HealthServicer()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -128,6 +130,15 @@ class ServiceRunner:
         for name in ("", *self.service.grpc_service_names):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
+        if self.settings.grpc_health_port is not None:
+            # Health alone, in plaintext: the kubelet's probe speaks no TLS. The same servicer, so
+            # both ports say the same.
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_health_port}")
+            if self.health_port == 0:
+                raise SettingsError(f"SH_GRPC_HEALTH_PORT: cannot bind {self.settings.grpc_host}:{self.settings.grpc_health_port}")
+            await self._health_server.start()
         return server
 
     def serve(self) -> grpc.aio.Server:
@@ -163,6 +174,8 @@ class ServiceRunner:
         if self._server is not None and self._loop is not None:
             self._on_loop(self._health.enter_graceful_shutdown())
             stopped = asyncio.run_coroutine_threadsafe(self._server.stop(self.settings.shutdown_grace_s), self._loop)
+            if self._health_server is not None:
+                asyncio.run_coroutine_threadsafe(self._health_server.stop(None), self._loop)
         clean = True
         try:
             self.service.stop(deadline)

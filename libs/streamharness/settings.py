@@ -91,6 +91,7 @@ class ServiceSettings(BaseSettings):
     grpc_workers: int = Field(16, ge=1, le=1024, description="Threads serving the plain (non-async) gRPC calls, e.g. memory's queries. Sessions of the gateway and ingest are coroutines and hold none; health and reflection never wait for one.")
     grpc_tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS on SH_GRPC_PORT (the chart sets it on the gateway from gateway.tls). Unset: plaintext.")
     grpc_tls_key_file: Path | None = Field(None, description="PEM private key of SH_GRPC_TLS_CERT_FILE.")
+    grpc_health_port: int | None = Field(None, ge=0, le=65535, description="Also serve the health service (only it) in plaintext on this port, e.g. for the kubelet's gRPC probe when SH_GRPC_PORT speaks TLS. Unset: health only on SH_GRPC_PORT.")
     grpc_tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle: also require client certificates signed by it (mutual TLS). Unset: no client certificate asked.")
     shutdown_grace_s: float = Field(20.0, ge=0, le=600, description="Drain time on SIGTERM; keep below the pod's terminationGracePeriodSeconds.")
     readiness_interval_s: float = Field(2.0, gt=0, le=60, description="How often ready() is probed to update the gRPC health status.")

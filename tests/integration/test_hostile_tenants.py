@@ -72,19 +72,20 @@ class Env:
         self.runners: list[ServiceRunner] = []
         self.tokens = InternalTokens(AuthSettings(), "test")
 
-    def serve(self, service, name: str) -> ServiceRunner:
+    def serve(self, service, name: str, **service_settings) -> ServiceRunner:
         runner = ServiceRunner(service, ServiceSettings(service_name=name, grpc_port=0, grpc_workers=2, shutdown_grace_s=3,
-                                                        readiness_interval_s=0.2))
+                                                        readiness_interval_s=0.2, **service_settings))
         runner.serve()
         threading.Thread(target=runner._watch_readiness, daemon=True, name=f"{name}-readiness").start()  # as run() does
         self.runners.append(runner)
         return runner
 
-    def gateway(self, name: str, **overrides) -> str:
+    def gateway(self, name: str, service_settings: dict | None = None, **overrides) -> str:
         settings = GatewaySettings(replica_id=name, ingest_address=self.ingest_address, api_keys_file=self.keys_file,
                                    jwt_issuers_file=self.issuers_file, auth_reload_s=0.2, end_grace_s=5, **overrides)
         service = KafkaHost(GatewayStage(settings), TOPOLOGY["gateway"], self.kafka)
-        runner = self.serve(service, name)
+        runner = self.serve(service, name, **(service_settings or {}))
+        self.last_runner = runner
         deadline = time.monotonic() + 30
         while not service.ready():
             assert time.monotonic() < deadline, "gateway never became ready"
@@ -181,11 +182,17 @@ async def frame_answer(s: Raw, seq: int) -> session_pb2.ServerMessage:
 
 
 async def healthy_within(address: str, seconds: float) -> float:
+    """Seconds the slowest health call took until one said SERVING (readiness is polled every 0.2 s)."""
     async with grpc.aio.insecure_channel(address) as ch:
-        t0 = time.monotonic()
-        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=seconds)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        return time.monotonic() - t0
+        slowest, deadline = 0.0, time.monotonic() + 5
+        while True:
+            t0 = time.monotonic()
+            reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=seconds)
+            slowest = max(slowest, time.monotonic() - t0)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return slowest
+            assert time.monotonic() < deadline, "never SERVING"
+            await asyncio.sleep(0.1)
 
 
 # -- sessions are not threads ------------------------------------------------------------------------
@@ -247,6 +254,52 @@ def test_an_idle_session_is_ended_and_its_quota_given_back(env):
 
 
 # -- identity on every hop -------------------------------------------------------------------------
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+    return tmp / "tls.crt", tmp / "tls.key"
+
+
+def test_the_public_port_speaks_tls_and_health_stays_plaintext_on_its_own_port(env):
+    from streamharness.client import Session
+
+    cert, key = self_signed(env.tmp)
+    address = env.gateway("gw-tls", service_settings={"grpc_tls_cert_file": cert, "grpc_tls_key_file": key, "grpc_health_port": 0})
+    health_port = env.last_runner.health_port
+
+    async def run():
+        async with Session(address, stream_id="tls-cam", api_key=env.keys["beta"], root_certificates=cert.read_bytes()) as s:
+            assert s.session_id
+        plain = Raw(address, key_md(env, "beta"))  # no TLS: no session
+        await plain.send(CM(start=session_pb2.SessionStart(stream_id="x")))
+        code, _ = await plain.status()
+        assert code == grpc.StatusCode.UNAVAILABLE
+        await plain.close()
+        assert await healthy_within(f"127.0.0.1:{health_port}", 2.0) < 2.0
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as ch:  # health only on that port
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await ch.stream_stream(STREAM_METHOD)(iter([b""])).read()
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    asyncio.run(run())
 
 
 def test_callers_without_valid_credentials_are_refused_and_audited(env, caplog):
