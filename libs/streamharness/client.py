@@ -44,6 +44,7 @@ class Response:
     first_chunk_wall: float = 0.0  # time.monotonic() when the first chunk arrived
     final_wall: float = 0.0
     chunks: int = 0
+    refusal: str = ""  # the question was refused, not answered: why (e.g. "too_many_open_questions")
 
     @property
     def proactive(self) -> bool:
@@ -162,6 +163,7 @@ class Session:
                                                       c.media_ts_ms, first_chunk_wall=time.monotonic())
             r.text += c.text
             r.chunks += 1
+            r.refusal = r.refusal or c.refusal
             if c.final:
                 r.final_wall = time.monotonic()
                 yield partial.pop(c.response_id)

@@ -210,3 +210,48 @@ def test_the_in_process_pipeline_decides_as_the_deployed_services_do(stack, tmp_
 
     assert steps(local) == steps(deployed), (local.responses, deployed.responses)
     assert {e for e, _ in steps(local)} == {"walk-in", "q3", "q9"}
+
+
+def test_two_tenants_keep_answering_while_a_third_floods_questions_and_idles_sessions(stack):
+    """Issue 13's fairness, end to end: mallory holds 50 idle sessions and floods two streams with
+    questions; alpha and beta, streaming at the same time, each get their one answer within the
+    stated bound (90 s of asking, CPU generator) and only their own responses."""
+    from streamharness.client import Session
+
+    address = stack.gateway_addresses[0]
+    frames = [(f.media_ts_ms, cv2.imencode(".jpg", cv2.cvtColor(f.rgb, cv2.COLOR_RGB2BGR))[1].tobytes())
+              for f in read_video(sample_path("vtest.avi"), fps=1.0) if f.media_ts_ms < 8000]
+
+    async def flood(i: int) -> list:
+        errors = []
+        async with Session(address, stream_id=f"flood-{i}", tenant="mallory") as s:
+            for n, (ts, jpeg) in enumerate(frames):
+                await s.send_frame(ts, jpeg)
+                for k in range(25):
+                    await s.ask(f"question {n}.{k}: what now?", at_ms=ts)
+            await s.end()
+            async for msg in s:
+                if msg.WhichOneof("message") == "error":
+                    errors.append(msg.error)
+        return errors
+
+    async def run():
+        idle = [Session(address, stream_id=f"idle-{i}", tenant="mallory") for i in range(50)]
+        for s in idle:
+            await s.__aenter__()
+        honest = [play(address, sample_path("vtest.avi"), stream_id="cam", tenant=t, speed=0, send_fps=1.0, limit_s=8,
+                       questions=[TimedQuestion(5_000, f"What do you see, {t}?")]) for t in ("alpha", "beta")]
+        results = await asyncio.gather(*honest, flood(1), flood(2))
+        for s in idle:
+            await s.__aexit__(None, None, None)
+        return results
+
+    alpha, beta, *floods = asyncio.run(run())
+    for res in (alpha, beta):
+        (qid,) = res.question_ids
+        assert [r.question_id for r in res.responses if not r.proactive] == [qid], "another tenant's or session's response arrived"
+        (answer,) = [r for r in res.responses if r.question_id == qid]
+        assert answer.text.strip() and not answer.refusal
+        assert answer.first_chunk_wall - res.asked_wall[qid] < 90, "the flood starved an honest tenant"
+    refused = [e for errors in floods for e in errors]
+    assert any(e.code == 8 and e.retry_after_ms > 0 and "SH_GATEWAY_QUESTIONS_PER_S" in e.message for e in refused)

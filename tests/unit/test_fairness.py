@@ -141,6 +141,7 @@ def test_a_flood_of_200_questions_gets_8_answers_and_192_refusals_and_the_canary
     # Every question got exactly one final record: none is dropped.
     assert set(by_question) == {f"a-{i}" for i in range(200)} | {"b-0"}
     answered = {q for q, e in by_question.items() if e.answer_text}
+    assert not any(by_question[q].refusal for q in answered)
     assert answered == {f"a-{i}" for i in range(LIMIT)} | {"b-0"}
     assert by_question["b-0"].answer_text == "answer to question b-0?"
     # The 9th open question on (and every one after it): refused at once, with its message, to the client.
@@ -148,7 +149,7 @@ def test_a_flood_of_200_questions_gets_8_answers_and_192_refusals_and_the_canary
     assert expected.startswith("Not answered: this stream already has 8 questions waiting for an answer")
     for i in range(LIMIT, 200):
         refusal = by_question[f"a-{i}"]
-        assert (refusal.index, refusal.final, refusal.text) == (0, True, expected)
+        assert (refusal.index, refusal.final, refusal.text, refusal.refusal) == (0, True, expected, "too_many_open_questions")
         assert refusal.trigger == common_pb2.TRIGGER_QUESTION and refusal.reply_to == "gateway-1"
         assert refusal.key == A and refusal.session_id == "s-flood" and refusal.media_ts_ms == 1000
         assert refusal.response_id == f"acme/flood/1000/a-{i}/refused" and not refusal.answer_text

@@ -414,6 +414,7 @@ class DecisionStage(Stage):
             response_id=f"{key_str(state.key)}/{q.media_ts_ms}/{q.question_id}/refused",
             index=0, text=REFUSAL_TOO_MANY_OPEN.format(limit=limit), final=True, trigger=common_pb2.TRIGGER_QUESTION,
             question_id=q.question_id, media_ts_ms=q.media_ts_ms, reply_to=state.reply_to or q.reply_to,
+            refusal="too_many_open_questions",
             # No hops: a refusal is not a generation, it must not count in time-to-first-token.
             # No answer_text: memory keeps no dialogue turn for it.
         )

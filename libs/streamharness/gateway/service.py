@@ -406,7 +406,7 @@ class GatewayStage(Stage):
             meters.record_hops(r.hops, "gateway_first_token", time.time_ns())
         message = session_pb2.ServerMessage(response=session_pb2.ResponseChunk(
             response_id=r.response_id, index=r.index, text=r.text, final=r.final, trigger=r.trigger,
-            question_id=r.question_id, instruction_id=r.instruction_id, media_ts_ms=r.media_ts_ms))
+            question_id=r.question_id, instruction_id=r.instruction_id, media_ts_ms=r.media_ts_ms, refusal=r.refusal))
         try:
             session.loop.call_soon_threadsafe(session.deliver, message, r.question_id if r.final else "")
         except RuntimeError:

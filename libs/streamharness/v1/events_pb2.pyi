@@ -162,7 +162,7 @@ class DecisionEvent(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., action: _Optional[_Union[DecisionEvent.Action, str]] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., reason: _Optional[str] = ..., score: _Optional[float] = ..., policy: _Optional[str] = ..., reply_to: _Optional[str] = ..., decision_id: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., answered: _Optional[bool] = ...) -> None: ...
 
 class ResponseEvent(_message.Message):
-    __slots__ = ("key", "session_id", "response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "reply_to", "hops", "prompt_text", "answer_text")
+    __slots__ = ("key", "session_id", "response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "reply_to", "hops", "prompt_text", "answer_text", "refusal")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class ResponseEvent(_message.Message):
     HOPS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     ANSWER_TEXT_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.StreamKey
     session_id: str
     response_id: str
@@ -191,7 +192,8 @@ class ResponseEvent(_message.Message):
     hops: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopStamp]
     prompt_text: str
     answer_text: str
-    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., prompt_text: _Optional[str] = ..., answer_text: _Optional[str] = ...) -> None: ...
+    refusal: str
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., prompt_text: _Optional[str] = ..., answer_text: _Optional[str] = ..., refusal: _Optional[str] = ...) -> None: ...
 
 class SummaryEvent(_message.Message):
     __slots__ = ("key", "summary_id", "tier", "index", "start_ms", "end_ms", "visible_from_ms", "text", "labels", "max_people", "frames", "backend", "fallback", "hops")

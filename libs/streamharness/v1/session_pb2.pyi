@@ -126,7 +126,7 @@ class Ack(_message.Message):
     def __init__(self, kind: _Optional[_Union[Ack.Kind, str]] = ..., seq: _Optional[int] = ..., media_ts_ms: _Optional[int] = ..., sampled: _Optional[bool] = ..., shed: _Optional[bool] = ...) -> None: ...
 
 class ResponseChunk(_message.Message):
-    __slots__ = ("response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms")
+    __slots__ = ("response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "refusal")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class ResponseChunk(_message.Message):
     QUESTION_ID_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_ID_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     index: int
     text: str
@@ -143,7 +144,8 @@ class ResponseChunk(_message.Message):
     question_id: str
     instruction_id: str
     media_ts_ms: int
-    def __init__(self, response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ...) -> None: ...
+    refusal: str
+    def __init__(self, response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., refusal: _Optional[str] = ...) -> None: ...
 
 class SessionError(_message.Message):
     __slots__ = ("code", "message", "seq", "media_ts_ms", "fatal", "retry_after_ms")
