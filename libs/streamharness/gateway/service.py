@@ -37,12 +37,13 @@ from typing import Any
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kafka.errors import KafkaError
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness import topics
 from streamharness.auth import AuthSettings, InternalTokens, TenantAuth, audit
-from streamharness.errors import DeadlineExceeded, QuotaExceeded, RateLimited, StreamHarnessError
+from streamharness.errors import DeadlineExceeded, DependencyUnavailable, QuotaExceeded, RateLimited, StreamHarnessError
 from streamharness.grpcutil.wire import drain_first, parse
 from streamharness.keys import key_str
 from streamharness.limits import Buckets, TokenBucket
@@ -173,6 +174,8 @@ class _SessionApi:
             results = g.ingest_stub().IngestFrames(self._frames(session), metadata=g.tokens.metadata(tenant, "ingest"))
             pump = asyncio.create_task(self._pump_ingest(results, session), name=f"ingest-{session.session_id[:8]}")
             reader = asyncio.create_task(self._read(requests, session, pump), name=f"read-{session.session_id[:8]}")
+            for task in (pump, reader):
+                task.add_done_callback(lambda t, s=session: self._task_failed(t, s))
             while True:
                 item = await session.outbound.get()
                 if item is _DONE:
@@ -196,6 +199,14 @@ class _SessionApi:
                     g.background.add(task)
                     task.add_done_callback(g.background.discard)
             g.release(tenant)
+
+    @staticmethod
+    def _task_failed(task: asyncio.Task, session: _Session) -> None:
+        """A session's reader or ingest pump died of a bug: end the session with a status, never hang it."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("session %s: %s failed", session.session_id, task.get_name(), exc_info=task.exception())
+        session.put(_Fatal(grpc.StatusCode.INTERNAL, f"internal error ({type(task.exception()).__name__}); see server logs"))
 
     async def _frames(self, session: _Session) -> AsyncIterator[ingest_pb2.IngestFrameRequest]:
         while True:
@@ -239,7 +250,14 @@ class _SessionApi:
                         if kind == "question":
                             session.open_questions.add(query.question_id)
                             session.answered.clear()
-                        await g.publish_query(query)
+                        try:
+                            await g.publish_query(query)
+                        except StreamHarnessError:
+                            if kind == "question":  # not sent: nothing to wait for at the end
+                                session.open_questions.discard(query.question_id)
+                                if not session.open_questions:
+                                    session.answered.set()
+                            raise
                         session.put(ack)
                 except StreamHarnessError as err:
                     frame = msg is not None and msg.WhichOneof("message") == "frame"
@@ -387,9 +405,14 @@ class GatewayStage(Stage):
         return self._ingest
 
     async def publish_query(self, query: events_pb2.QueryEvent) -> None:
-        """Publish and wait for Kafka's acknowledgement in a worker thread (the loop never blocks)."""
+        """Publish and wait for Kafka's acknowledgement in a worker thread (the loop never blocks).
+        Kafka away: ``DependencyUnavailable`` (UNAVAILABLE, retryable; inside a session the message
+        is answered with it and the session goes on)."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._publish_pool, lambda: self.out.send(topics.QUERIES, query.key, query).get(timeout=10))
+        try:
+            await loop.run_in_executor(self._publish_pool, lambda: self.out.send(topics.QUERIES, query.key, query).get(timeout=10))
+        except KafkaError as err:
+            raise DependencyUnavailable(f"the queries topic is unavailable ({type(err).__name__}); send it again") from None
 
     def handle(self, event: ConsumedEvent) -> None:
         """A record of ``responses`` (on a consumer thread): to the session it is addressed to, once per chunk."""
