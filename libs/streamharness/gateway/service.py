@@ -202,11 +202,15 @@ class _SessionApi:
 
     @staticmethod
     def _task_failed(task: asyncio.Task, session: _Session) -> None:
-        """A session's reader or ingest pump died of a bug: end the session with a status, never hang it."""
+        """A session's reader or ingest pump failed: end the session with a status, never hang it."""
         if task.cancelled() or task.exception() is None:
             return
-        log.error("session %s: %s failed", session.session_id, task.get_name(), exc_info=task.exception())
-        session.put(_Fatal(grpc.StatusCode.INTERNAL, f"internal error ({type(task.exception()).__name__}); see server logs"))
+        exc = task.exception()
+        if isinstance(exc, StreamHarnessError):  # e.g. Kafka away when the session's end was published
+            session.put(_Fatal(exc.code, str(exc)))
+            return
+        log.error("session %s: %s failed", session.session_id, task.get_name(), exc_info=exc)
+        session.put(_Fatal(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs"))
 
     async def _frames(self, session: _Session) -> AsyncIterator[ingest_pb2.IngestFrameRequest]:
         while True:

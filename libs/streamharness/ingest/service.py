@@ -128,8 +128,9 @@ class IngestServicer:
             if shed is not None:
                 yield shed
                 continue
-            async with self._slot(key.tenant):
-                yield await loop.run_in_executor(self._pool, self.ingest_one, req, key, resampler)
+            async with self._slot(key.tenant):  # released before the result goes out: a slow reader holds no slot
+                result = await loop.run_in_executor(self._pool, self.ingest_one, req, key, resampler)
+            yield result
 
     def ingest_one(self, req: ingest_pb2.IngestFrameRequest, key: common_pb2.StreamKey, resampler: Resampler) -> R:
         result = R(seq=req.seq, media_ts_ms=req.media_ts_ms)
