@@ -7,6 +7,8 @@ against the CLI's options."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import os
 import re
 import shlex
@@ -162,6 +164,12 @@ def test_cpu_default_requests_no_gpu(tmp_path):
         ("components.ingest.tls.enabled=true", "tls"),
         ("components.memory.apiKeys.existingSecret=keys", "apiKeys"),
         ("components.gateway.tls.secretname=x", "secretname"),
+        # Generated keys: tenant names that are also Secret data keys; the health port a port.
+        ("components.gateway.apiKeys.generate[0]=a b", "generate"),
+        ("components.gateway.apiKeys.generate[0]=..", "generate"),
+        ("components.gateway.apiKeys.generat[0]=a", "generat"),
+        ("components.gateway.tls.healthPort=0", "healthPort"),
+        ("components.gateway.tls.probe.tcpSocket.port=grpc", "probe"),  # gone: the health port is probed
         ("networkPolicy.enabled=maybe", "enabled"),
         ("networkPolicy.gatewayFrom[0].podSelectr.matchLabels.a=b", "podSelectr"),
         ("components.ingest.allowFrom[0]=gatewy", "gatewy"),  # no such component or Job
@@ -510,6 +518,8 @@ def test_training_scenario_renders_the_training_job_manifests(tmp_path):
 # -- Identity on every hop: the internal key, API keys, TLS, NetworkPolicies ----------------------
 
 INTERNAL_SECRET = "SH_AUTH_INTERNAL_SECRET"
+# What apiKeys.generate (default ["default"]) makes when apiKeys.existingSecret is empty.
+GENERATED_API_KEYS = ("sh-api-keys", "sh-api-keys-plain")
 TLS_VARIABLES = {"SH_GRPC_TLS_CERT_FILE", "SH_GRPC_TLS_KEY_FILE", "SH_GRPC_TLS_CLIENT_CA_FILE"}
 EVAL_JOBS = sorted((ROOT / "eval-jobs").glob("*.yaml"))
 
@@ -533,8 +543,10 @@ def test_internal_secret_reaches_every_service_from_a_secret_never_as_a_literal(
     streamharness = {n for n, c in chart_values()["components"].items() if c.get("streamharness")}
     assert streamharness >= {*SERVICES, "generator"}
     docs = render(tmp_path)
-    (secret,) = [d for d in docs if d["kind"] == "Secret"]
-    assert secret["metadata"]["name"] == "sh-internal-token" and set(secret["data"]) == {"internal-secret"}
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    assert set(secrets) == {"sh-internal-token", *GENERATED_API_KEYS}
+    secret = secrets["sh-internal-token"]
+    assert set(secret["data"]) == {"internal-secret"}
     value = base64.b64decode(secret["data"]["internal-secret"]).decode()
     assert len(value) == 48 and value.isalnum()
     found = workloads(docs)
@@ -554,7 +566,7 @@ def test_internal_secret_reaches_every_service_from_a_secret_never_as_a_literal(
     own = tmp_path / "own-secret.yaml"
     own.write_text(yaml.safe_dump({"auth": {"internalSecret": {"existingSecret": "{{ .Release.Name }}-mine", "key": "hmac"}}}))
     docs = render(tmp_path, own)
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] not in GENERATED_API_KEYS]
     for name in streamharness:
         ref = container_env(workloads(docs)[name])[INTERNAL_SECRET]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "sh-mine", "key": "hmac"}, name
@@ -572,7 +584,11 @@ def test_api_keys_and_jwt_issuers_are_directory_mounts_without_sub_path(tmp_path
     default = workloads(render(tmp_path))
     for name, workload in default.items():
         env = container_env(workload)
-        assert not {"SH_GATEWAY_API_KEYS_FILE", "SH_GATEWAY_JWT_ISSUERS_FILE"} & set(env), name
+        assert "SH_GATEWAY_JWT_ISSUERS_FILE" not in env, name
+        if name == "gateway":  # the generated keys (test_generated_api_keys_by_default)
+            assert [p for p in mount_sources(workload) if p.startswith("/etc/streamharness")] == ["/etc/streamharness/api-keys"]
+            continue
+        assert "SH_GATEWAY_API_KEYS_FILE" not in env, name
         assert not [p for p in mount_sources(workload) if p.startswith("/etc/streamharness")], name
     found = workloads(render(tmp_path, sets=("components.gateway.apiKeys.existingSecret=sh-api-keys",
                                              "components.gateway.jwtIssuers.existingConfigMap=sh-jwt")))
@@ -619,10 +635,11 @@ def test_tls_on_the_gateway_only_and_only_when_enabled(tmp_path):
         secrets = [src["secret"] for src in volume["projected"]["sources"]]
         assert secrets[0] == {"name": "sh-gateway-tls", "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}
         assert secrets[1:] == ([{"name": client_ca, "items": [{"key": "ca.crt", "path": "ca.crt"}]}] if client_ca else [])
-        # The kubelet's gRPC probe speaks no TLS: the TLS port is probed another way.
+        # The kubelet's gRPC probe speaks no TLS: it probes the plaintext health port
+        # (test_tls_gateway_is_probed_on_its_plaintext_health_port).
         container = pod_of(gateway)["containers"][0]
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            assert "grpc" not in container[probe] and container[probe]["tcpSocket"] == {"port": "grpc"}, probe
+            assert container[probe]["grpc"] == {"port": 50061}, probe
         for name, workload in found.items():
             if name != "gateway":
                 assert not TLS_VARIABLES & set(container_env(workload)), name
@@ -634,6 +651,275 @@ def test_tls_without_a_secret_fails_to_render_with_the_reason():
     proc = helm("template", "sh", str(CHART), "--set", "components.gateway.tls.enabled=true")
     assert proc.returncode != 0
     assert "components.gateway.tls.secretName is empty" in proc.stderr and "kubernetes.io/tls" in proc.stderr, proc.stderr
+
+
+# Tenant authentication by default: generated API keys, kept across upgrades; no authentication at
+# all fails the render; with TLS the kubelet probes a plaintext health port.
+
+API_KEYS_MOUNT = "/etc/streamharness/api-keys"
+HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def values_file(tmp_path: Path, values: dict, name: str = "values.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def gateway_values(**fields: object) -> dict:
+    return {"components": {"gateway": fields}}
+
+
+def secrets_of(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+
+
+def decoded(secret: dict) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def api_keys_volume(gateway: dict) -> dict:
+    """The gateway's keys file: SH_GATEWAY_API_KEYS_FILE in a directory mount (no subPath) of a Secret."""
+    assert container_env(gateway)["SH_GATEWAY_API_KEYS_FILE"]["value"] == f"{API_KEYS_MOUNT}/api-keys.json"
+    mount, volume = mount_sources(gateway)[API_KEYS_MOUNT]
+    assert "subPath" not in mount and "subPathExpr" not in mount and mount["readOnly"] is True
+    assert volume["secret"]["items"] == [{"key": "api-keys.json", "path": "api-keys.json"}]
+    return volume["secret"]
+
+
+def check_generated_keys(secrets: dict[str, dict], tenants: set[str]) -> dict[str, str]:
+    """The generated pair: api-keys.json lists, per tenant, the sha256 of the plain Secret's key.
+    Returns tenant -> plain key."""
+    hashed = json.loads(decoded(secrets["sh-api-keys"])["api-keys.json"])
+    plain = decoded(secrets["sh-api-keys-plain"])
+    assert set(hashed) == set(plain) == tenants
+    for tenant, hashes in hashed.items():
+        assert isinstance(hashes, list) and hashes and all(HASH.match(h) for h in hashes), (tenant, hashes)
+        assert re.fullmatch(r"sh_[A-Za-z0-9]{43}", plain[tenant]), tenant  # like `streamharness keys new`
+        assert hashes == ["sha256:" + hashlib.sha256(plain[tenant].encode()).hexdigest()], tenant
+    assert len(set(plain.values())) == len(plain)
+    return plain
+
+
+def test_generated_api_keys_by_default(tmp_path):
+    assert chart_values()["components"]["gateway"]["apiKeys"] == {"existingSecret": "", "generate": ["default"]}
+    docs = render(tmp_path)
+    secrets = secrets_of(docs)
+    plain = check_generated_keys(secrets, {"default"})
+    # The gateway mounts the hashes as it would an existingSecret; nothing mounts or names the keys.
+    found = workloads(docs)
+    assert api_keys_volume(found["gateway"])["secretName"] == "sh-api-keys"
+    rendered = (tmp_path / "rendered.yaml").read_text()
+    assert plain["default"] not in rendered  # only base64 in its Secret
+    assert not [d["metadata"]["name"] for d in docs if d["kind"] != "Secret" and "sh-api-keys-plain" in json.dumps(d)]
+    for name, workload in found.items():
+        if name != "gateway":
+            assert API_KEYS_MOUNT not in mount_sources(workload) and "SH_GATEWAY_API_KEYS_FILE" not in container_env(workload), name
+    # Every tenant listed gets its own key; each render draws new ones (`lookup` sees no cluster).
+    two_tenants = values_file(tmp_path, gateway_values(apiKeys={"generate": ["default", "acme.co"]}))
+    two = check_generated_keys(secrets_of(render(tmp_path, two_tenants)), {"default", "acme.co"})
+    assert two["default"] != plain["default"]
+
+
+def test_existing_api_keys_secret_replaces_the_generated_ones(tmp_path):
+    docs = render(tmp_path, values_file(tmp_path, gateway_values(apiKeys={"existingSecret": "{{ .Release.Name }}-own-keys"})))
+    # `generate` (still ["default"]) is ignored: no Secret made, the user's own left alone.
+    assert set(secrets_of(docs)) == {"sh-internal-token"}
+    assert api_keys_volume(workloads(docs)["gateway"])["secretName"] == "sh-own-keys"
+    # The generated Secret's name is the default's mount, not a coincidence of the test.
+    assert api_keys_volume(workloads(render(tmp_path))["gateway"])["secretName"] == "sh-api-keys"
+
+
+class FakeCluster:
+    """Just enough of a Kubernetes API server for `helm template --dry-run=server`, whose `lookup`
+    then reads the cluster: discovery of the kinds the chart renders, and GET of the Secrets in
+    `secrets` (name -> data, values plain; 404 for anything else). Helm only reads (no write is
+    served): `helm upgrade` renders the same way."""
+
+    KINDS = {"v1": {"Secret": "secrets", "Service": "services"},
+             "apps/v1": {"Deployment": "deployments", "StatefulSet": "statefulsets"},
+             "batch/v1": {"Job": "jobs"},
+             "networking.k8s.io/v1": {"NetworkPolicy": "networkpolicies"}}
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.secrets: dict[str, dict[str, str]] = {}
+        cluster = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self.send(*cluster.answer(self.path.split("?")[0]))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def answer(self, path: str) -> tuple[int, dict]:
+        groups = [gv for gv in self.KINDS if "/" in gv]
+        if path == "/version":
+            return 200, {"major": "1", "minor": "31", "gitVersion": f"v{KUBE_VERSION}"}
+        if path == "/api":
+            return 200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+        if path == "/apis":
+            return 200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": "v1"}],
+                 "preferredVersion": {"groupVersion": gv, "version": "v1"}} for gv in groups]}
+        gv = path.removeprefix("/api/").removeprefix("/apis/")
+        if gv in self.KINDS:
+            return 200, {"kind": "APIResourceList", "groupVersion": gv, "resources": [
+                {"name": plural, "singularName": kind.lower(), "namespaced": True, "kind": kind, "verbs": ["get", "list"]}
+                for kind, plural in self.KINDS[gv].items()]}
+        match = re.fullmatch(r"/api/v1/namespaces/([^/]+)/secrets/([^/]+)", path)
+        if match and match[2] in self.secrets:
+            namespace, name = match.groups()
+            # Owned by the release, as after `helm install` (Helm refuses to adopt anything else).
+            return 200, {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {
+                "name": name, "namespace": namespace, "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                "annotations": {"meta.helm.sh/release-name": "sh", "meta.helm.sh/release-namespace": namespace}},
+                "data": {k: base64.b64encode(v.encode()).decode() for k, v in self.secrets[match[2]].items()}}
+        return 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}
+
+    def render(self, tmp_path: Path, *values: Path) -> subprocess.CompletedProcess[str]:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text("")  # nothing of the caller's cluster
+        args = ["template", "sh", str(CHART), "-n", "default", "--dry-run=server", "--disable-openapi-validation",
+                "--kube-apiserver", self.url]
+        for v in values:
+            args += ["-f", str(v)]
+        return subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+
+
+@pytest.fixture
+def fake_cluster():
+    cluster = FakeCluster()
+    yield cluster
+    cluster.server.shutdown()
+    cluster.server.server_close()
+
+
+def test_generated_keys_and_internal_key_are_kept_across_upgrades(tmp_path, fake_cluster):
+    """What `helm upgrade` renders when the chart's Secrets are already in the cluster (`lookup`)."""
+
+    def sha(key: str) -> str:
+        return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+    def upgrade(**api_keys: object) -> dict[str, dict]:
+        values = values_file(tmp_path, gateway_values(apiKeys=api_keys)) if api_keys else values_file(tmp_path, {})
+        proc = fake_cluster.render(tmp_path, values)
+        assert proc.returncode == 0, proc.stderr
+        docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        assert api_keys_volume(workloads(docs)["gateway"])["secretName"] == "sh-api-keys"
+        return secrets_of(docs)
+
+    key, old_key, gone = "sh_" + "a" * 43, "sh_" + "b" * 43, "sh_" + "c" * 43
+    internal = "i" * 48
+    # A first install: nothing in the cluster, fresh keys (as under `helm template`).
+    check_generated_keys(upgrade(), {"default"})
+    # Both Secrets there (the tenant's list grown by hand with a second hash), a tenant added to
+    # `generate` and one removed from it: kept as they are, one new key, one revoked.
+    fake_cluster.secrets = {
+        "sh-api-keys": {"api-keys.json": json.dumps({"default": [sha(key), sha(old_key)], "gone": [sha(gone)]})},
+        "sh-api-keys-plain": {"default": key, "gone": gone},
+        "sh-internal-token": {"internal-secret": internal},
+    }
+    secrets = upgrade(generate=["default", "acme"])
+    hashed, plain = json.loads(decoded(secrets["sh-api-keys"])["api-keys.json"]), decoded(secrets["sh-api-keys-plain"])
+    assert set(hashed) == set(plain) == {"default", "acme"}
+    assert hashed["default"] == [sha(key), sha(old_key)] and plain["default"] == key
+    assert hashed["acme"] == [sha(plain["acme"])] and plain["acme"] not in (key, old_key, gone)
+    assert decoded(secrets["sh-internal-token"]) == {"internal-secret": internal}
+    # The plain Secret deleted once read: the hashes stay, the keys are not made again.
+    del fake_cluster.secrets["sh-api-keys-plain"]
+    secrets = upgrade()
+    assert json.loads(decoded(secrets["sh-api-keys"])["api-keys.json"]) == {"default": [sha(key), sha(old_key)]}
+    assert "sh-api-keys-plain" not in secrets
+    # Only the plain Secret left: the hashes are made from it again.
+    fake_cluster.secrets = {"sh-api-keys-plain": {"default": key}}
+    secrets = upgrade()
+    assert json.loads(decoded(secrets["sh-api-keys"])["api-keys.json"]) == {"default": [sha(key)]}
+    assert decoded(secrets["sh-api-keys-plain"]) == {"default": key}
+    # A keys file broken by hand is not silently replaced by new keys (every client would lose its key).
+    fake_cluster.secrets = {"sh-api-keys": {"api-keys.json": "{not json"}}
+    proc = fake_cluster.render(tmp_path, values_file(tmp_path, {}))
+    assert proc.returncode != 0 and "Secret sh-api-keys in the cluster holds an api-keys.json that is not JSON" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("where", ["component", "global"])
+def test_gateway_without_authentication_fails_to_render_unless_anonymous(tmp_path, where):
+    none = gateway_values(apiKeys={"generate": []})
+    for env in ({}, {"SH_GATEWAY_ALLOW_ANONYMOUS": "false"}):
+        values = {**none, "env": env} if where == "global" else gateway_values(apiKeys={"generate": []}, env=env)
+        proc = helm("template", "sh", str(CHART), "-f", str(values_file(tmp_path, values)))
+        assert proc.returncode != 0, env
+        message = proc.stderr
+        assert "components.gateway authenticates no tenant and would refuse to start" in message, message
+        for option in ("components.gateway.apiKeys", "existingSecret", "generate", "components.gateway.jwtIssuers.existingConfigMap",
+                       'SH_GATEWAY_ALLOW_ANONYMOUS="true"'):
+            assert option in message, (option, message)
+    # Development: anonymous access asked for renders, with no keys file and no generated Secret.
+    values = {**none, "env": {"SH_GATEWAY_ALLOW_ANONYMOUS": "true"}} if where == "global" else gateway_values(
+        apiKeys={"generate": []}, env={"SH_GATEWAY_ALLOW_ANONYMOUS": "true"})
+    docs = render(tmp_path, values_file(tmp_path, values))
+    gateway = workloads(docs)["gateway"]
+    assert container_env(gateway)["SH_GATEWAY_ALLOW_ANONYMOUS"]["value"] == "true"
+    assert "SH_GATEWAY_API_KEYS_FILE" not in container_env(gateway) and API_KEYS_MOUNT not in mount_sources(gateway)
+    assert not set(GENERATED_API_KEYS) & set(secrets_of(docs))
+    # JWT issuers alone are enough.
+    render(tmp_path, values_file(tmp_path, gateway_values(apiKeys={"generate": []}, jwtIssuers={"existingConfigMap": "sh-jwt"})))
+
+
+def test_tls_gateway_is_probed_on_its_plaintext_health_port(tmp_path):
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    for health_port in (None, 50071):
+        tls = {"enabled": True, "secretName": "sh-gateway-tls", **({"healthPort": health_port} if health_port else {})}
+        values = {**gateway_values(tls=tls), "networkPolicy": {"enabled": True, "monitoringFrom": [{"podSelector": {"matchLabels": prometheus}}]}}
+        docs = render(tmp_path, values_file(tmp_path, values))
+        want = health_port or 50061
+        gateway = workloads(docs)["gateway"]
+        container = pod_of(gateway)["containers"][0]
+        assert container_env(gateway)["SH_GRPC_HEALTH_PORT"]["value"] == str(want)
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50051, "health": want}
+        # The kubelet's gRPC probe on the plaintext port: readiness is the service's health status.
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert {k: v for k, v in container[probe].items() if k in ("grpc", "tcpSocket", "httpGet", "exec")} == {"grpc": {"port": want}}, probe
+        # Not on the Service; under the policies, from monitoringFrom only (the kubelet needs no rule).
+        service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "sh-gateway")
+        assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
+        policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+        labels = pod_labels(docs)
+        assert admitted(policies, labels["gateway"], "health", prometheus)
+        assert not admitted(policies, labels["gateway"], "health", None)
+        assert not [s for s in labels if admitted(policies, labels["gateway"], "health", labels[s])]
+        assert admitted(policies, labels["gateway"], "grpc", None)  # the public port stays public
+        for name, workload in workloads(docs).items():
+            if name != "gateway":
+                assert "SH_GRPC_HEALTH_PORT" not in container_env(workload), name
+    # TLS off: health on the gRPC port itself, no second port.
+    gateway = workloads(render(tmp_path))["gateway"]
+    assert "SH_GRPC_HEALTH_PORT" not in container_env(gateway)
+    assert [p["name"] for p in pod_of(gateway)["containers"][0]["ports"]] == ["grpc"]
+    assert pod_of(gateway)["containers"][0]["readinessProbe"]["grpc"] == {"port": 50051}
+    # A health port on the TLS port, or set by hand, is refused with the reason.
+    for extra, complaint in ((["--set", "components.gateway.tls.healthPort=50051"], "clashes with ports.grpc"),
+                             (["--set", "components.gateway.env.SH_GRPC_HEALTH_PORT=1"], "SH_GRPC_HEALTH_PORT is set by the chart"),
+                             (["--set", "components.gateway.tls.probe.tcpSocket.port=grpc"], "probe")):
+        proc = helm("template", "sh", str(CHART), "--set", "components.gateway.tls.enabled=true",
+                    "--set", "components.gateway.tls.secretName=x", *extra)
+        assert proc.returncode != 0 and complaint in proc.stderr, proc.stderr
 
 
 # NetworkPolicies: who may reach whom, evaluated from the rendered policies as a CNI would (pods of
