@@ -25,6 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from streamharness import topics
 from streamharness.auth import AuthSettings, InternalTokens, add_api_key, hash_key, new_api_key, remove_api_key
@@ -195,6 +196,11 @@ async def healthy_within(address: str, seconds: float) -> float:
             await asyncio.sleep(0.1)
 
 
+def reflected_services(address: str) -> list[str]:
+    with grpc.insecure_channel(address) as channel:
+        return list(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+
 # -- sessions are not threads ------------------------------------------------------------------------
 
 
@@ -206,6 +212,9 @@ def test_hundreds_of_idle_sessions_starve_neither_health_nor_another_tenant(env)
         # 300 open sessions on 2 worker threads: health, ingest's health and another tenant answer at once.
         assert await healthy_within(env.address, 2.0) < 2.0
         assert await healthy_within(env.ingest_address, 2.0) < 2.0
+        t0 = time.monotonic()  # reflection too
+        services = await asyncio.to_thread(reflected_services, env.address)
+        assert "streamharness.v1.SessionService" in services and time.monotonic() - t0 < 2.0
         other = Raw(env.address, key_md(env, "alpha"))
         t0 = time.monotonic()
         assert (await other.start("alpha-cam")).accepted.key.tenant == "alpha"
