@@ -241,9 +241,8 @@ class _Watched:
         return self.value
 
 
-def parse_api_keys(path: Path) -> dict[str, str]:
-    """``{"<tenant>": ["sha256:<hex>", ...]}`` → hash → tenant."""
-    data = json.loads(path.read_text())
+def _hash_owners(data: Any) -> dict[str, str]:
+    """A keys file's content checked → hash → tenant; ``ValueError`` saying what is wrong."""
     if not isinstance(data, dict):
         raise ValueError('must be a JSON object {"<tenant>": ["sha256:<hex>", ...]}')
     by_hash: dict[str, str] = {}
@@ -261,6 +260,18 @@ def parse_api_keys(path: Path) -> dict[str, str]:
             if by_hash.setdefault(h, tenant) != tenant:
                 raise ValueError(f"one key hash is listed for two tenants ({by_hash[h]!r} and {tenant!r})")
     return by_hash
+
+
+def read_api_keys(path: Path) -> dict[str, list[str]]:
+    """The keys file as it is (tenant → hashes), checked."""
+    data = json.loads(path.read_text())
+    _hash_owners(data)
+    return data
+
+
+def parse_api_keys(path: Path) -> dict[str, str]:
+    """``{"<tenant>": ["sha256:<hex>", ...]}`` → hash → tenant."""
+    return _hash_owners(json.loads(path.read_text()))
 
 
 def _parse_issuers(path: Path) -> list[tuple[JwtIssuer, Any]]:
@@ -340,31 +351,32 @@ class TenantAuth:
         raise Unauthenticated(f"JWT issuer {unverified.get('iss')!r} is not accepted here")
 
 
+def _write_api_keys(path: Path, data: dict[str, list[str]]) -> None:
+    """Replace the keys file atomically (a reader sees the old file or the new one, never half)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def add_api_key(path: Path, tenant: str, api_key: str) -> str:
-    """Append ``api_key``'s hash to ``tenant`` in the keys file (created if missing), atomically."""
+    """Append ``api_key``'s hash to ``tenant`` in the keys file (created if missing), atomically.
+    A file that is not a keys file is an error, not something to add to."""
     validate_name("tenant", tenant)
-    if path.exists():
-        parse_api_keys(path)  # a file that is not a keys file is an error, not something to add to
-    data: dict[str, list[str]] = json.loads(path.read_text()) if path.exists() else {}
+    data = read_api_keys(path) if path.exists() else {}
     digest = hash_key(api_key)
     data.setdefault(tenant, [])
     if digest not in data[tenant]:
         data[tenant].append(digest)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    _write_api_keys(path, data)
     return digest
 
 
 def remove_api_key(path: Path, tenant: str, key_or_id: str) -> int:
     """Remove the keys of ``tenant`` whose hash is ``key_or_id`` or starts with it (a key id); how many."""
-    parse_api_keys(path)
-    data: dict[str, list[str]] = json.loads(path.read_text())
+    data = read_api_keys(path)
     before = data.get(tenant, [])
     wanted = key_or_id if key_or_id.startswith(_HASH_PREFIX) else _HASH_PREFIX + key_or_id
     kept = [h for h in before if not h.startswith(wanted)]
     data[tenant] = kept
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    _write_api_keys(path, data)
     return len(before) - len(kept)

@@ -190,16 +190,14 @@ def keys_remove(tenant: str = typer.Option(...), key_id: str = typer.Option(...,
 @keys_app.command("list")
 def keys_list(file: Path = _KEYS_FILE) -> None:
     """Each tenant with the ids of its keys (never the keys: the file holds only their hashes)."""
-    import json
-
-    from streamharness.auth import key_id, parse_api_keys
+    from streamharness.auth import key_id, read_api_keys
     from streamharness.errors import InvalidInput
 
     try:
-        parse_api_keys(file)
+        keys = read_api_keys(file)
     except (OSError, ValueError, InvalidInput) as err:
         raise typer.BadParameter(f"{file}: {err}") from None
-    for tenant, hashes in sorted(json.loads(file.read_text()).items()):
+    for tenant, hashes in sorted(keys.items()):
         typer.echo(f"{tenant}: {', '.join(key_id(h) for h in hashes) or '(no keys)'}")
 
 
