@@ -60,9 +60,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             meters.rpc_duration().record(time.perf_counter() - start, {"rpc.method": method, "rpc.status": status})
             log.debug("%s %s in %.1f ms", method, status, 1e3 * (time.perf_counter() - start))
 
-        def left(start: float) -> None:
-            record(start, "CANCELLED")
-            log.info("%s: the client cancelled the call", method)
+        def failed(start: float, exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+            """Record a call that raised: the status to abort it with, or None to re-raise as it is
+            (a client that left, logged at INFO; a call the handler aborted itself)."""
+            if _cancelled(exc):
+                record(start, "CANCELLED")
+                log.info("%s: the client cancelled the call", method)
+                return None
+            record(start, "ERROR")
+            return None if _already_aborted(exc) else status_of(method, exc)
 
         def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
             if inspect.iscoroutinefunction(fn):
@@ -73,13 +79,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                         record(start, "OK")
                         return result
                     except BaseException as exc:  # noqa: BLE001 - mapped to a status below
-                        if _cancelled(exc):
-                            left(start)
+                        if (status := failed(start, exc)) is None:
                             raise
-                        record(start, "ERROR")
-                        if _already_aborted(exc):
-                            raise
-                        await context.abort(*status_of(method, exc))
+                        await context.abort(*status)
                 return ainner
 
             def inner(request_or_iter: Any, context: grpc.ServicerContext) -> Any:
@@ -89,10 +91,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     record(start, "OK")
                     return result
                 except BaseException as exc:  # noqa: BLE001 - mapped to a status below
-                    record(start, "ERROR")
-                    if _already_aborted(exc):
+                    if (status := failed(start, exc)) is None:
                         raise
-                    context.abort(*status_of(method, exc))
+                    context.abort(*status)
             return inner
 
         def wrap_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -103,14 +104,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                         async for item in fn(request_or_iter, context):
                             yield item
                         record(start, "OK")
-                    except BaseException as exc:  # noqa: BLE001
-                        if _cancelled(exc):
-                            left(start)
+                    except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+                        if (status := failed(start, exc)) is None:
                             raise
-                        record(start, "ERROR")
-                        if _already_aborted(exc):
-                            raise
-                        await context.abort(*status_of(method, exc))
+                        await context.abort(*status)
                 return ainner
 
             def inner(request_or_iter: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -118,14 +115,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     yield from fn(request_or_iter, context)
                     record(start, "OK")
-                except BaseException as exc:  # noqa: BLE001
-                    if isinstance(exc, GeneratorExit):
-                        left(start)
+                except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+                    if (status := failed(start, exc)) is None:
                         raise
-                    record(start, "ERROR")
-                    if _already_aborted(exc):
-                        raise
-                    context.abort(*status_of(method, exc))
+                    context.abort(*status)
             return inner
 
         if handler.unary_unary:
