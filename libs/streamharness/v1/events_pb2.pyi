@@ -89,12 +89,14 @@ class QueryEvent(_message.Message):
         KIND_INSTRUCTION_ADD: _ClassVar[QueryEvent.Kind]
         KIND_INSTRUCTION_REMOVE: _ClassVar[QueryEvent.Kind]
         KIND_SESSION_END: _ClassVar[QueryEvent.Kind]
+        KIND_SESSION_RESUME: _ClassVar[QueryEvent.Kind]
     KIND_UNSPECIFIED: QueryEvent.Kind
     KIND_SESSION_START: QueryEvent.Kind
     KIND_QUESTION: QueryEvent.Kind
     KIND_INSTRUCTION_ADD: QueryEvent.Kind
     KIND_INSTRUCTION_REMOVE: QueryEvent.Kind
     KIND_SESSION_END: QueryEvent.Kind
+    KIND_SESSION_RESUME: QueryEvent.Kind
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -162,7 +164,7 @@ class DecisionEvent(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., action: _Optional[_Union[DecisionEvent.Action, str]] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., reason: _Optional[str] = ..., score: _Optional[float] = ..., policy: _Optional[str] = ..., reply_to: _Optional[str] = ..., decision_id: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., answered: _Optional[bool] = ...) -> None: ...
 
 class ResponseEvent(_message.Message):
-    __slots__ = ("key", "session_id", "response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "reply_to", "hops", "prompt_text", "answer_text", "refusal")
+    __slots__ = ("key", "session_id", "response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "reply_to", "hops", "prompt_text", "answer_text", "refusal", "attempt")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +180,7 @@ class ResponseEvent(_message.Message):
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     ANSWER_TEXT_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.StreamKey
     session_id: str
     response_id: str
@@ -193,7 +196,58 @@ class ResponseEvent(_message.Message):
     prompt_text: str
     answer_text: str
     refusal: str
-    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., prompt_text: _Optional[str] = ..., answer_text: _Optional[str] = ..., refusal: _Optional[str] = ...) -> None: ...
+    attempt: str
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., prompt_text: _Optional[str] = ..., answer_text: _Optional[str] = ..., refusal: _Optional[str] = ..., attempt: _Optional[str] = ...) -> None: ...
+
+class StreamStateRecord(_message.Message):
+    __slots__ = ("key", "session_id", "reply_to", "decision_fps", "instructions", "questions", "open_questions", "last_decision_ms", "end_ms", "last_fired_ms", "updated_unix_ms")
+    class OpenQuestionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LastFiredMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FPS_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTIONS_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_DECISION_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIRED_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    key: _common_pb2.StreamKey
+    session_id: str
+    reply_to: str
+    decision_fps: float
+    instructions: _containers.RepeatedCompositeFieldContainer[_common_pb2.StandingInstruction]
+    questions: _containers.RepeatedCompositeFieldContainer[PendingQuestionRecord]
+    open_questions: _containers.ScalarMap[str, int]
+    last_decision_ms: int
+    end_ms: int
+    last_fired_ms: _containers.ScalarMap[str, int]
+    updated_unix_ms: int
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., reply_to: _Optional[str] = ..., decision_fps: _Optional[float] = ..., instructions: _Optional[_Iterable[_Union[_common_pb2.StandingInstruction, _Mapping]]] = ..., questions: _Optional[_Iterable[_Union[PendingQuestionRecord, _Mapping]]] = ..., open_questions: _Optional[_Mapping[str, int]] = ..., last_decision_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., last_fired_ms: _Optional[_Mapping[str, int]] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...
+
+class PendingQuestionRecord(_message.Message):
+    __slots__ = ("question_id", "text", "media_ts_ms")
+    QUESTION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
+    question_id: str
+    text: str
+    media_ts_ms: int
+    def __init__(self, question_id: _Optional[str] = ..., text: _Optional[str] = ..., media_ts_ms: _Optional[int] = ...) -> None: ...
 
 class SummaryEvent(_message.Message):
     __slots__ = ("key", "summary_id", "tier", "index", "start_ms", "end_ms", "visible_from_ms", "text", "labels", "max_people", "frames", "backend", "fallback", "hops")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from streamharness.v1 import common_pb2 as streamharness_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstreamharness/v1/ingest.proto\x12\x10streamharness.v1\x1a\x1dstreamharness/v1/common.proto\"\xf6\x01\n\x12IngestFrameRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bmedia_ts_ms\x18\x03 \x01(\x03\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x31\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1f.streamharness.v1.ImageEncoding\x12\x0b\n\x03seq\x18\x06 \x01(\x04\x12\x14\n\x0c\x64\x65\x63ision_fps\x18\x07 \x01(\x01\x12(\n\x04hops\x18\x08 \x03(\x0b\x32\x1a.streamharness.v1.HopStamp\"\xf2\x01\n\x11IngestFrameResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0bmedia_ts_ms\x18\x02 \x01(\x03\x12:\n\x06status\x18\x03 \x01(\x0e\x32*.streamharness.v1.IngestFrameResult.Status\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"p\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_PUBLISHED\x10\x01\x12\x12\n\x0eSTATUS_SKIPPED\x10\x02\x12\x13\n\x0fSTATUS_REJECTED\x10\x03\x12\x0f\n\x0bSTATUS_SHED\x10\x04\x32n\n\rIngestService\x12]\n\x0cIngestFrames\x12$.streamharness.v1.IngestFrameRequest\x1a#.streamharness.v1.IngestFrameResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstreamharness/v1/ingest.proto\x12\x10streamharness.v1\x1a\x1dstreamharness/v1/common.proto\"\xf6\x01\n\x12IngestFrameRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bmedia_ts_ms\x18\x03 \x01(\x03\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x31\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1f.streamharness.v1.ImageEncoding\x12\x0b\n\x03seq\x18\x06 \x01(\x04\x12\x14\n\x0c\x64\x65\x63ision_fps\x18\x07 \x01(\x01\x12(\n\x04hops\x18\x08 \x03(\x0b\x32\x1a.streamharness.v1.HopStamp\"\x8b\x02\n\x11IngestFrameResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0bmedia_ts_ms\x18\x02 \x01(\x03\x12:\n\x06status\x18\x03 \x01(\x0e\x32*.streamharness.v1.IngestFrameResult.Status\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x88\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_PUBLISHED\x10\x01\x12\x12\n\x0eSTATUS_SKIPPED\x10\x02\x12\x13\n\x0fSTATUS_REJECTED\x10\x03\x12\x0f\n\x0bSTATUS_SHED\x10\x04\x12\x16\n\x12STATUS_UNAVAILABLE\x10\x05\x32n\n\rIngestService\x12]\n\x0cIngestFrames\x12$.streamharness.v1.IngestFrameRequest\x1a#.streamharness.v1.IngestFrameResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTFRAMEREQUEST']._serialized_start=83
   _globals['_INGESTFRAMEREQUEST']._serialized_end=329
   _globals['_INGESTFRAMERESULT']._serialized_start=332
-  _globals['_INGESTFRAMERESULT']._serialized_end=574
-  _globals['_INGESTFRAMERESULT_STATUS']._serialized_start=462
-  _globals['_INGESTFRAMERESULT_STATUS']._serialized_end=574
-  _globals['_INGESTSERVICE']._serialized_start=576
-  _globals['_INGESTSERVICE']._serialized_end=686
+  _globals['_INGESTFRAMERESULT']._serialized_end=599
+  _globals['_INGESTFRAMERESULT_STATUS']._serialized_start=463
+  _globals['_INGESTFRAMERESULT_STATUS']._serialized_end=599
+  _globals['_INGESTSERVICE']._serialized_start=601
+  _globals['_INGESTSERVICE']._serialized_end=711
 # @@protoc_insertion_point(module_scope)

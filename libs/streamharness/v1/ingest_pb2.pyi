@@ -37,11 +37,13 @@ class IngestFrameResult(_message.Message):
         STATUS_SKIPPED: _ClassVar[IngestFrameResult.Status]
         STATUS_REJECTED: _ClassVar[IngestFrameResult.Status]
         STATUS_SHED: _ClassVar[IngestFrameResult.Status]
+        STATUS_UNAVAILABLE: _ClassVar[IngestFrameResult.Status]
     STATUS_UNSPECIFIED: IngestFrameResult.Status
     STATUS_PUBLISHED: IngestFrameResult.Status
     STATUS_SKIPPED: IngestFrameResult.Status
     STATUS_REJECTED: IngestFrameResult.Status
     STATUS_SHED: IngestFrameResult.Status
+    STATUS_UNAVAILABLE: IngestFrameResult.Status
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]

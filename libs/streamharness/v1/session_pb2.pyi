@@ -23,7 +23,7 @@ class ClientMessage(_message.Message):
     def __init__(self, start: _Optional[_Union[SessionStart, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., question: _Optional[_Union[Question, _Mapping]] = ..., instruction: _Optional[_Union[InstructionUpdate, _Mapping]] = ..., end: _Optional[_Union[SessionEnd, _Mapping]] = ...) -> None: ...
 
 class SessionStart(_message.Message):
-    __slots__ = ("stream_id", "decision_fps", "instructions", "labels")
+    __slots__ = ("stream_id", "decision_fps", "instructions", "labels", "resume_token", "received_response_ids")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,11 +35,15 @@ class SessionStart(_message.Message):
     DECISION_FPS_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTIONS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     decision_fps: float
     instructions: _containers.RepeatedCompositeFieldContainer[_common_pb2.StandingInstruction]
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, stream_id: _Optional[str] = ..., decision_fps: _Optional[float] = ..., instructions: _Optional[_Iterable[_Union[_common_pb2.StandingInstruction, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    resume_token: str
+    received_response_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stream_id: _Optional[str] = ..., decision_fps: _Optional[float] = ..., instructions: _Optional[_Iterable[_Union[_common_pb2.StandingInstruction, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., resume_token: _Optional[str] = ..., received_response_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("media_ts_ms", "image", "encoding", "seq")
@@ -90,14 +94,20 @@ class ServerMessage(_message.Message):
     def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., response: _Optional[_Union[ResponseChunk, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
-    __slots__ = ("session_id", "key", "decision_fps")
+    __slots__ = ("session_id", "key", "decision_fps", "resume_token", "resumed", "resume_window_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     DECISION_FPS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    RESUME_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     key: _common_pb2.StreamKey
     decision_fps: float
-    def __init__(self, session_id: _Optional[str] = ..., key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., decision_fps: _Optional[float] = ...) -> None: ...
+    resume_token: str
+    resumed: bool
+    resume_window_s: float
+    def __init__(self, session_id: _Optional[str] = ..., key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., decision_fps: _Optional[float] = ..., resume_token: _Optional[str] = ..., resumed: _Optional[bool] = ..., resume_window_s: _Optional[float] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("kind", "seq", "media_ts_ms", "sampled", "shed")
@@ -126,7 +136,7 @@ class Ack(_message.Message):
     def __init__(self, kind: _Optional[_Union[Ack.Kind, str]] = ..., seq: _Optional[int] = ..., media_ts_ms: _Optional[int] = ..., sampled: _Optional[bool] = ..., shed: _Optional[bool] = ...) -> None: ...
 
 class ResponseChunk(_message.Message):
-    __slots__ = ("response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "refusal")
+    __slots__ = ("response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "refusal", "restart")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +146,7 @@ class ResponseChunk(_message.Message):
     INSTRUCTION_ID_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     index: int
     text: str
@@ -145,7 +156,8 @@ class ResponseChunk(_message.Message):
     instruction_id: str
     media_ts_ms: int
     refusal: str
-    def __init__(self, response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., refusal: _Optional[str] = ...) -> None: ...
+    restart: bool
+    def __init__(self, response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., refusal: _Optional[str] = ..., restart: _Optional[bool] = ...) -> None: ...
 
 class SessionError(_message.Message):
     __slots__ = ("code", "message", "seq", "media_ts_ms", "fatal", "retry_after_ms")
