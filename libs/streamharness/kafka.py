@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
@@ -30,6 +30,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from streamharness import topics
 from streamharness.errors import SettingsError
 from streamharness.keys import key_str, parse_key
 from streamharness.records import (  # noqa: F401 - re-exported: the record vocabulary of both hosts
@@ -100,7 +101,8 @@ def ensure_topics(
         missing = [t for t in wanted if t not in existing]
         created: list[str] = []
         if missing:
-            spec = {t: {"num_partitions": count, "replication_factor": settings.replication_factor} for t in missing}
+            spec = {t: {"num_partitions": count, "replication_factor": settings.replication_factor,
+                        "configs": dict(topics.CONFIGS.get(wanted[t], {}))} for t in missing}
             result = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000), raise_errors=False)
             for topic in result["topics"]:
                 code = topic["error_code"]
@@ -212,6 +214,8 @@ class EventConsumer(Generic[M]):
         on_processed: Callable[[ConsumedEvent[M]], None] | None = None,
         on_batch_end: Callable[[], None] | None = None,
         on_give_up: Callable[[ConsumedEvent[M], BaseException], None] | None = None,
+        on_assigned: Callable[[dict[str, set[int]]], None] | None = None,
+        on_revoked: Callable[[dict[str, set[int]]], None] | None = None,
         **overrides: Any,
     ) -> None:
         """``message_type`` is one type for all ``topics``, or a mapping of logical topic name to
@@ -219,7 +223,11 @@ class EventConsumer(Generic[M]):
         service reads queries and embeddings of the same streams in one group). ``on_batch_end``
         runs after each polled batch is handed to the handler and before its offsets are
         committed: a handler that accumulates (micro-batching) flushes there. ``on_give_up(event,
-        error)`` runs when a handler failed for the last time, just before the dead letter."""
+        error)`` runs when a handler failed for the last time, just before the dead letter.
+        ``on_assigned`` / ``on_revoked`` get ``{logical topic: partitions}`` when a rebalance gives
+        this member partitions or takes them away (inside ``poll``, on the polling thread, before
+        any record of an assigned partition is handed over): a stage restores or drops the state
+        of those partitions' streams there."""
         self._settings = settings
         self.group_id = settings.topic(group_id)
         self.topics = [settings.topic(t) for t in topics]
@@ -260,13 +268,18 @@ class EventConsumer(Generic[M]):
             # partition counts) arrive at one member per stream.
             "partition_assignment_strategy": (RangePartitionAssignor,),
             "max_poll_records": settings.consumer_max_records,
+            # A killed member's partitions move after this long (Kafka's default is 45 s).
+            "session_timeout_ms": settings.session_timeout_ms,
+            "heartbeat_interval_ms": settings.heartbeat_interval_ms,
             # Frames are up to max_request_bytes: one record must fit into one partition fetch.
             "max_partition_fetch_bytes": max(_MIB, settings.max_request_bytes),
             "fetch_max_bytes": max(50 * _MIB, 2 * settings.max_request_bytes),
         }
         config.update(overrides)
         self._consumer = KafkaConsumer(**config)
-        self._consumer.subscribe(self.topics)
+        self._logical = {settings.topic(t): t for t in topics}
+        self._on_assigned, self._on_revoked = on_assigned, on_revoked
+        self._consumer.subscribe(self.topics, listener=_Listener(self))
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
@@ -373,6 +386,77 @@ class EventConsumer(Generic[M]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Listener(ConsumerRebalanceListener):
+    """Hands a rebalance to the consumer's ``on_assigned`` / ``on_revoked`` (logical topic names)."""
+
+    def __init__(self, owner: EventConsumer[Any]) -> None:
+        self._owner = owner
+
+    def _by_topic(self, partitions: Iterable[TopicPartition]) -> dict[str, set[int]]:
+        out: dict[str, set[int]] = {}
+        for tp in partitions:
+            out.setdefault(self._owner._logical.get(tp.topic, tp.topic), set()).add(tp.partition)  # noqa: SLF001
+        return out
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        owner = self._owner
+        # What was processed is committed before the partitions go (their next owner starts there).
+        owner._commit()  # noqa: SLF001
+        if owner._on_revoked is not None and revoked:  # noqa: SLF001
+            owner._on_revoked(self._by_topic(revoked))  # noqa: SLF001
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        owner = self._owner
+        if owner._on_assigned is not None and assigned:  # noqa: SLF001
+            owner._on_assigned(self._by_topic(assigned))  # noqa: SLF001
+
+
+def read_table(settings: KafkaSettings, topic: str, partitions: Iterable[int] | None = None,
+               *, timeout_s: float = 30.0) -> dict[int, dict[bytes, bytes]]:
+    """``{partition: {key: latest value}}`` of the (compacted) logical ``topic`` on ``partitions``
+    (None: all), read from the start up to the end offsets of the moment of the call; a key whose
+    latest record is a tombstone (no value) is left out. Raises ``KafkaError`` when it cannot finish
+    within ``timeout_s``."""
+    import time
+
+    from kafka.errors import KafkaTimeoutError
+
+    full = settings.topic(topic)
+    consumer = KafkaConsumer(**client_config(settings), client_id=f"table-{topic}", enable_auto_commit=False,
+                             group_id=None, max_partition_fetch_bytes=max(_MIB, settings.max_request_bytes))
+    try:
+        deadline = time.monotonic() + timeout_s
+        known = consumer.partitions_for_topic(full)
+        while known is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            known = consumer.partitions_for_topic(full)
+        if known is None:
+            raise KafkaTimeoutError(f"no metadata for topic {full} within {timeout_s:g} s")
+        wanted = [TopicPartition(full, p) for p in sorted(known if partitions is None else set(partitions) & set(known))]
+        table: dict[int, dict[bytes, bytes]] = {tp.partition: {} for tp in wanted}
+        if not wanted:
+            return table
+        consumer.assign(wanted)
+        consumer.seek_to_beginning(*wanted)
+        end = consumer.end_offsets(wanted)
+        left = {tp for tp in wanted if end[tp] > consumer.position(tp)}
+        while left:
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"topic {full} not read to its end within {timeout_s:g} s")
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                for r in records:
+                    if r.offset >= end[tp]:
+                        continue
+                    if r.value is None:
+                        table[tp.partition].pop(r.key, None)
+                    else:
+                        table[tp.partition][r.key] = r.value
+            left = {tp for tp in left if consumer.position(tp) < end[tp]}
+        return table
+    finally:
+        consumer.close(autocommit=False)
 
 
 def _resume_abandoned_join(consumer: KafkaConsumer) -> None:

@@ -89,7 +89,7 @@ class SessionMapper:
             if not qn.question_id:
                 raise InvalidInput("question_id is empty")
             query = self._query(kind=Q.KIND_QUESTION, question_id=qn.question_id, text=qn.text, media_ts_ms=qn.media_ts_ms)
-            return query, _ack(session_pb2.Ack.KIND_QUESTION, qn.media_ts_ms)
+            return query, _ack(session_pb2.Ack.KIND_QUESTION, qn.media_ts_ms, qn.question_id)
         if kind == "instruction":
             upd = message.instruction
             change = upd.WhichOneof("change")
@@ -104,7 +104,7 @@ class SessionMapper:
                                     media_ts_ms=upd.media_ts_ms)
             else:
                 raise InvalidInput("instruction update has neither add nor remove_instruction_id")
-            return query, _ack(session_pb2.Ack.KIND_INSTRUCTION, upd.media_ts_ms)
+            return query, _ack(session_pb2.Ack.KIND_INSTRUCTION, upd.media_ts_ms, query.instruction_id)
         if kind == "start":
             raise InvalidInput("SessionStart may be sent only once, first")
         if kind is None:
@@ -114,6 +114,17 @@ class SessionMapper:
     def end(self, last_published_ms: int) -> events_pb2.QueryEvent:
         return self._query(kind=Q.KIND_SESSION_END, media_ts_ms=last_published_ms)
 
+    def away(self, last_published_ms: int) -> events_pb2.QueryEvent:
+        """The client went away without SessionEnd: the stream's state is kept for a resume."""
+        return self._query(kind=Q.KIND_SESSION_AWAY, media_ts_ms=last_published_ms)
 
-def _ack(kind: int, media_ts_ms: int) -> session_pb2.ServerMessage:
-    return session_pb2.ServerMessage(ack=session_pb2.Ack(kind=kind, media_ts_ms=media_ts_ms))
+    def resume(self, message: session_pb2.ClientMessage, session_id: str) -> events_pb2.QueryEvent:
+        """The resume query of a ``SessionStart`` that carries a (verified) resume token of ``session_id``."""
+        start = message.start
+        self.key = make_key(self.tenant, start.stream_id)
+        self.session_id = session_id
+        return self._query(kind=Q.KIND_SESSION_RESUME)
+
+
+def _ack(kind: int, media_ts_ms: int, ident: str = "") -> session_pb2.ServerMessage:
+    return session_pb2.ServerMessage(ack=session_pb2.Ack(kind=kind, media_ts_ms=media_ts_ms, id=ident))

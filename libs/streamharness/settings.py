@@ -39,6 +39,8 @@ class KafkaSettings(BaseSettings):
     consumer_max_records: int = Field(64, ge=1, le=10_000, description="Records per poll; offsets are committed after each polled batch is processed.")
     handler_retries: int = Field(3, ge=0, le=20, description="Attempts to process one record before it goes to the dead-letter topic.")
     dead_letter_topic: str = Field("dead-letter", description="Records that cannot be decoded or processed go here (after the prefix).")
+    session_timeout_ms: int = Field(10_000, ge=1000, le=300_000, description="A consumer-group member that stops heartbeating (a killed process) loses its partitions after this long; Kafka's own default, 45 s, is what a crashed stage cost before its streams moved on.")
+    heartbeat_interval_ms: int = Field(2_000, ge=100, le=60_000, description="How often a member heartbeats to its group coordinator (below a third of SH_KAFKA_SESSION_TIMEOUT_MS).")
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
@@ -46,6 +48,13 @@ class KafkaSettings(BaseSettings):
     @property
     def bootstrap_list(self) -> list[str]:
         return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> KafkaSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError(f"SH_KAFKA_HEARTBEAT_INTERVAL_MS ({self.heartbeat_interval_ms}) must be at most a third of "
+                             f"SH_KAFKA_SESSION_TIMEOUT_MS ({self.session_timeout_ms})")
+        return self
 
     @field_validator("bootstrap_servers")
     @classmethod

@@ -13,6 +13,11 @@ What a stage provides (all optional except :meth:`Stage.healthy`):
   a stage that accumulates (micro-batching) works and publishes here; raising redelivers the batch;
 - ``give_up(event, error)``: the record failed for the last time and goes to the dead-letter topic
   next (close what a client is waiting for);
+- ``assigned(partitions)`` / ``revoked(partitions)``: ``{logical topic: partition numbers}`` this
+  process's member was given or lost in a rebalance (on Kafka inside the poll, on the consuming
+  thread, before any record of an assigned partition is handed over; locally once, at start, with
+  partition 0): a stage with durable state restores it from its changelog here
+  (``ctx.read_table``) and drops what it no longer owns;
 - ``register(server)``: add gRPC servicers (stages with an API);
 - ``healthy()``: models loaded, dependencies answering right now;
 - ``close(deadline)``: after intake stopped and the consumers drained: flush, close stores.
@@ -28,7 +33,7 @@ decision — run one member per process and scale by processes).
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -67,6 +72,8 @@ class StageSpec:
     consumes: Mapping[str, type[Message]] = field(default_factory=dict)
     #: Logical topics the stage publishes to.
     produces: tuple[str, ...] = ()
+    #: Compacted logical topics it reads back as tables (``ctx.read_table``, on assignment), not consumed.
+    tables: tuple[str, ...] = ()
     #: Consumer group (``SH_KAFKA_TOPIC_PREFIX`` is put in front); empty when nothing is consumed.
     group: str = ""
     offset_reset: Literal["earliest", "latest"] = "earliest"
@@ -102,6 +109,14 @@ class Outbox(Protocol):
         """Send ``event`` to the dead-letter topic now, durably (a record that failed inside a batch)."""
         ...
 
+    def delete(self, topic: str, key: StreamKey | str) -> Delivery:
+        """A tombstone for ``key`` on the compacted logical ``topic`` (its latest value is gone)."""
+        ...
+
+
+def _no_table(topic: str, partitions: Any = None) -> dict[int, dict[bytes, bytes]]:
+    return {}
+
 
 @dataclass(frozen=True)
 class StageContext:
@@ -114,6 +129,9 @@ class StageContext:
     stopping: threading.Event
     #: ``topic("frames")`` → the full topic name (the install's prefix in front).
     topic_prefix: str = ""
+    #: ``read_table(logical topic, partitions or None)`` → ``{partition: {key bytes: latest value}}``
+    #: of a compacted changelog, read to its current end (tombstoned keys left out).
+    read_table: Callable[[str, Iterable[int] | None], dict[int, dict[bytes, bytes]]] = _no_table
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
@@ -136,6 +154,12 @@ class Stage:
 
     def give_up(self, event: ConsumedEvent[Any], error: BaseException) -> None:
         pass
+
+    def assigned(self, partitions: dict[str, set[int]]) -> None:
+        """This member now holds ``partitions`` (``{logical topic: numbers}``) besides what it kept."""
+
+    def revoked(self, partitions: dict[str, set[int]]) -> None:
+        """This member is losing ``partitions`` (a rebalance may hand some straight back)."""
 
     def register(self, server: grpc.Server) -> None:
         pass

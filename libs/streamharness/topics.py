@@ -6,5 +6,14 @@ QUERIES = "queries"  # QueryEvent: gateway -> decision
 DECISIONS = "decisions"  # DecisionEvent: decision -> responder
 RESPONSES = "responses"  # ResponseEvent: responder -> gateway, memory (Q&A history)
 SUMMARIES = "summaries"  # SummaryEvent: summariser -> memory
+STREAM_STATE = "stream-state"  # StreamStateRecord: decision's durable per-stream state (compacted changelog)
 
-PIPELINE = (FRAMES, EMBEDDINGS, QUERIES, DECISIONS, RESPONSES, SUMMARIES)
+PIPELINE = (FRAMES, EMBEDDINGS, QUERIES, DECISIONS, RESPONSES, SUMMARIES, STREAM_STATE)
+
+#: Topic configs set when the platform creates a topic: changelogs are compacted (the latest
+#: record per stream is kept for ever; a tombstone removes it), so a restore reads one record per
+#: live stream rather than the whole history.
+CONFIGS: dict[str, dict[str, str]] = {
+    STREAM_STATE: {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": "600000",
+                   "delete.retention.ms": "3600000"},
+}

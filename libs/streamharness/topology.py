@@ -102,7 +102,10 @@ TOPOLOGY: dict[str, StageSpec] = {
             # model policy, which also publishes its own responses (configure()).
             consumes={topics.QUERIES: events_pb2.QueryEvent, topics.EMBEDDINGS: events_pb2.EncodedFrameEvent,
                       topics.FRAMES: events_pb2.FrameEvent},
-            produces=(topics.DECISIONS, topics.RESPONSES),
+            # stream-state: the stage's durable per-stream state, a compacted changelog it restores
+            # from on assignment (keyed and partitioned like queries).
+            produces=(topics.DECISIONS, topics.RESPONSES, topics.STREAM_STATE),
+            tables=(topics.STREAM_STATE,),
             group="decision",
             offset_reset="earliest",
             offset_reset_reason="a session start or a question produced while no decision member ran must "
@@ -152,4 +155,4 @@ def stage_spec(name: str) -> StageSpec:
 
 
 def consumers_of(topic: str) -> list[str]:
-    return [name for name, spec in TOPOLOGY.items() if topic in spec.consumes]
+    return [name for name, spec in TOPOLOGY.items() if topic in spec.consumes or topic in spec.tables]

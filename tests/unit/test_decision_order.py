@@ -8,7 +8,7 @@ import pytest
 
 from streamharness.decision.policy import RulePolicy
 from streamharness.decision.service import DecisionSettings, DecisionStage
-from streamharness.keys import make_key
+from streamharness.keys import key_str, make_key
 from streamharness.text_encoder import TextEncoder
 from streamharness.v1 import common_pb2, events_pb2
 
@@ -16,17 +16,25 @@ KEY = make_key("t", "cam")
 Q = events_pb2.QueryEvent
 
 
+class _Done:
+    def get(self, timeout=None):
+        return None
+
+
 class _Captured:
     def __init__(self) -> None:
         self.sent = []
+        self.state = {}  # the stream-state changelog, as a table
 
     def send(self, topic, key, message):
-        self.sent.append(message)
+        if isinstance(message, events_pb2.StreamStateRecord):
+            self.state[key_str(key) if not isinstance(key, str) else key] = message
+        else:
+            self.sent.append(message)
+        return _Done()
 
-        class _Done:
-            def get(self, timeout=None):
-                return None
-
+    def delete(self, topic, key):
+        self.state.pop(key, None)
         return _Done()
 
 

@@ -66,6 +66,9 @@ class _Captured:
 
         return _Done()
 
+    def delete(self, topic, key):
+        return self.send(topic, key, None)
+
     def of(self, topic):
         return [m for t, m in self.sent if t == topic]
 

@@ -93,6 +93,19 @@ class StreamState:
     # decided and waiting for their final response (SH_DECISION_MAX_OPEN_QUESTIONS_PER_STREAM).
     open_questions: dict[str, int] = field(default_factory=dict)
     refusing: bool = False  # the last question was refused (one log line per run of refusals)
+    # Durable state (the 'stream-state' changelog): which partition holds the stream, the media time
+    # of the last frame decided before a restore, the owning session's last input (wall, unix s)
+    # and, while its client is away, since when.
+    partition: int = -1
+    restored_last_ms: int = -1
+    decision_fps: float = 0.0
+    updated_unix: float = 0.0
+    away_since: float | None = None
+
+    @property
+    def last_ms(self) -> int:
+        """Media time of the last frame decided on (-1: none)."""
+        return max(self.last.media_ts_ms if self.last is not None else -1, self.restored_last_ms)
 
 
 @dataclass(frozen=True)

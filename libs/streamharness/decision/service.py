@@ -73,7 +73,16 @@ class DecisionSettings(BaseSettings):
         "at once with a final response refusing it and saying why (never dropped), so one stream's flood cannot queue "
         "more than this many generations ahead of the other streams of its partition; 0 = no bound (and 'responses' is "
         "not read).")
+    away_keep_s: float = Field(300.0, gt=0, le=7 * 86_400, description="A session whose client went away without SessionEnd (a dropped call, a gateway that stopped) keeps its stream's state (instructions, questions) this long for a resume with its token; then the stream is finished.")
+    session_lease_s: float = Field(120.0, gt=0, le=86_400, description="A session with no input (frame or query) for this long no longer holds its stream: a new session may take the stream over. Before that a second session on the stream is refused (refusal 'stream_in_use', ALREADY_EXISTS at the client).")
+    shed_lag_ms: int = Field(2000, ge=0, le=3_600_000, description="Per-stream frame shedding when the stage lags: a frame older than this (wall time since the gateway stamped it) is not decided when a newer frame of its stream is in the same batch (the newest is kept; counted in streamharness.frames.shed). 0 = decide every frame.")
 
+
+#: Refusals that are about the session itself, not a question: the gateway ends the call with them.
+REFUSAL_STREAM_IN_USE = ("Stream {stream} is already open in another session (its last input {age:.0f} s ago); end that "
+                         "session, resume it with its resume token, or wait {lease:.0f} s after its last input.")
+REFUSAL_SESSION_EXPIRED = ("Session {session} of stream {stream} can no longer be resumed (ended, or away longer than "
+                           "SH_DECISION_AWAY_KEEP_S); start a new session.")
 
 #: The text of the final response that refuses a question past SH_DECISION_MAX_OPEN_QUESTIONS_PER_STREAM.
 REFUSAL_TOO_MANY_OPEN = ("Not answered: this stream already has {limit} questions waiting for an answer, the most one "
@@ -195,7 +204,13 @@ class DecisionStage(Stage):
         self._batch: list = []
         self._answers: list[events_pb2.ResponseEvent] = []  # final responses to questions, from 'responses'
         self._refusals: list = []  # deliveries of this batch's refusals: durable before its commit
+        self._dirty: set[str] = set()  # streams whose durable state this batch changed
+        self._partition_of: dict[str, int] = {}  # stream -> the partition its records come from
+        self._refused: dict[str, set[str]] = {}  # stream -> sessions refused on it (their records are ignored)
+        self._restoring = False
+        self._swept = 0.0
         self.out: Outbox | None = None
+        self.ctx: StageContext | None = None
         self._policy_tried = 0.0
 
     @property
@@ -231,6 +246,7 @@ class DecisionStage(Stage):
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self, ctx: StageContext) -> None:
         self.out = ctx.outbox
+        self.ctx = ctx
         if self.policy is None:
             from streamharness.text_encoder import TextEncoder
 
@@ -258,13 +274,110 @@ class DecisionStage(Stage):
 
     # -- handling ------------------------------------------------------------------------------
     def _state(self, key: common_pb2.StreamKey, session_id: str) -> StreamState:
+        """The stream's state; a new one when none is held. Only a session start (``_on_start``)
+        gives a held stream to another session: never a silent reset."""
         name = key_str(key)
         state = self.states.get(name)
-        if state is None or (session_id and state.session_id and state.session_id != session_id):
-            state = StreamState(key=key, session_id=session_id)
+        if state is None:
+            state = StreamState(key=key, session_id=session_id, updated_unix=time.time())
             self.states[name] = state
         state.session_id = state.session_id or session_id
         return state
+
+    def _foreign(self, msg) -> bool:
+        """A record of a session that does not hold its stream (refused, or an earlier one's late records)."""
+        if not msg.session_id:
+            return False
+        name = key_str(msg.key)
+        if msg.session_id in self._refused.get(name, ()):
+            return True
+        state = self.states.get(name)
+        return state is not None and bool(state.session_id) and state.session_id != msg.session_id
+
+    # -- durable state (the stream-state changelog) -----------------------------------------------
+    def assigned(self, partitions: dict[str, set[int]]) -> None:
+        """Restore the streams of newly assigned ``queries`` partitions from the changelog (those
+        kept across the rebalance stay as they are in memory, newer than or equal to it)."""
+        parts = set(partitions.get(topics.QUERIES, ()))
+        held = {s.partition for s in self.states.values()}
+        new = sorted(parts - held)
+        if not new or self.ctx is None:
+            return
+        self._restoring = True
+        started = time.monotonic()
+        try:
+            table = self.ctx.read_table(topics.STREAM_STATE, new)
+            restored = 0
+            for partition, rows in table.items():
+                for raw_key, value in rows.items():
+                    rec = events_pb2.StreamStateRecord.FromString(value)
+                    if key_str(rec.key) not in self.states:
+                        self.states[key_str(rec.key)] = self._restored(rec, partition)
+                        restored += 1
+            log.info("restored %d streams of partitions %s from %s in %.2f s", restored, new, topics.STREAM_STATE,
+                     time.monotonic() - started)
+        finally:
+            self._restoring = False
+
+    def revoked(self, partitions: dict[str, set[int]]) -> None:
+        """Forget the streams of revoked partitions (their state is in the changelog, as of the last
+        committed batch; the partition's next owner restores it)."""
+        parts = set(partitions.get(topics.QUERIES, ()))
+        for name, state in list(self.states.items()):
+            if state.partition in parts:
+                del self.states[name]
+                forget = getattr(self.policy, "forget", None)
+                if forget is not None:
+                    forget(state)
+
+    def _restored(self, rec: events_pb2.StreamStateRecord, partition: int) -> StreamState:
+        state = StreamState(key=rec.key, session_id=rec.session_id, reply_to=rec.reply_to, started=True,
+                            partition=partition, restored_last_ms=rec.last_decision_ms, decision_fps=rec.decision_fps,
+                            updated_unix=rec.updated_unix_ms / 1000, end_ms=rec.end_ms if rec.end_ms >= 0 else None,
+                            away_since=rec.away_since_unix_ms / 1000 if rec.away_since_unix_ms else None)
+        for inst in rec.instructions:
+            added = self.policy.add_instruction(state, inst.instruction_id, inst.text)
+            if inst.instruction_id in rec.last_fired_ms:
+                added.last_fired_ms = rec.last_fired_ms[inst.instruction_id]
+        state.questions = [PendingQuestion(q.question_id, q.text, q.media_ts_ms) for q in rec.questions]
+        state.open_questions = dict(rec.open_questions)
+        return state
+
+    def _record_of(self, state: StreamState) -> events_pb2.StreamStateRecord:
+        return events_pb2.StreamStateRecord(
+            key=state.key, session_id=state.session_id, reply_to=state.reply_to, decision_fps=state.decision_fps,
+            instructions=[common_pb2.StandingInstruction(instruction_id=i.instruction_id, text=i.text)
+                          for i in state.instructions.values()],
+            questions=[events_pb2.PendingQuestionRecord(question_id=q.question_id, text=q.text, media_ts_ms=q.media_ts_ms)
+                       for q in state.questions],
+            open_questions=state.open_questions, last_decision_ms=state.last_ms,
+            end_ms=state.end_ms if state.end_ms is not None else -1,
+            last_fired_ms={i.instruction_id: i.last_fired_ms for i in state.instructions.values() if i.last_fired_ms is not None},
+            updated_unix_ms=int(state.updated_unix * 1000),
+            away_since_unix_ms=int(state.away_since * 1000) if state.away_since else 0)
+
+    def _persist(self) -> list:
+        """The changed streams' state (or a tombstone for a finished one) to the changelog."""
+        dirty, self._dirty = self._dirty, set()
+        sent = []
+        for name in sorted(dirty):
+            state = self.states.get(name)
+            if state is None:
+                sent.append(self.out.delete(topics.STREAM_STATE, name))
+            else:
+                sent.append(self.out.send(topics.STREAM_STATE, state.key, self._record_of(state)))
+        return sent
+
+    def _sweep(self) -> None:
+        """Finish streams whose client has been away longer than SH_DECISION_AWAY_KEEP_S."""
+        now = time.time()
+        if now - self._swept < 5.0:
+            return
+        self._swept = now
+        for state in list(self.states.values()):
+            if state.away_since is not None and now - state.away_since > self.settings.away_keep_s:
+                log.info("%s: session %s away for %.0f s: finished", key_str(state.key), state.session_id, now - state.away_since)
+                self._finish(state, [])
 
     # One poll brings records of both topics in partition order, not media-time order (after a
     # rebalance a whole backlog of frames can come before the session's start). So a polled batch
@@ -284,6 +397,7 @@ class DecisionStage(Stage):
                     msg.key.CopyFrom(parse_key(event.key))
                 self._answers.append(msg)
             return  # the other chunks of a response say nothing to the decision
+        self._partition_of[key_str(msg.key)] = event.partition
         self._batch.append(msg)
 
     # With policy "trained" and the head not served at start (Triton came up later, or a new head is
@@ -301,13 +415,40 @@ class DecisionStage(Stage):
         for answer in answers:
             self._on_answer(answer)
         batch.sort(key=_media_order)
-        for msg in batch:
+        for msg in self._shed(batch):
             self.apply(msg)
         self._flush_round()
+        self._sweep()
         refusals, self._refusals = self._refusals, []
-        for fut in refusals:
-            fut.get(timeout=30)  # durable before the offsets of the questions they refuse are committed
+        # Durable before the offsets of what caused them are committed: refusals, then the state.
+        for fut in [*refusals, *self._persist()]:
+            fut.get(timeout=30)
         self._maybe_upgrade()
+
+    def _shed(self, batch: list) -> list:
+        """Per-stream shedding when the stage lags: a frame older than SH_DECISION_SHED_LAG_MS (wall
+        time since the gateway stamped it) is dropped when a newer frame of its stream is in the
+        batch. Queries are never shed; the newest frame of each stream is always decided."""
+        lag_ms = self.settings.shed_lag_ms
+        if not lag_ms:
+            return batch
+        newest: dict[str, int] = {}
+        for msg in batch:
+            if not isinstance(msg, events_pb2.QueryEvent):
+                name = key_str(msg.key)
+                newest[name] = max(newest.get(name, msg.media_ts_ms), msg.media_ts_ms)
+        now_ns = time.time_ns()
+        kept, shed = [], 0
+        for msg in batch:
+            if (not isinstance(msg, events_pb2.QueryEvent) and msg.media_ts_ms < newest[key_str(msg.key)] and msg.hops
+                    and (now_ns - msg.hops[0].wall_unix_ns) / 1e6 > lag_ms):
+                shed += 1
+                continue
+            kept.append(msg)
+        if shed:
+            meters.frames_shed().add(shed, {"stage": "decision", "reason": "lag"})
+            log.info("decision lags more than %d ms: %d older frames shed (each stream's newest kept)", lag_ms, shed)
+        return kept
 
     def _maybe_upgrade(self) -> None:
         from streamharness.decision.trained import TrainedPolicy
@@ -331,6 +472,15 @@ class DecisionStage(Stage):
         one frame per stream, a round flushed before a stream's next frame or query."""
         if self._round and key_str(msg.key) in self._round:
             self._flush_round()
+        name = key_str(msg.key)
+        session_kinds = (Q.KIND_SESSION_START, Q.KIND_SESSION_RESUME)
+        if not (isinstance(msg, events_pb2.QueryEvent) and msg.kind in session_kinds) and self._foreign(msg):
+            log.debug("%s: a record of session %s, which does not hold the stream: ignored", name, msg.session_id)
+            return
+        self._dirty.add(name)
+        state = self.states.get(name)
+        if state is not None and (not msg.session_id or msg.session_id == state.session_id):
+            state.updated_unix = time.time()
         log.debug("%s %s t=%d %s", key_str(msg.key), type(msg).__name__, msg.media_ts_ms,
                   getattr(msg, "person_count", "") if not isinstance(msg, events_pb2.QueryEvent) else Q.Kind.Name(msg.kind))
         if isinstance(msg, events_pb2.QueryEvent):
@@ -357,10 +507,71 @@ class DecisionStage(Stage):
         for frame in held:
             self._on_frame(frame)
 
-    def _on_query(self, q: events_pb2.QueryEvent) -> None:
+    def _refuse_session(self, q: events_pb2.QueryEvent, reason: str, text: str) -> None:
+        """Tell session ``q.session_id`` (a final response with ``refusal=reason``) that it may not
+        go on; its later records on the stream are ignored. The gateway ends its call."""
+        name = key_str(q.key)
+        self._refused.setdefault(name, set()).add(q.session_id)
+        log.warning("%s: session %s refused (%s)", name, q.session_id, reason)
+        event = events_pb2.ResponseEvent(
+            key=q.key, session_id=q.session_id, response_id=f"{name}/{q.session_id}/{reason}", index=0, text=text,
+            final=True, reply_to=q.reply_to, refusal=reason, media_ts_ms=q.media_ts_ms)
+        self._refusals.append(self.out.send(topics.RESPONSES, q.key, event))
+
+    def _on_session(self, q: events_pb2.QueryEvent) -> StreamState | None:
+        """A session start or resume: who holds the stream. None when the session is refused."""
+        name = key_str(q.key)
+        state = self.states.get(name)
+        now = time.time()
+        if q.kind == Q.KIND_SESSION_RESUME:
+            if state is None or state.session_id != q.session_id:
+                self._refuse_session(q, "session_expired", REFUSAL_SESSION_EXPIRED.format(session=q.session_id, stream=name))
+                return None
+            if state.away_since is not None:
+                log.info("%s: session %s resumed after %.1f s away", name, q.session_id, now - state.away_since)
+            state.away_since = None
+            return state
+        if state is not None and state.session_id and state.session_id != q.session_id:
+            idle = now - state.updated_unix
+            if state.away_since is None and idle < self.settings.session_lease_s:
+                self._refuse_session(q, "stream_in_use", REFUSAL_STREAM_IN_USE.format(
+                    stream=name, age=idle, lease=self.settings.session_lease_s))
+                return None
+            log.info("%s: session %s takes the stream over from session %s (%s)", name, q.session_id, state.session_id,
+                     f"away for {now - state.away_since:.0f} s" if state.away_since is not None else f"no input for {idle:.0f} s")
+            self.states.pop(name)
+            forget = getattr(self.policy, "forget", None)
+            if forget is not None:
+                forget(state)
         state = self._state(q.key, q.session_id)
+        state.decision_fps = q.decision_fps or state.decision_fps
+        state.away_since = None
+        return state
+
+    def _on_query(self, q: events_pb2.QueryEvent) -> None:
+        if q.kind in (Q.KIND_SESSION_START, Q.KIND_SESSION_RESUME):
+            state = self._on_session(q)
+            if state is None:
+                return
+        else:
+            state = self._state(q.key, q.session_id)
+        if state.partition < 0:
+            state.partition = self._partition_of.get(key_str(q.key), -1)
         if q.reply_to:
             state.reply_to = q.reply_to
+        state.updated_unix = time.time()
+        if q.kind == Q.KIND_SESSION_RESUME:
+            return
+        if q.kind == Q.KIND_SESSION_AWAY:
+            # Nobody is there to see the answers now; they are produced now (and delivered at a resume)
+            # rather than left waiting for frames that will not come.
+            state.away_since = time.time()
+            if state.questions:
+                now = max([state.last_ms, *(p.media_ts_ms for p in state.questions)])
+                self._publish(state, self.policy.answer_pending(state, now), q.hops)
+            log.info("%s session %s: the client went away; its state is kept %.0f s for a resume", key_str(q.key),
+                     q.session_id, self.settings.away_keep_s)
+            return
         if q.kind == Q.KIND_SESSION_START:
             for inst in q.instructions:
                 self.policy.add_instruction(state, inst.instruction_id, inst.text)
@@ -371,6 +582,8 @@ class DecisionStage(Stage):
         elif q.kind == Q.KIND_INSTRUCTION_REMOVE:
             state.instructions.pop(q.instruction_id, None)
         elif q.kind == Q.KIND_QUESTION:
+            if q.question_id in state.open_questions or any(p.question_id == q.question_id for p in state.questions):
+                return  # redelivered (or sent again after a reconnect): it is already open
             limit = self.settings.max_open_questions_per_stream
             if limit:
                 if q.question_id not in state.open_questions and len(state.open_questions) >= limit:
@@ -400,7 +613,8 @@ class DecisionStage(Stage):
         state = self.states.get(key_str(r.key))
         if state is None or (r.session_id and state.session_id and r.session_id != state.session_id):
             return  # a stream this member does not hold (any more), or an earlier session's answer
-        state.open_questions.pop(r.question_id, None)
+        if state.open_questions.pop(r.question_id, None) is not None:
+            self._dirty.add(key_str(r.key))
 
     def _refuse(self, state: StreamState, q: events_pb2.QueryEvent, limit: int) -> None:
         """Answer ``q`` at once with a final response that refuses it (the stream has ``limit`` open)."""
@@ -422,7 +636,9 @@ class DecisionStage(Stage):
 
     def _on_frame(self, f) -> None:
         state = self._state(f.key, f.session_id)
-        if state.last is not None and f.media_ts_ms <= state.last.media_ts_ms:
+        if state.partition < 0:
+            state.partition = self._partition_of.get(key_str(f.key), -1)
+        if f.media_ts_ms <= state.last_ms:
             return  # a redelivered or out-of-order frame: that step was already decided
         if isinstance(f, events_pb2.FrameEvent):
             evidence = Evidence(media_ts_ms=f.media_ts_ms, embedding=np.zeros(0, np.float32), labels=(), person_count=0,
@@ -465,9 +681,11 @@ class DecisionStage(Stage):
 
     def _finish(self, state: StreamState, hops) -> None:
         """Answer what is still pending (questions asked after the last frame) and forget the stream."""
-        now = max([state.last.media_ts_ms if state.last else 0, *(p.media_ts_ms for p in state.questions)])
+        now = max([max(state.last_ms, 0), *(p.media_ts_ms for p in state.questions)])
         self._publish(state, self.policy.answer_pending(state, now), hops)
         self.states.pop(key_str(state.key), None)
+        self._refused.pop(key_str(state.key), None)
+        self._dirty.add(key_str(state.key))  # a tombstone in the changelog
         forget = getattr(self.policy, "forget", None)
         if forget is not None:
             forget(state)

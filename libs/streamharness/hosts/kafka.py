@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from streamharness import topology
-from streamharness.kafka import EventConsumer, EventProducer, ensure_topics
+from streamharness.kafka import EventConsumer, EventProducer, ensure_topics, read_table
 from streamharness.records import ConsumedEvent, Headers, dead_letter_event
 from streamharness.runner import Service
 from streamharness.settings import KafkaSettings
@@ -40,11 +40,17 @@ class KafkaOutbox:
 
     def __init__(self, producer: EventProducer, kafka: KafkaSettings, group: str) -> None:
         self._producer = producer
+        self._kafka = kafka
         self._dlq_topic = kafka.topic(kafka.dead_letter_topic)
         self._group = group
 
     def send(self, topic: str, key: Any, message: Any, headers: Headers | None = None) -> Any:
         return self._producer.send(topic, key, message, headers)
+
+    def delete(self, topic: str, key: Any) -> Any:
+        from streamharness.kafka import _key_bytes
+
+        return self._producer.send_raw(self._kafka.topic(topic), _key_bytes(key), None, [])
 
     def dead_letter(self, event: ConsumedEvent[Any], reason: str, error: BaseException) -> None:
         dead_letter_event(self._producer.send_raw, self._dlq_topic, event, reason, error, self._group).get(timeout=30)
@@ -80,6 +86,7 @@ class KafkaHost(Service):
         self.stage.open(StageContext(
             outbox=KafkaOutbox(self.producer, self.kafka, self.group), attempts=self.kafka.handler_retries,
             stopping=self._stop, topic_prefix=self.kafka.topic_prefix,
+            read_table=lambda topic, partitions=None: read_table(self.kafka, topic, partitions),
         ))
         if not spec.consumes:
             return
@@ -97,6 +104,7 @@ class KafkaHost(Service):
             self.consumers.append(EventConsumer(
                 consumer_kafka, group_id=spec.group, topics=list(spec.consumes), message_type=dict(spec.consumes),
                 handler=self.stage.handle, on_batch_end=self.stage.end_batch, on_give_up=self.stage.give_up,
+                on_assigned=self.stage.assigned, on_revoked=self.stage.revoked,
                 auto_offset_reset=spec.offset_reset,  # chosen per stage; the reason is in the topology row
                 client_id=spec.name if spec.members == 1 else f"{spec.name}-{i}", **fetch,
             ))

@@ -27,7 +27,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from streamharness import topology
+from streamharness import topics, topology
 from streamharness.keys import key_str
 from streamharness.records import ConsumedEvent, Headers, dead_letter_event, dead_letter_record, message_headers, process_record
 from streamharness.settings import KafkaSettings
@@ -86,6 +86,9 @@ class LocalBus:
         self._groups: dict[str, set[str]] = {}  # full topic -> groups that read it
         self._seq = 0
         self._lock = threading.Lock()
+        # Compacted topics (topics.CONFIGS) are tables here: the latest value per key, nothing else.
+        self._compacted = {self.kafka.topic(t) for t, c in topics.CONFIGS.items() if c.get("cleanup.policy") == "compact"}
+        self._tables: dict[str, dict[bytes, bytes]] = {}
 
     @property
     def dead_letter_topic(self) -> str:
@@ -99,6 +102,13 @@ class LocalBus:
     def send_raw(self, full_topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> _Delivered:
         """Bytes as they are to a full topic name (dead letters; tests that send malformed records)."""
         with self._lock:
+            if full_topic in self._compacted:
+                table = self._tables.setdefault(full_topic, {})
+                if value is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = value
+                return _Delivered(full_topic, -1)
             t = self._topics.setdefault(full_topic, _Topic())
             self._seq += 1
             record = LocalRecord(full_topic, 0, t.next_offset, key, value, tuple(headers), int(time.time() * 1000),
@@ -107,6 +117,11 @@ class LocalBus:
             t.next_offset += 1
             self._trim(full_topic)
             return _Delivered(full_topic, record.offset)
+
+    def table(self, topic: str) -> dict[bytes, bytes]:
+        """The latest value per key of the compacted logical ``topic``."""
+        with self._lock:
+            return dict(self._tables.get(self.kafka.topic(topic), {}))
 
     def flush(self, timeout: float | None = None) -> None:
         pass
@@ -197,6 +212,9 @@ class LocalOutbox:
     def send(self, topic: str, key: Any, message: Message, headers: Headers | None = None) -> _Delivered:
         return self._bus.send(topic, key, message, headers)
 
+    def delete(self, topic: str, key: Any) -> _Delivered:
+        return self._bus.send_raw(self._bus.kafka.topic(topic), _key_bytes(key), None, [])
+
     def dead_letter(self, event: ConsumedEvent[Any], reason: str, error: BaseException) -> None:
         dead_letter_event(self._bus.send_raw, self._bus.dead_letter_topic, event, reason, error, self._group)
         meters.records_dead_lettered().add(1, {"topic": event.topic, "reason": reason})
@@ -230,9 +248,11 @@ class LocalHost:
         group = self.kafka.topic(spec.group or spec.name)
         full = [self.kafka.topic(t) for t in spec.consumes]
         stage.open(StageContext(outbox=LocalOutbox(self.bus, group), attempts=self.kafka.handler_retries,
-                                stopping=self._stop, topic_prefix=self.kafka.topic_prefix))
+                                stopping=self._stop, topic_prefix=self.kafka.topic_prefix,
+                                read_table=lambda topic, partitions=None: {0: self.bus.table(topic)}))
         if full:
             self.bus.subscribe(group, full)
+            stage.assigned({t: {0} for t in spec.consumes})  # one partition of each, for good
         stage.start()
         self._hosted[spec.name] = _Hosted(stage, spec, group, full)
         return stage

@@ -90,6 +90,7 @@ class QueryEvent(_message.Message):
         KIND_INSTRUCTION_REMOVE: _ClassVar[QueryEvent.Kind]
         KIND_SESSION_END: _ClassVar[QueryEvent.Kind]
         KIND_SESSION_RESUME: _ClassVar[QueryEvent.Kind]
+        KIND_SESSION_AWAY: _ClassVar[QueryEvent.Kind]
     KIND_UNSPECIFIED: QueryEvent.Kind
     KIND_SESSION_START: QueryEvent.Kind
     KIND_QUESTION: QueryEvent.Kind
@@ -97,6 +98,7 @@ class QueryEvent(_message.Message):
     KIND_INSTRUCTION_REMOVE: QueryEvent.Kind
     KIND_SESSION_END: QueryEvent.Kind
     KIND_SESSION_RESUME: QueryEvent.Kind
+    KIND_SESSION_AWAY: QueryEvent.Kind
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -200,7 +202,7 @@ class ResponseEvent(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., prompt_text: _Optional[str] = ..., answer_text: _Optional[str] = ..., refusal: _Optional[str] = ..., attempt: _Optional[str] = ...) -> None: ...
 
 class StreamStateRecord(_message.Message):
-    __slots__ = ("key", "session_id", "reply_to", "decision_fps", "instructions", "questions", "open_questions", "last_decision_ms", "end_ms", "last_fired_ms", "updated_unix_ms")
+    __slots__ = ("key", "session_id", "reply_to", "decision_fps", "instructions", "questions", "open_questions", "last_decision_ms", "end_ms", "last_fired_ms", "updated_unix_ms", "away_since_unix_ms")
     class OpenQuestionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +228,7 @@ class StreamStateRecord(_message.Message):
     END_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_FIRED_MS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    AWAY_SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.StreamKey
     session_id: str
     reply_to: str
@@ -237,7 +240,8 @@ class StreamStateRecord(_message.Message):
     end_ms: int
     last_fired_ms: _containers.ScalarMap[str, int]
     updated_unix_ms: int
-    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., reply_to: _Optional[str] = ..., decision_fps: _Optional[float] = ..., instructions: _Optional[_Iterable[_Union[_common_pb2.StandingInstruction, _Mapping]]] = ..., questions: _Optional[_Iterable[_Union[PendingQuestionRecord, _Mapping]]] = ..., open_questions: _Optional[_Mapping[str, int]] = ..., last_decision_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., last_fired_ms: _Optional[_Mapping[str, int]] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...
+    away_since_unix_ms: int
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., reply_to: _Optional[str] = ..., decision_fps: _Optional[float] = ..., instructions: _Optional[_Iterable[_Union[_common_pb2.StandingInstruction, _Mapping]]] = ..., questions: _Optional[_Iterable[_Union[PendingQuestionRecord, _Mapping]]] = ..., open_questions: _Optional[_Mapping[str, int]] = ..., last_decision_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., last_fired_ms: _Optional[_Mapping[str, int]] = ..., updated_unix_ms: _Optional[int] = ..., away_since_unix_ms: _Optional[int] = ...) -> None: ...
 
 class PendingQuestionRecord(_message.Message):
     __slots__ = ("question_id", "text", "media_ts_ms")

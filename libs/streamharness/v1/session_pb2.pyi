@@ -110,7 +110,7 @@ class SessionAccepted(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., decision_fps: _Optional[float] = ..., resume_token: _Optional[str] = ..., resumed: _Optional[bool] = ..., resume_window_s: _Optional[float] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("kind", "seq", "media_ts_ms", "sampled", "shed")
+    __slots__ = ("kind", "seq", "media_ts_ms", "sampled", "shed", "id")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Ack.Kind]
@@ -128,12 +128,14 @@ class Ack(_message.Message):
     MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     SHED_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
     kind: Ack.Kind
     seq: int
     media_ts_ms: int
     sampled: bool
     shed: bool
-    def __init__(self, kind: _Optional[_Union[Ack.Kind, str]] = ..., seq: _Optional[int] = ..., media_ts_ms: _Optional[int] = ..., sampled: _Optional[bool] = ..., shed: _Optional[bool] = ...) -> None: ...
+    id: str
+    def __init__(self, kind: _Optional[_Union[Ack.Kind, str]] = ..., seq: _Optional[int] = ..., media_ts_ms: _Optional[int] = ..., sampled: _Optional[bool] = ..., shed: _Optional[bool] = ..., id: _Optional[str] = ...) -> None: ...
 
 class ResponseChunk(_message.Message):
     __slots__ = ("response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "refusal", "restart")
