@@ -149,6 +149,50 @@ class InternalTokens:
         return Identity(tenant=tenant, issuer=str(claims["iss"]))
 
 
+@dataclass(frozen=True)
+class ResumeClaim:
+    """What a verified resume token says: whose session of which stream, at which decision rate."""
+
+    tenant: str
+    stream_id: str
+    session_id: str
+    decision_fps: float
+
+
+class ResumeTokens:
+    """Resume tokens (SessionAccepted.resume_token): an HS256 JWT under the internal secret, so any
+    gateway replica can verify a token another one issued. It names the tenant, the stream and the
+    session; whether the session can still be resumed is the decision stage's to say (it keeps an
+    away session's state for SH_DECISION_AWAY_KEEP_S)."""
+
+    AUDIENCE = "streamharness-resume"
+    LIFETIME_S = 7 * 86_400
+
+    def __init__(self, settings: AuthSettings) -> None:
+        if settings.internal_secret is None:
+            raise SettingsError("SH_AUTH_INTERNAL_SECRET is not set: resume tokens are signed with it")
+        self._secret = settings.internal_secret.get_secret_value().encode()
+
+    def mint(self, tenant: str, stream_id: str, session_id: str, decision_fps: float) -> str:
+        now = int(time.time())
+        return jwt.encode({"aud": self.AUDIENCE, "sub": tenant, "stream": stream_id, "sid": session_id, "fps": decision_fps,
+                           "iat": now, "exp": now + self.LIFETIME_S}, self._secret, algorithm=_INTERNAL_ALGORITHM)
+
+    def verify(self, token: str, tenant: str, stream_id: str) -> ResumeClaim:
+        """The claim of ``token`` for ``tenant``'s ``stream_id``; ``InvalidInput`` saying why not
+        (a token of another tenant or stream is refused like a forged one, and audited)."""
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=[_INTERNAL_ALGORITHM], audience=self.AUDIENCE,
+                                options={"require": ["exp", "aud", "sub", "sid", "stream"]})
+        except jwt.PyJWTError as err:
+            audit("resume_refused", reason=f"{type(err).__name__}: {err}", tenant=tenant, stream=stream_id)
+            raise InvalidInput(f"resume_token is not valid ({err}); start a new session without it") from None
+        if claims["sub"] != tenant or claims["stream"] != stream_id:
+            audit("resume_refused", reason="token of another tenant or stream", tenant=tenant, stream=stream_id)
+            raise InvalidInput(f"resume_token is not a token of stream {stream_id}; start a new session without it")
+        return ResumeClaim(tenant, stream_id, str(claims["sid"]), float(claims.get("fps") or 0.0))
+
+
 def metadata_value(metadata: Iterable[tuple[str, Any]] | None, name: str) -> str | None:
     for key, value in metadata or ():
         if key == name:

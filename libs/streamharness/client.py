@@ -8,7 +8,16 @@
             ...
 
 ``Session`` is an async iterator of ``streamharness.v1.session_pb2.ServerMessage``;
-``Session.responses()`` yields whole ``Response`` objects assembled from their chunks.
+``Session.responses()`` yields whole ``Response`` objects assembled from their chunks, each once (a
+chunk with ``restart`` voids what came of its response before: it is being generated again).
+
+**Reconnects.** With ``reconnect=True`` a call that breaks (the gateway restarted or moved, the
+network dropped, the broker was away: UNAVAILABLE) is opened again by itself with the session's
+resume token, for up to ``reconnect_timeout_s``: the session keeps its id, standing instructions
+and pending questions; questions and instruction changes the gateway had not acknowledged are sent
+again (the pipeline drops repeats by id); the responses produced meanwhile are delivered, except
+those already held whole (their ids go with the resume). A session that can no longer be resumed
+raises ``grpc.aio.AioRpcError`` NOT_FOUND.
 
 Credentials: ``api_key`` (metadata ``x-api-key``) or ``bearer_token`` (a JWT from an issuer the
 gateway accepts; ``authorization: Bearer``). ``tls=True`` (or ``root_certificates``, PEM bytes of the
@@ -65,12 +74,21 @@ class Session:
     root_certificates: bytes | None = None
     client_certificate: bytes | None = None
     client_key: bytes | None = None
+    reconnect: bool = False
+    reconnect_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         self._out: asyncio.Queue = asyncio.Queue(maxsize=64)
         self._seq = 0
+        self._generation = 0  # which call's request stream may take from _out
         self.session_id = ""
+        self.resume_token = ""
+        self.reconnects = 0
         self.asked_wall: dict[str, float] = {}
+        self._unacked: dict[str, session_pb2.ClientMessage] = {}  # questions / instruction changes not acknowledged
+        self._complete: set[str] = set()  # responses held whole
+        self._answered: set[str] = set()  # questions whose final response came
+        self._ending = False
 
     async def __aenter__(self) -> Session:
         options = [("grpc.max_send_message_length", self.max_message_bytes),
@@ -80,35 +98,77 @@ class Session:
             self._channel = grpc.aio.secure_channel(self.address, credentials, options=options)
         else:
             self._channel = grpc.aio.insecure_channel(self.address, options=options)
-        metadata = []
+        self._metadata = []
         if self.api_key:
-            metadata.append(("x-api-key", self.api_key))
+            self._metadata.append(("x-api-key", self.api_key))
         if self.bearer_token:
-            metadata.append(("authorization", f"Bearer {self.bearer_token}"))
+            self._metadata.append(("authorization", f"Bearer {self.bearer_token}"))
         if self.tenant:
-            metadata.append(("x-tenant", self.tenant))
-        stub = session_pb2_grpc.SessionServiceStub(self._channel)
-        self._call = stub.Stream(self._requests(), metadata=metadata)
-        await self._out.put(session_pb2.ClientMessage(start=session_pb2.SessionStart(
+            self._metadata.append(("x-tenant", self.tenant))
+        self._stub = session_pb2_grpc.SessionServiceStub(self._channel)
+        await self._open(resume=False)
+        return self
+
+    async def _open(self, resume: bool) -> None:
+        start = session_pb2.SessionStart(
             stream_id=self.stream_id, decision_fps=self.decision_fps,
-            instructions=[common_pb2.StandingInstruction(instruction_id=k, text=v) for k, v in self.instructions.items()],
-        )))
+            instructions=[common_pb2.StandingInstruction(instruction_id=k, text=v) for k, v in self.instructions.items()])
+        if resume:
+            start = session_pb2.SessionStart(stream_id=self.stream_id, decision_fps=self.decision_fps,
+                                             resume_token=self.resume_token, received_response_ids=sorted(self._complete))
+        self._generation += 1
+        resend = list(self._unacked.values()) if resume else []
+        self._call = self._stub.Stream(self._requests(self._generation, session_pb2.ClientMessage(start=start), resend),
+                                       metadata=self._metadata)
         first = await self._call.read()
         if first is grpc.aio.EOF or first.WhichOneof("message") != "accepted":
             raise RuntimeError(f"session was not accepted: {first}")
         self.session_id = first.accepted.session_id
-        return self
+        self.resume_token = first.accepted.resume_token
 
     async def __aexit__(self, *exc: object) -> None:
+        self._generation += 1
         self._call.cancel()
         await self._channel.close()
 
-    async def _requests(self):
+    async def _requests(self, generation: int, start: session_pb2.ClientMessage, resend: list[session_pb2.ClientMessage]):
+        yield start
+        for msg in resend:
+            yield msg
         while True:
             item = await self._out.get()
+            if generation != self._generation:
+                self._out.put_nowait(item)  # a broken call's stream: the item is the next call's
+                return
             if item is _END:
                 return
+            kind = item.WhichOneof("message")
+            if kind == "question":
+                self._unacked[item.question.question_id] = item
+            elif kind == "instruction":
+                change = item.instruction
+                self._unacked[change.add.instruction_id or change.remove_instruction_id] = item
             yield item
+
+    _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+
+    async def _resume(self, why: str) -> None:
+        """Open the call again with the resume token, backing off, for up to reconnect_timeout_s."""
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + self.reconnect_timeout_s, 0.2
+        while True:
+            try:
+                await self._open(resume=True)
+                self.reconnects += 1
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in self._RETRYABLE or loop.time() + pause > deadline:
+                    raise
+            except RuntimeError:
+                if loop.time() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(5.0, pause * 2)
 
     async def send_frame(self, media_ts_ms: int, image: bytes, encoding: int = common_pb2.IMAGE_ENCODING_JPEG) -> int:
         self._seq += 1
@@ -134,6 +194,7 @@ class Session:
             remove_instruction_id=instruction_id, media_ts_ms=at_ms)))
 
     async def end(self) -> None:
+        self._ending = True
         await self._out.put(session_pb2.ClientMessage(end=session_pb2.SessionEnd()))
         await self._out.put(_END)
 
@@ -142,9 +203,24 @@ class Session:
 
     async def _messages(self) -> AsyncIterator[session_pb2.ServerMessage]:
         while True:
-            msg = await self._call.read()
+            try:
+                msg = await self._call.read()
+            except grpc.aio.AioRpcError as err:
+                if not self.reconnect or err.code() not in self._RETRYABLE:
+                    raise
+                await self._resume(f"{err.code().name}: {err.details()}")
+                continue
             if msg is grpc.aio.EOF:
+                if self.reconnect and not self._ending:
+                    await self._resume("the call ended before SessionEnd")
+                    continue
                 return
+            kind = msg.WhichOneof("message")
+            if kind == "ack" and msg.ack.id:
+                self._unacked.pop(msg.ack.id, None)
+            elif kind == "error" and msg.error.fatal and self.reconnect and msg.error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
+                await self._resume(msg.error.message)
+                continue
             yield msg
 
     async def responses(self, on_message=None) -> AsyncIterator[Response]:
@@ -157,6 +233,10 @@ class Session:
             if msg.WhichOneof("message") != "response":
                 continue
             c = msg.response
+            if c.response_id in self._complete:
+                continue  # held whole already
+            if c.restart:
+                partial.pop(c.response_id, None)  # generated again: what came of it before is void
             r = partial.get(c.response_id)
             if r is None:
                 r = partial[c.response_id] = Response(c.response_id, c.trigger, c.question_id, c.instruction_id,
@@ -166,4 +246,7 @@ class Session:
             r.refusal = r.refusal or c.refusal
             if c.final:
                 r.final_wall = time.monotonic()
+                self._complete.add(c.response_id)
+                if c.question_id:
+                    self._answered.add(c.question_id)
                 yield partial.pop(c.response_id)

@@ -459,6 +459,46 @@ def read_table(settings: KafkaSettings, topic: str, partitions: Iterable[int] | 
         consumer.close(autocommit=False)
 
 
+def read_key_since(settings: KafkaSettings, topic: str, key: StreamKey | str, since_unix_ms: int,
+                   *, timeout_s: float = 10.0) -> list[bytes]:
+    """The values of ``key``'s records on the logical ``topic`` written since ``since_unix_ms``
+    (broker timestamps), in order, up to the end offset of the moment of the call. Only the key's
+    own partition is read (the producers' default partitioner: murmur2 of the key)."""
+    import time
+
+    from kafka.errors import KafkaTimeoutError
+    from kafka.partitioner.default import DefaultPartitioner
+
+    full, raw_key = settings.topic(topic), _key_bytes(key)
+    consumer = KafkaConsumer(**client_config(settings), client_id=f"replay-{topic}", enable_auto_commit=False,
+                             group_id=None, max_partition_fetch_bytes=max(_MIB, settings.max_request_bytes))
+    try:
+        deadline = time.monotonic() + timeout_s
+        known = consumer.partitions_for_topic(full)
+        while known is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            known = consumer.partitions_for_topic(full)
+        if not known:
+            raise KafkaTimeoutError(f"no metadata for topic {full} within {timeout_s:g} s")
+        ordered = sorted(known)
+        tp = TopicPartition(full, DefaultPartitioner()(raw_key, ordered, ordered))
+        consumer.assign([tp])
+        end = consumer.end_offsets([tp])[tp]
+        found = consumer.offsets_for_times({tp: max(0, since_unix_ms)}).get(tp)
+        if found is None:
+            return []  # nothing written since then
+        consumer.seek(tp, found.offset)
+        out: list[bytes] = []
+        while consumer.position(tp) < end:
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"topic {full} not read to its end within {timeout_s:g} s")
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend(r.value for r in records if r.offset < end and r.key == raw_key and r.value is not None)
+        return out
+    finally:
+        consumer.close(autocommit=False)
+
+
 def _resume_abandoned_join(consumer: KafkaConsumer) -> None:
     """Work around a kafka-python 3.0.12 race that leaves a group member with no partitions forever.
 

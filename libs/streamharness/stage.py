@@ -132,6 +132,9 @@ class StageContext:
     #: ``read_table(logical topic, partitions or None)`` → ``{partition: {key bytes: latest value}}``
     #: of a compacted changelog, read to its current end (tombstoned keys left out).
     read_table: Callable[[str, Iterable[int] | None], dict[int, dict[bytes, bytes]]] = _no_table
+    #: ``read_back(logical topic, key, since_unix_ms, timeout_s)`` → the values of the key's records
+    #: written since then, in order (a resumed session's responses).
+    read_back: Callable[[str, Any, int, float], list[bytes]] = lambda topic, key, since, timeout: []
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

@@ -414,7 +414,12 @@ class DecisionStage(Stage):
         # redelivered with its own answer in one poll is simply decided and answered again).
         for answer in answers:
             self._on_answer(answer)
-        batch.sort(key=_media_order)
+        # Media-time order within each session; a stream's sessions in the order they came (the end
+        # of one, then the start of the next that takes the stream over).
+        first_seen: dict[tuple[str, str], int] = {}
+        for msg in batch:
+            first_seen.setdefault((key_str(msg.key), msg.session_id), len(first_seen))
+        batch.sort(key=lambda m: (first_seen[(key_str(m.key), m.session_id)], *_media_order(m)))
         for msg in self._shed(batch):
             self.apply(msg)
         self._flush_round()

@@ -42,7 +42,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness import topics
-from streamharness.auth import AuthSettings, InternalTokens, TenantAuth, audit
+from streamharness.auth import AuthSettings, InternalTokens, ResumeTokens, TenantAuth, audit
 from streamharness.errors import DeadlineExceeded, DependencyUnavailable, QuotaExceeded, RateLimited, StreamHarnessError
 from streamharness.grpcutil.wire import drain_first, parse
 from streamharness.keys import key_str
@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 Q = events_pb2.QueryEvent
 _DONE = object()
 SERVICE = "streamharness.v1.SessionService"
+#: Refusals of the session itself (from the decision stage): the call ends with this status.
+SESSION_REFUSALS = {"stream_in_use": grpc.StatusCode.ALREADY_EXISTS, "session_expired": grpc.StatusCode.NOT_FOUND}
+NOT_ANSWERED = ("Not answered: the session ended before an answer was ready (within SH_GATEWAY_END_GRACE_S of "
+                "SessionEnd). Ask again in a new session.")
 
 
 def _default_replica_id() -> str:
@@ -88,6 +92,8 @@ class GatewaySettings(BaseSettings):
     publish_workers: int = Field(8, ge=1, le=256, description="Threads that wait for Kafka to acknowledge queries (sessions themselves hold no thread).")
     end_grace_s: float = Field(60.0, ge=0, le=600, description="After SessionEnd, wait this long at most for answers to pending questions before closing.")
     consumer_poll_timeout_ms: int = Field(50, ge=1, le=5000, description="Poll timeout of the responses consumer (latency of delivery).")
+    resume_window_s: float = Field(300.0, gt=0, le=86_400, description="A resumed session gets the responses of the last this-many seconds again (those the client does not hold whole; read back from the responses topic). Keep it at SH_DECISION_AWAY_KEEP_S, how long the pipeline keeps an away session.")
+    replay_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest a resume waits to read the session's responses back from Kafka before going on without them (logged).")
 
 
 @dataclass
@@ -107,22 +113,68 @@ class _Session:
     bucket: TokenBucket
     outbound: asyncio.Queue = field(default_factory=asyncio.Queue)
     frames: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=64))
-    seen_chunks: set[tuple[str, int]] = field(default_factory=set)
     open_questions: set[str] = field(default_factory=set)
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     last_published_ms: int = -1  # media time of the last frame ingest published; -1: none (SessionEnd carries it)
     end_published: bool = False  # the pipeline was told the session is over
+    # Delivery of responses, on the loop (``_offer``): each response starts at index 0 of one
+    # attempt and goes on in order; a new attempt restarts it; a response delivered whole is done.
+    attempts: dict[str, str] = field(default_factory=dict)  # response id -> attempt being delivered
+    next_index: dict[str, int] = field(default_factory=dict)
+    superseded: dict[str, set[str]] = field(default_factory=dict)
+    complete: set[str] = field(default_factory=set)
+    replaying: bool = False  # a resume reads the session's responses back: live ones wait in held
+    held: list = field(default_factory=list)
 
     def put(self, item: Any) -> None:
         self.outbound.put_nowait(item)
 
-    def deliver(self, message: session_pb2.ServerMessage, answered_question: str) -> None:
-        """On the loop: a response chunk; ``answered_question`` is the question it closes, if any."""
-        self.outbound.put_nowait(message)
-        if answered_question:
-            self.open_questions.discard(answered_question)
-            if not self.open_questions:
-                self.answered.set()
+    def close_question(self, question_id: str) -> None:
+        self.open_questions.discard(question_id)
+        if not self.open_questions:
+            self.answered.set()
+
+    def offer(self, r: events_pb2.ResponseEvent) -> None:
+        """On the loop: a response record addressed to this session (live, or read back at a resume)."""
+        if self.replaying:
+            self.held.append(r)
+            return
+        if r.refusal in SESSION_REFUSALS:
+            self.put(_Fatal(SESSION_REFUSALS[r.refusal], r.text))
+            return
+        rid = r.response_id
+        if rid in self.complete:
+            return  # delivered whole already (a redelivery, a regeneration after a crash, a replay)
+        restart = False
+        current = self.attempts.get(rid)
+        if current is None or r.attempt != current:
+            if r.index != 0 or r.attempt in self.superseded.get(rid, ()):
+                return  # not the start of an attempt: never begin a response in its middle
+            if current is not None:
+                self.superseded.setdefault(rid, set()).add(current)
+                restart = True  # the chunks delivered so far are void: it is being generated again
+            self.attempts[rid], self.next_index[rid] = r.attempt, 0
+        if r.index != self.next_index[rid]:
+            return  # a repeat of a chunk already delivered
+        self.next_index[rid] += 1
+        if r.final:
+            self.complete.add(rid)
+            for book in (self.attempts, self.next_index, self.superseded):
+                book.pop(rid, None)
+        if r.index == 0:
+            meters.record_hops(r.hops, "gateway_first_token", time.time_ns())
+        self.outbound.put_nowait(session_pb2.ServerMessage(response=session_pb2.ResponseChunk(
+            response_id=rid, index=r.index, text=r.text, final=r.final, trigger=r.trigger, question_id=r.question_id,
+            instruction_id=r.instruction_id, media_ts_ms=r.media_ts_ms, refusal=r.refusal, restart=restart)))
+        if r.final and r.question_id:
+            self.close_question(r.question_id)
+
+    def replayed(self, records: list[events_pb2.ResponseEvent]) -> None:
+        """On the loop: the session's responses read back at a resume, then what came live meanwhile."""
+        self.replaying = False
+        held, self.held = self.held, []
+        for r in [*records, *held]:
+            self.offer(r)
 
 
 def _error(err: Exception, seq: int = 0, ts: int = 0) -> session_pb2.ServerMessage:
@@ -164,12 +216,27 @@ class _SessionApi:
         try:
             mapper = SessionMapper(tenant, uuid.uuid4().hex, max_text_chars=settings.max_text_chars,
                                    max_frame_bytes=settings.max_frame_bytes, reply_to=settings.replica_id)
-            start = mapper.start(await self._first(requests))
+            first = await self._first(requests)
+            start = mapper.start(first)
+            resumed = bool(first.start.resume_token)
+            if resumed:
+                claim = g.resume_tokens.verify(first.start.resume_token, tenant, first.start.stream_id)
+                start = mapper.resume(first, claim.session_id)
+                mapper.decision_fps = claim.decision_fps or mapper.decision_fps
+                g.displace(claim.session_id)  # the call it resumes, if this replica still holds it
             session = g.open_session(mapper)
-            log.info("session %s opened for %s (%d instructions)", session.session_id, key_str(mapper.key), len(start.instructions))
+            if resumed:
+                session.complete.update(first.start.received_response_ids)
+                session.replaying = True
+            log.info("session %s %s for %s (%d instructions)", session.session_id, "resumed" if resumed else "opened",
+                     key_str(mapper.key), len(start.instructions))
             await g.publish_query(start)
             yield session_pb2.ServerMessage(accepted=session_pb2.SessionAccepted(
-                session_id=session.session_id, key=mapper.key, decision_fps=mapper.decision_fps))
+                session_id=session.session_id, key=mapper.key, decision_fps=mapper.decision_fps, resumed=resumed,
+                resume_token=g.resume_tokens.mint(tenant, mapper.key.stream_id, session.session_id, mapper.decision_fps),
+                resume_window_s=settings.resume_window_s))
+            if resumed:
+                g.replay(session)
 
             results = g.ingest_stub().IngestFrames(self._frames(session), metadata=g.tokens.metadata(tenant, "ingest"))
             pump = asyncio.create_task(self._pump_ingest(results, session), name=f"ingest-{session.session_id[:8]}")
@@ -231,7 +298,7 @@ class _SessionApi:
                 try:
                     raw = await asyncio.wait_for(anext(requests, None), idle)
                 except TimeoutError:
-                    await self._abandon(session)
+                    await self._abandon(session, away=False)
                     session.put(_Fatal(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"no message for {idle:g} s (SH_GATEWAY_IDLE_TIMEOUT_S): session closed"))
                     return
@@ -288,15 +355,22 @@ class _SessionApi:
                 await asyncio.wait_for(session.answered.wait(), grace)
             except TimeoutError:
                 pass
+        for qid in sorted(session.open_questions):  # said, never left to vanish
+            session.put(session_pb2.ServerMessage(response=session_pb2.ResponseChunk(
+                response_id=f"{key_str(session.key)}/{session.session_id}/{qid}/not_answered", index=0, text=NOT_ANSWERED,
+                final=True, trigger=common_pb2.TRIGGER_QUESTION, question_id=qid, refusal="not_answered")))
         session.put(session_pb2.ServerMessage(ack=session_pb2.Ack(kind=session_pb2.Ack.KIND_END, media_ts_ms=max(0, last_ts))))
         session.put(_DONE)
 
-    async def _abandon(self, session: _Session) -> None:
+    async def _abandon(self, session: _Session, *, away: bool = True) -> None:
+        """The client is gone without SessionEnd: tell the pipeline. ``away``: it may come back with
+        its resume token (the stream's state is kept); else the session is over (idle timeout)."""
         if session.end_published:
             return
         session.end_published = True
+        mapper = session.mapper
         try:
-            await self.g.publish_query(session.mapper.end(session.last_published_ms))
+            await self.g.publish_query(mapper.away(session.last_published_ms) if away else mapper.end(session.last_published_ms))
         except Exception:  # noqa: BLE001 - best effort on a broken session
             log.warning("could not publish the end of abandoned session %s", session.session_id)
 
@@ -307,6 +381,10 @@ class _SessionApi:
                 if r.status == R.STATUS_REJECTED:
                     session.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
                         code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=r.error, seq=r.seq, media_ts_ms=r.media_ts_ms)))
+                elif r.status == R.STATUS_UNAVAILABLE:  # the broker is away: this frame is lost, the session goes on
+                    session.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
+                        code=grpc.StatusCode.UNAVAILABLE.value[0], message=r.error, seq=r.seq, media_ts_ms=r.media_ts_ms,
+                        retry_after_ms=1000)))
                 else:
                     if r.status == R.STATUS_PUBLISHED:
                         session.last_published_ms = max(session.last_published_ms, r.media_ts_ms)
@@ -333,7 +411,11 @@ class GatewayStage(Stage):
         self.auth = TenantAuth(s.api_keys_file, s.jwt_issuers_file, reload_s=s.auth_reload_s, allow_anonymous=s.allow_anonymous)
         if self.auth.anonymous:
             log.warning("authentication is off (SH_GATEWAY_ALLOW_ANONYMOUS): the tenant is whatever x-tenant says")
-        self.tokens = InternalTokens(auth or load_settings(AuthSettings), "gateway")
+        auth = auth or load_settings(AuthSettings)
+        self.tokens = InternalTokens(auth, "gateway")
+        self.resume_tokens = ResumeTokens(auth)
+        #: ``read_back(topic, key, since_unix_ms, timeout_s)`` → record values (the Kafka host's reader; set at open).
+        self.read_back: Any = None
         self.sessions: dict[str, _Session] = {}
         self._per_tenant: dict[str, int] = {}
         self._open = 0
@@ -419,29 +501,53 @@ class GatewayStage(Stage):
             raise DependencyUnavailable(f"the queries topic is unavailable ({type(err).__name__}); send it again") from None
 
     def handle(self, event: ConsumedEvent) -> None:
-        """A record of ``responses`` (on a consumer thread): to the session it is addressed to, once per chunk."""
+        """A record of ``responses`` (on a consumer thread): to the session it is addressed to, on its loop."""
         r: events_pb2.ResponseEvent = event.message
         if r.reply_to != self.settings.replica_id:
-            return  # another replica's session
+            return  # another replica's session (a resumed one reads its responses back itself)
         session = self.sessions.get(r.session_id)
         if session is None:
             return  # the session ended; nobody to tell
-        if (r.response_id, r.index) in session.seen_chunks:
-            return  # redelivered
-        session.seen_chunks.add((r.response_id, r.index))
-        if r.index == 0:
-            meters.record_hops(r.hops, "gateway_first_token", time.time_ns())
-        message = session_pb2.ServerMessage(response=session_pb2.ResponseChunk(
-            response_id=r.response_id, index=r.index, text=r.text, final=r.final, trigger=r.trigger,
-            question_id=r.question_id, instruction_id=r.instruction_id, media_ts_ms=r.media_ts_ms, refusal=r.refusal))
         try:
-            session.loop.call_soon_threadsafe(session.deliver, message, r.question_id if r.final else "")
+            session.loop.call_soon_threadsafe(session.offer, r)
         except RuntimeError:
             pass  # the server's loop is closed: shutting down
+
+    def displace(self, session_id: str) -> None:
+        """A resume of ``session_id`` arrived: an older call of it on this replica (the client saw it
+        break before the server did) ends, without telling the pipeline the session went away."""
+        old = self.sessions.pop(session_id, None)
+        if old is not None:
+            old.end_published = True
+            old.put(_Fatal(grpc.StatusCode.CANCELLED, "this session was resumed on another call"))
+
+    def replay(self, session: _Session) -> None:
+        """Read the session's responses of the last SH_GATEWAY_RESUME_WINDOW_S back from Kafka (in a
+        worker thread) and offer them, then what came live meanwhile, on the session's loop."""
+        s = self.settings
+        since = int((time.time() - s.resume_window_s) * 1000)
+
+        def read() -> None:
+            records: list[events_pb2.ResponseEvent] = []
+            try:
+                for value in self.read_back(topics.RESPONSES, session.key, since, s.replay_timeout_s):
+                    r = events_pb2.ResponseEvent.FromString(value)
+                    if r.session_id == session.session_id:
+                        records.append(r)
+            except Exception as err:  # noqa: BLE001 - a resume without the replay still goes on
+                log.warning("session %s: responses could not be read back (%s); live ones only", session.session_id, err)
+            log.info("session %s: %d response records read back for the resume", session.session_id, len(records))
+            try:
+                session.loop.call_soon_threadsafe(session.replayed, records)
+            except RuntimeError:
+                pass
+
+        self._publish_pool.submit(read)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self, ctx: StageContext) -> None:
         self.out = ctx.outbox
+        self.read_back = ctx.read_back
         # Health from the readiness thread: a plain channel of its own.
         self._health_channel = grpc.insecure_channel(self.settings.ingest_address)
         self._ingest_health = health_pb2_grpc.HealthStub(self._health_channel)

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from streamharness import topology
-from streamharness.kafka import EventConsumer, EventProducer, ensure_topics, read_table
+from streamharness.kafka import EventConsumer, EventProducer, ensure_topics, read_key_since, read_table
 from streamharness.records import ConsumedEvent, Headers, dead_letter_event
 from streamharness.runner import Service
 from streamharness.settings import KafkaSettings
@@ -87,6 +87,7 @@ class KafkaHost(Service):
             outbox=KafkaOutbox(self.producer, self.kafka, self.group), attempts=self.kafka.handler_retries,
             stopping=self._stop, topic_prefix=self.kafka.topic_prefix,
             read_table=lambda topic, partitions=None: read_table(self.kafka, topic, partitions),
+            read_back=lambda topic, key, since, timeout: read_key_since(self.kafka, topic, key, since, timeout_s=timeout),
         ))
         if not spec.consumes:
             return

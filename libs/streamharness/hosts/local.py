@@ -249,13 +249,19 @@ class LocalHost:
         full = [self.kafka.topic(t) for t in spec.consumes]
         stage.open(StageContext(outbox=LocalOutbox(self.bus, group), attempts=self.kafka.handler_retries,
                                 stopping=self._stop, topic_prefix=self.kafka.topic_prefix,
-                                read_table=lambda topic, partitions=None: {0: self.bus.table(topic)}))
+                                read_table=lambda topic, partitions=None: {0: self.bus.table(topic)},
+                                read_back=self._read_back))
         if full:
             self.bus.subscribe(group, full)
             stage.assigned({t: {0} for t in spec.consumes})  # one partition of each, for good
         stage.start()
         self._hosted[spec.name] = _Hosted(stage, spec, group, full)
         return stage
+
+    def _read_back(self, topic: str, key: Any, since_unix_ms: int, timeout_s: float) -> list[bytes]:
+        raw = _key_bytes(key)
+        return [r.value for r in self.bus.records(self.kafka.topic(topic))
+                if r.key == raw and r.timestamp >= since_unix_ms and r.value is not None]
 
     def stage(self, name: str) -> Stage:
         return self._hosted[name].stage
