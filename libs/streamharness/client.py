@@ -28,6 +28,7 @@ CA that signed the gateway's certificate) connects over TLS; ``client_certificat
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -38,6 +39,7 @@ import grpc
 from streamharness.v1 import common_pb2, session_pb2, session_pb2_grpc
 
 _END = object()
+_WAKE = object()  # wakes a request stream waiting on the queue to look at _front
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Session:
 
     def __post_init__(self) -> None:
         self._out: asyncio.Queue = asyncio.Queue(maxsize=64)
+        self._front: collections.deque = collections.deque()  # taken by a broken call, not sent
         self._seq = 0
         self._generation = 0  # which call's request stream may take from _out
         self.session_id = ""
@@ -136,9 +139,19 @@ class Session:
         for msg in resend:
             yield msg
         while True:
-            item = await self._out.get()
+            if self._front:
+                item = self._front.popleft()
+            else:
+                item = await self._out.get()
+                if self._front and item is not _WAKE:
+                    self._front.append(item)  # queued after what a broken call gave back: keep the order
+                    continue
+            if item is _WAKE:
+                continue
             if generation != self._generation:
-                self._out.put_nowait(item)  # a broken call's stream: the item is the next call's
+                # A broken call's stream took it: it is the next call's, first in line.
+                self._front.appendleft(item)
+                self._out.put_nowait(_WAKE)
                 return
             if item is _END:
                 return

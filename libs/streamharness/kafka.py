@@ -467,7 +467,7 @@ def read_key_since(settings: KafkaSettings, topic: str, key: StreamKey | str, si
     import time
 
     from kafka.errors import KafkaTimeoutError
-    from kafka.partitioner.default import DefaultPartitioner
+    from kafka.partitioner.default import murmur2
 
     full, raw_key = settings.topic(topic), _key_bytes(key)
     consumer = KafkaConsumer(**client_config(settings), client_id=f"replay-{topic}", enable_auto_commit=False,
@@ -481,7 +481,8 @@ def read_key_since(settings: KafkaSettings, topic: str, key: StreamKey | str, si
         if not known:
             raise KafkaTimeoutError(f"no metadata for topic {full} within {timeout_s:g} s")
         ordered = sorted(known)
-        tp = TopicPartition(full, DefaultPartitioner()(raw_key, ordered, ordered))
+        # The producers' DefaultPartitioner: murmur2 of the key over the sorted partitions.
+        tp = TopicPartition(full, ordered[(murmur2(raw_key) & 0x7FFFFFFF) % len(ordered)])
         consumer.assign([tp])
         end = consumer.end_offsets([tp])[tp]
         found = consumer.offsets_for_times({tp: max(0, since_unix_ms)}).get(tp)

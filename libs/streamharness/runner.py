@@ -173,9 +173,15 @@ class ServiceRunner:
         stopped: futures.Future[None] | None = None
         if self._server is not None and self._loop is not None:
             self._on_loop(self._health.enter_graceful_shutdown())
-            stopped = asyncio.run_coroutine_threadsafe(self._server.stop(self.settings.shutdown_grace_s), self._loop)
+            # Calls first (half the grace; then what is still open is cancelled): what their ends
+            # publish (a gateway's sessions going away, ingest's last frames) still has a producer.
+            stopped = asyncio.run_coroutine_threadsafe(self._server.stop(self.settings.shutdown_grace_s / 2), self._loop)
             if self._health_server is not None:
                 asyncio.run_coroutine_threadsafe(self._health_server.stop(None), self._loop)
+            try:
+                stopped.result(self.settings.shutdown_grace_s / 2 + 1.0)
+            except futures.TimeoutError:
+                pass  # waited for below
         clean = True
         try:
             self.service.stop(deadline)

@@ -566,8 +566,20 @@ class GatewayStage(Stage):
         except grpc.RpcError:
             return False
 
+    async def _drain_background(self) -> None:
+        while self.background:
+            await asyncio.gather(*list(self.background), return_exceptions=True)
+
     def close(self, deadline: float) -> None:
-        # The runner already stopped taking calls; open sessions end when their clients do.
+        # The runner already stopped taking calls; open sessions end when their clients do. The
+        # pipeline is told that the sessions cut off by the stop are away (they may resume on
+        # another replica) before the producer closes.
+        loop = self._channel_loop
+        if loop is not None and loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._drain_background(), loop).result(max(0.1, deadline - time.monotonic()))
+            except (futures.TimeoutError, RuntimeError):
+                log.warning("%d session ends were not published before the deadline", len(self.background))
         if self._health_channel is not None:
             self._health_channel.close()
         if self._channel is not None and self._channel_loop is not None and self._channel_loop.is_running():
