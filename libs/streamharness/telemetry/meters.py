@@ -120,3 +120,22 @@ def engine_rebuild_failures() -> metrics.Counter:
     return _meter().create_counter(
         "sh.engine.rebuild_failures", description="Background cache rebuilds that failed (the stream kept its old cache), by error type."
     )
+
+
+@cache
+def frames_shed() -> metrics.Counter:
+    return _meter().create_counter(
+        "sh.pipeline.frames_shed",
+        description="Frames a stage published without part of its work to keep up, by stage and reason (encoder: lag = people "
+        "detection skipped for a lagging frame that was not its stream's newest of the batch; people-budget = skipped because "
+        "SH_ENCODER_PEOPLE_EVERY_S of media time had not passed; decision: lag = a lagging frame not decided because a newer one of "
+        "its stream was in the batch). The encoder never drops a frame: memory keeps every one.",
+    )
+
+
+@cache
+def stage_lag_ms() -> metrics.Histogram:
+    return _meter().create_histogram(
+        "sh.pipeline.stage_lag", unit="ms",
+        description="Age of a record when a stage takes it up: wall ms since the hop before it stamped it (the encoder: since ingest), by stage.",
+    )
