@@ -86,6 +86,9 @@ class StageSpec:
     poll_timeout_ms: int | None = None
     #: Ready only while its members hold partitions of every consumed topic (co-partitioned reads).
     needs_assignment: bool = False
+    #: Ready only while some member holds a partition: a replica that owns nothing yet (a restart
+    #: waiting for the group's rebalance) would answer health checks while doing no work.
+    needs_partitions: bool = False
     #: Full names of the gRPC services it registers (health and reflection list them).
     grpc_services: tuple[str, ...] = ()
 

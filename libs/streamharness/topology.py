@@ -129,6 +129,7 @@ TOPOLOGY: dict[str, StageSpec] = {
             # answered, so it never sits on a queue past max.poll.interval.ms (and gets evicted).
             batching=Batching(max_records=1),
             members=4,
+            needs_partitions=True,
         ),
     )
 }

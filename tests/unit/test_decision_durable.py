@@ -27,10 +27,10 @@ def policy():
     return RulePolicy(TextEncoder().load().encode)
 
 
-def frame(ts_ms: int, people: int, session: str = "s1", age_ms: int = 0) -> events_pb2.EncodedFrameEvent:
+def frame(ts_ms: int, people: int, session: str = "s1", age_ms: int = 0, sent_ns: int | None = None) -> events_pb2.EncodedFrameEvent:
     emb = np.zeros(1280, np.float32)
     emb[0] = 1
-    hop = common_pb2.HopStamp(hop="gateway", wall_unix_ns=time.time_ns() - age_ms * 1_000_000)
+    hop = common_pb2.HopStamp(hop="gateway", wall_unix_ns=(sent_ns or time.time_ns()) - age_ms * 1_000_000)
     return events_pb2.EncodedFrameEvent(key=KEY, session_id=session, media_ts_ms=ts_ms, embedding=emb.tolist(),
                                         person_count=people, hops=[hop])
 
@@ -133,11 +133,21 @@ def test_a_question_sent_again_is_not_answered_twice(policy):
 def test_a_lagging_batch_decides_each_streams_newest_frame_only(policy):
     host, _ = host_with(policy, shed_lag_ms=1000)
     publish(host, start())
-    for ts in range(0, 5000, 1000):
-        host.bus.send(topics.EMBEDDINGS, KEY, frame(ts, 2, age_ms=5000))  # a backlog, 5 s old
+    t0 = time.time_ns() - 10_000_000_000
+    for ts in range(0, 5000, 1000):  # a live camera's frames (sent a second apart), a backlog 5 s old
+        host.bus.send(topics.EMBEDDINGS, KEY, frame(ts, 2, sent_ns=t0 + ts * 1_000_000))
     host.run_until_idle()
     alerts = [d.media_ts_ms for d in of(host, topics.DECISIONS, events_pb2.DecisionEvent) if d.instruction_id == "p"]
     assert alerts == [4000]  # the four older frames were shed, the newest decided
+
+    replay, _ = host_with(policy, shed_lag_ms=1000)
+    publish(replay, start())
+    for ts in range(0, 60_000, 1000):  # a minute of a file sent at once, 5 s ago: never shed
+        replay.bus.send(topics.EMBEDDINGS, KEY, frame(ts, 2 if ts // 1000 % 2 else 0, age_ms=5000))
+    replay.run_until_idle()
+    alerts = [d.media_ts_ms for d in of(replay, topics.DECISIONS, events_pb2.DecisionEvent) if d.instruction_id == "p"]
+    # Someone walks in every other second; every frame decided: an alert each refractory period (10 s).
+    assert alerts == list(range(1000, 60_000, 10_000))
 
     fresh, _ = host_with(policy, shed_lag_ms=1000)
     publish(fresh, start())

@@ -51,6 +51,9 @@ def test_co_partitioned_readers_need_both_topics_assigned():
     assert TOPOLOGY["decision"].needs_assignment
     assert not TOPOLOGY["memory"].needs_assignment and not TOPOLOGY["summariser"].needs_assignment
     assert not TOPOLOGY["responder"].needs_assignment
+    # ... but a responder that holds no partition does no work: not ready (a restart waiting for the
+    # group's rebalance). The decision step is not ready while it restores its streams' state either.
+    assert TOPOLOGY["responder"].needs_partitions
 
 
 def test_every_stage_is_a_service_with_the_one_entry_point_shape():

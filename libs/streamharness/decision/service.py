@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -206,6 +206,8 @@ class DecisionStage(Stage):
         self._refusals: list = []  # deliveries of this batch's refusals: durable before its commit
         self._dirty: set[str] = set()  # streams whose durable state this batch changed
         self._partition_of: dict[str, int] = {}  # stream -> the partition its records come from
+        # (stream, session) -> media ms and gateway wall ns of its first frame seen, and whether it is live
+        self._pace: dict[tuple[str, str], tuple[int, int, bool]] = {}
         self._refused: dict[str, set[str]] = {}  # stream -> sessions refused on it (their records are ignored)
         self._restoring = False
         self._swept = 0.0
@@ -270,7 +272,7 @@ class DecisionStage(Stage):
         if self.policy is None and self._text_encoder is not None and time.monotonic() - self._policy_tried > 5.0:
             self._policy_tried = time.monotonic()
             self.policy = make_policy(self.settings, self._text_encoder.encode, self.triton)
-        return self.policy is not None
+        return self.policy is not None and not self._restoring
 
     # -- handling ------------------------------------------------------------------------------
     def _state(self, key: common_pb2.StreamKey, session_id: str) -> StreamState:
@@ -431,22 +433,28 @@ class DecisionStage(Stage):
         self._maybe_upgrade()
 
     def _shed(self, batch: list) -> list:
-        """Per-stream shedding when the stage lags: a frame older than SH_DECISION_SHED_LAG_MS (wall
-        time since the gateway stamped it) is dropped when a newer frame of its stream is in the
-        batch. Queries are never shed; the newest frame of each stream is always decided."""
+        """Per-stream shedding when the stage lags: a frame of a live stream older than
+        SH_DECISION_SHED_LAG_MS (wall time since the gateway stamped it) is dropped when a newer
+        frame of its stream is in the batch. Queries are never shed; the newest frame of each stream
+        is always decided; a stream sent faster than real time is never shed (``_live``)."""
         lag_ms = self.settings.shed_lag_ms
         if not lag_ms:
             return batch
-        newest: dict[str, int] = {}
+        newest: dict[str, Any] = {}
         for msg in batch:
-            if not isinstance(msg, events_pb2.QueryEvent):
+            if not isinstance(msg, events_pb2.QueryEvent) and msg.hops:
                 name = key_str(msg.key)
-                newest[name] = max(newest.get(name, msg.media_ts_ms), msg.media_ts_ms)
+                if name not in newest or msg.media_ts_ms > newest[name].media_ts_ms:
+                    newest[name] = msg
+                if len(self._pace) > 100_000:
+                    self._pace.clear()
+                self._pace.setdefault((name, msg.session_id), (msg.media_ts_ms, msg.hops[0].wall_unix_ns, True))
+        live = {name: self._live(name, f) for name, f in newest.items()}
         now_ns = time.time_ns()
         kept, shed = [], 0
         for msg in batch:
-            if (not isinstance(msg, events_pb2.QueryEvent) and msg.media_ts_ms < newest[key_str(msg.key)] and msg.hops
-                    and (now_ns - msg.hops[0].wall_unix_ns) / 1e6 > lag_ms):
+            if (not isinstance(msg, events_pb2.QueryEvent) and msg.hops and msg.media_ts_ms < newest[key_str(msg.key)].media_ts_ms
+                    and (now_ns - msg.hops[0].wall_unix_ns) / 1e6 > lag_ms and live[key_str(msg.key)]):
                 shed += 1
                 continue
             kept.append(msg)
@@ -454,6 +462,16 @@ class DecisionStage(Stage):
             meters.frames_shed().add(shed, {"stage": "decision", "reason": "lag"})
             log.info("decision lags more than %d ms: %d older frames shed (each stream's newest kept)", lag_ms, shed)
         return kept
+
+    def _live(self, name: str, f) -> bool:
+        """The stream is sent at the pace of its media time (a camera, a real-time replay), not
+        faster (a recorded file or an evaluation replayed at full speed, where every frame is
+        wanted and lateness is no loss): only a live stream's frames are shed."""
+        media0, wall0, live = self._pace[(name, f.session_id)]
+        if live and f.media_ts_ms - media0 > 1.5 * (f.hops[0].wall_unix_ns - wall0) / 1e6 + 5000:
+            self._pace[(name, f.session_id)] = (media0, wall0, False)  # once faster than real time, for good
+            return False
+        return live
 
     def _maybe_upgrade(self) -> None:
         from streamharness.decision.trained import TrainedPolicy
@@ -690,6 +708,7 @@ class DecisionStage(Stage):
         self._publish(state, self.policy.answer_pending(state, now), hops)
         self.states.pop(key_str(state.key), None)
         self._refused.pop(key_str(state.key), None)
+        self._pace.pop((key_str(state.key), state.session_id), None)
         self._dirty.add(key_str(state.key))  # a tombstone in the changelog
         forget = getattr(self.policy, "forget", None)
         if forget is not None:

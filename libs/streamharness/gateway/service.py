@@ -5,8 +5,18 @@ and session start/end go to the ``queries`` topic; responses come back from the 
 topic. **Routing**: every replica has an id (``SH_GATEWAY_REPLICA_ID``, the pod name in a
 cluster) that it stamps into ``QueryEvent.reply_to``; decisions and responses carry it forward;
 each replica consumes ``responses`` in a consumer group of its own and keeps only the records
-addressed to it, delivering them to the session by ``session_id``. Chunks are de-duplicated by
-``(response_id, index)`` because delivery is at least once.
+addressed to it, delivering them to the session by ``session_id`` (``_Session.offer``): a response
+starts at index 0 of one ``attempt`` and goes on in order, each chunk once (delivery is at least
+once); a new attempt of it (a responder crashed mid-answer) restarts it (``restart=True``); once
+delivered whole, later attempts are dropped.
+
+**Resume**: ``SessionAccepted.resume_token`` (:class:`~streamharness.auth.ResumeTokens`) brings a
+client back to its session on any replica; a call that ends without ``SessionEnd`` is published as
+``KIND_SESSION_AWAY`` (the stream's state is kept), a resume as ``KIND_SESSION_RESUME``, and the
+session's responses of the last ``SH_GATEWAY_RESUME_WINDOW_S`` are read back from the key's
+partition of ``responses`` and delivered before the live ones. A question still open after
+``SH_GATEWAY_END_GRACE_S`` of ``SessionEnd`` is closed with ``refusal="not_answered"``; a refusal of
+the session itself by the decision stage (``stream_in_use``, ``session_expired``) ends the call.
 
 **Sessions are coroutines** (``grpc.aio``): an open session holds no thread, so thousands of idle
 ones cost memory only, and health, reflection and new sessions never wait behind them. In order,

@@ -5,8 +5,10 @@ wait for its produced topics' metadata, ``stage.open``, build ``spec.members`` c
 members (the spec's group, offset reset, batching; the range assignor is set in
 :class:`~streamharness.kafka.EventConsumer`). ``start``: the stage's intake opens, then one thread per
 member polls → handles (retries, dead letters: :mod:`streamharness.records`) → ``end_batch`` →
-commits. ``ready``: the stage is healthy, the producer holds cluster metadata, every member thread
-is alive (and, for co-partitioned readers, holds partitions of every consumed topic). ``stop``:
+commits. ``ready``: the stage is healthy (a stage restoring its state from a changelog is not), the
+producer holds cluster metadata, every member thread is alive, and — for stages that say so — a
+member holds partitions (of every consumed topic, for co-partitioned readers): "up" is not "ready"
+while a restarted replica waits for its group's rebalance. ``stop``:
 members finish the record in hand, flush the batch, commit and leave the group; the stage closes;
 the producer flushes and closes. A drain that misses the deadline raises :class:`DrainTimeout`.
 """
@@ -132,6 +134,8 @@ class KafkaHost(Service):
         if not self.stage.healthy():
             return False
         if self.consumers and (len(self._threads) != len(self.consumers) or not all(t.is_alive() for t in self._threads)):
+            return False
+        if self.spec.needs_partitions and not any(c.assigned() for c in self.consumers):
             return False
         if self.spec.needs_assignment:
             wanted = {self.kafka.topic(t) for t in self.spec.consumes}
