@@ -162,7 +162,9 @@ def test_responses_reach_only_their_replica_and_session(services, kafka_settings
     assert got["b"].text == "for b done" and got["b"].chunks == 2
 
 
-def test_a_client_that_leaves_without_ending_still_ends_its_session(services, kafka_settings):
+def test_a_client_that_leaves_without_ending_is_told_to_the_pipeline_as_away(services, kafka_settings):
+    # Away, not ended: the client may come back with its resume token; the decision stage keeps the
+    # stream's state for SH_DECISION_AWAY_KEEP_S and then finishes it.
     (_, address), _ = services
 
     async def run():
@@ -176,6 +178,6 @@ def test_a_client_that_leaves_without_ending_still_ends_its_session(services, ka
     kinds = []
     while time.monotonic() < deadline:
         kinds = [q.kind for _, q in read_topic(kafka_settings, topics.QUERIES, events_pb2.QueryEvent) if q.session_id == session_id]
-        if events_pb2.QueryEvent.KIND_SESSION_END in kinds:
+        if events_pb2.QueryEvent.KIND_SESSION_AWAY in kinds:
             break
-    assert kinds == [events_pb2.QueryEvent.KIND_SESSION_START, events_pb2.QueryEvent.KIND_SESSION_END]
+    assert kinds == [events_pb2.QueryEvent.KIND_SESSION_START, events_pb2.QueryEvent.KIND_SESSION_AWAY]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -743,8 +744,8 @@ class DecisionStage(Stage):
         for fut in futures:
             fut.get(timeout=30)  # durable before the offset of what caused it is committed
 
-    def _record(self, state: StreamState, d, index: int, body: str, final: bool, hops) -> events_pb2.ResponseEvent:
-        return events_pb2.ResponseEvent(
+    def _record(self, state: StreamState, d, index: int, body: str, final: bool, hops, attempt: str) -> events_pb2.ResponseEvent:
+        return events_pb2.ResponseEvent(attempt=attempt,
             key=state.key, session_id=state.session_id, response_id=f"{key_str(state.key)}/{d.media_ts_ms}/{d.trigger_id}",
             index=index, text=body, final=final, trigger=d.trigger,
             question_id=d.trigger_id if d.trigger == common_pb2.TRIGGER_QUESTION else "",
@@ -758,17 +759,18 @@ class DecisionStage(Stage):
         came."""
         futures, parts = [], []
         first: list = []
+        attempt = uuid.uuid4().hex  # a redelivered frame generates it again: a new attempt (the gateway restarts it)
         for piece in pieces:
             if not parts:
                 first = [*hops, common_pb2.HopStamp(hop="decision", wall_unix_ns=time.time_ns()),
                          common_pb2.HopStamp(hop="responder_first_token", wall_unix_ns=time.time_ns())]
             futures.append(self.out.send(topics.RESPONSES, state.key, self._record(state, d, len(parts), piece, False,
-                                                                                   first if not parts else [])))
+                                                                                   first if not parts else [], attempt)))
             parts.append(piece)
         text = "".join(parts).strip()
         if parts:
             last = self._record(state, d, len(parts), "", True,
-                                [*first, common_pb2.HopStamp(hop="responder_final", wall_unix_ns=time.time_ns())])
+                                [*first, common_pb2.HopStamp(hop="responder_final", wall_unix_ns=time.time_ns())], attempt)
             last.prompt_text, last.answer_text = d.prompt_text, text
             futures.append(self.out.send(topics.RESPONSES, state.key, last))
         return text, futures

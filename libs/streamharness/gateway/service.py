@@ -391,7 +391,7 @@ class _SessionApi:
                 if r.status == R.STATUS_REJECTED:
                     session.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
                         code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=r.error, seq=r.seq, media_ts_ms=r.media_ts_ms)))
-                elif r.status == R.STATUS_UNAVAILABLE:  # the broker is away: this frame is lost, the session goes on
+                elif r.status == R.STATUS_UNAVAILABLE:  # the broker is away: not published (perhaps late); the session goes on
                     session.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
                         code=grpc.StatusCode.UNAVAILABLE.value[0], message=r.error, seq=r.seq, media_ts_ms=r.media_ts_ms,
                         retry_after_ms=1000)))

@@ -12,6 +12,19 @@ tenant, so one tenant's frames never occupy the whole pool. Before a frame costs
   decoded): a tenant over its quota loses its own frames, nobody else slows;
 - the media time must move forward by at most ``SH_INGEST_MAX_MEDIA_JUMP_MS``;
 - the image header's dimensions are checked against ``SH_INGEST_MAX_INPUT_PIXELS`` before decoding.
+
+**The broker away** is per frame, not the call's end: a frame the broker does not acknowledge within
+``SH_INGEST_PUBLISH_TIMEOUT_S`` is answered STATUS_UNAVAILABLE ("the frames topic is unavailable
+(KafkaTimeoutError); ...") and the call goes on; once the broker is back, later frames are published
+again (:class:`FramePublisher`). While a timed-out send is unresolved, later frames are answered
+UNAVAILABLE at once and not sent, so that a live stream does not wait the timeout on every frame and a
+stream's frames are never published out of order. A frame answered UNAVAILABLE is not taken by the
+resampler: the same frame (same media time) may be sent again, or the next frame of its slot is kept.
+A send that timed out (at most one per decode worker, at the outage's start) stays in the producer's
+queue and may still be published late, once the broker is back (its error says so); if the client sent
+that frame again, it is then on ``frames`` twice at one media time, which the consumers de-duplicate
+(memory keeps one point per frame media time; the decision stage drops a frame at or before the last
+one it decided on; the summariser keys frames by media time).
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from concurrent import futures
 
 import grpc
 import grpc.aio
+from kafka.errors import KafkaError, KafkaTimeoutError
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -36,7 +50,7 @@ from streamharness.ingest.frames import Resampler, bound_pixels, decode_image, e
 from streamharness.keys import key_str, make_key
 from streamharness.limits import Buckets
 from streamharness.settings import load_settings
-from streamharness.stage import Outbox, Stage, StageContext
+from streamharness.stage import Delivery, Outbox, Stage, StageContext
 from streamharness.telemetry import meters
 from streamharness.v1 import common_pb2, events_pb2, ingest_pb2
 
@@ -60,7 +74,68 @@ class IngestSettings(BaseSettings):
     decode_workers: int = Field(4, ge=1, le=256, description="Threads that decode, re-encode and publish frames.")
     tenant_decode_concurrency: int = Field(2, ge=1, le=256, description="Frames of one tenant in the decode pool at once (the rest of that tenant's frames wait; other tenants do not).")
     jpeg_quality: int = Field(85, ge=30, le=100, description="Quality of the JPEG published to the frames topic.")
-    publish_timeout_s: float = Field(10.0, gt=0, description="How long to wait for the broker to acknowledge a frame.")
+    publish_timeout_s: float = Field(
+        3.0, gt=0, le=60,
+        description="How long one frame waits for the broker's acknowledgement; past it the frame is answered STATUS_UNAVAILABLE "
+        "and the call goes on (later frames are answered UNAVAILABLE at once until the broker is back). Short: a live stream "
+        "waits this long once per outage.",
+    )
+
+
+class FramePublisher:
+    """Publishes frames on ``frames`` and says, per frame, when the broker is away.
+
+    A send the broker does not acknowledge within ``timeout_s`` is *unresolved*: kafka-python keeps
+    it queued (it cannot be withdrawn) and delivers it if the broker comes back before the producer's
+    delivery timeout, or fails it after. While any send is unresolved, no other frame is sent: later
+    frames are answered at once, not queued behind it, so the wait is paid once per outage rather than
+    once per frame, the producer's queue does not grow with frames that were answered UNAVAILABLE,
+    and nothing overtakes a frame that may still be published. Thread-safe (the decode pool calls it).
+    """
+
+    def __init__(self, outbox: Outbox, timeout_s: float) -> None:
+        self._outbox = outbox
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._unresolved: list[Delivery] = []
+        self._away_since: float | None = None  # monotonic time of the first frame the broker did not take
+        self._away_error = ""  # the error that started the outage, for the frames answered meanwhile
+        self._refused = 0  # frames answered UNAVAILABLE in this outage
+
+    def publish(self, key: common_pb2.StreamKey, event: events_pb2.FrameEvent) -> str | None:
+        """None once the broker acknowledged ``event``; else why it is not published (STATUS_UNAVAILABLE)."""
+        what = f"frame seq {event.seq} at {event.media_ts_ms} ms"
+        with self._lock:
+            self._unresolved = [d for d in self._unresolved if not getattr(d, "is_done", True)]
+            if self._unresolved:
+                self._refused += 1
+                away = self._away_error or "KafkaTimeoutError"
+                return (f"the frames topic is unavailable ({away}); {what} was not sent: an earlier frame still waits for "
+                        "the broker's acknowledgement. The stream goes on: frames are published again once the broker is back")
+        delivery: Delivery | None = None
+        try:
+            delivery = self._outbox.send(topics.FRAMES, key, event)
+            delivery.get(timeout=self._timeout_s)
+        except KafkaError as err:
+            name = type(err).__name__
+            with self._lock:
+                if delivery is not None and not getattr(delivery, "is_done", True):
+                    self._unresolved.append(delivery)  # still queued: it may be published once the broker is back
+                self._refused += 1
+                if self._away_since is None:
+                    self._away_since, self._away_error = time.monotonic(), name
+                    log.warning("the broker did not take %s of %s (%s); frames are answered STATUS_UNAVAILABLE "
+                                "until it is back", what, key_str(key), err)
+            why = (f"was not acknowledged within {self._timeout_s:g} s (SH_INGEST_PUBLISH_TIMEOUT_S) and may still be "
+                   "published late" if isinstance(err, KafkaTimeoutError) else f"was not published ({err})")
+            return (f"the frames topic is unavailable ({name}); {what} {why}. The stream goes on: frames are published "
+                    "again once the broker is back")
+        with self._lock:
+            if self._away_since is not None:
+                log.info("the broker takes frames again after %.1f s; %d frames were answered STATUS_UNAVAILABLE meanwhile",
+                         time.monotonic() - self._away_since, self._refused)
+                self._away_since, self._away_error, self._refused = None, "", 0
+        return None
 
 
 class IngestServicer:
@@ -75,6 +150,7 @@ class IngestServicer:
         self._pool = futures.ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="ingest-decode")
         self._per_tenant: dict[str, asyncio.Semaphore] = {}
         self._shed_logged: dict[str, float] = {}
+        self.publisher = FramePublisher(outbox, settings.publish_timeout_s)
 
     def handler(self) -> grpc.GenericRpcHandler:
         # Requests as bytes: a request that does not parse is answered, not the call's end.
@@ -138,6 +214,7 @@ class IngestServicer:
             result.status = R.STATUS_REJECTED
             result.error = "ingest is shutting down; frame not taken"
             return result
+        taken = (resampler.last_ts_ms, resampler.next_due_ms)
         try:
             resampler.check_order(req.media_ts_ms)
             # Decode every frame, kept or not: a damaged frame is reported even when it would be skipped.
@@ -151,7 +228,14 @@ class IngestServicer:
                 jpeg=encode_jpeg(rgb, self.settings.jpeg_quality), width=rgb.shape[1], height=rgb.shape[0],
                 hops=[*req.hops, common_pb2.HopStamp(hop="ingest", wall_unix_ns=time.time_ns())],
             )
-            self.outbox.send(topics.FRAMES, key, event).get(timeout=self.settings.publish_timeout_s)
+            unavailable = self.publisher.publish(key, event)
+            if unavailable is not None:
+                # Not taken: the resampler forgets the frame, so that it (or the next of its slot) may come again.
+                resampler.last_ts_ms, resampler.next_due_ms = taken
+                result.status = R.STATUS_UNAVAILABLE
+                result.error = unavailable
+                meters.frames_ingested().add(1, {"status": "unavailable"})
+                return result
             result.status = R.STATUS_PUBLISHED
             meters.frames_ingested().add(1, {"status": "published"})
         except (InvalidInput, TooLarge) as err:

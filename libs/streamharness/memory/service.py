@@ -4,13 +4,26 @@ Intake (topology row ``memory``), each record one upsert with a deterministic id
 overwrites instead of duplicating; the offset is committed after the upsert returned (durable):
 
 * ``embeddings`` (``EncodedFrameEvent``) → a **short-term** entry per frame (caption, labels, people).
-  When a stream's frames cross a chunk boundary, everything of that stream that ended before
-  ``newest - horizon`` (``SH_TIERS_HORIZON_S``) is deleted: frames, summaries, blocks and answers.
+  When a stream's frames enter a new chunk, everything of that stream that ended before that chunk's
+  start minus the horizon (``SH_TIERS_HORIZON_S``) is deleted: frames, summaries, blocks and answers;
+  a record that arrives already past it (late, replayed) is not stored.
 * ``summaries`` (``SummaryEvent``, written by the summariser stage) → a **mid-term** chunk summary or
   a **long-term** block. After a block, the stream's blocks are evicted to the newest
-  ``SH_TIERS_BLOCKS_KEPT`` whose text fits ``SH_TIERS_LONG_TOKENS``.
+  ``SH_TIERS_BLOCKS_KEPT`` whose text fits ``SH_TIERS_LONG_TOKENS``; a block older than the oldest
+  one kept (re-published, replayed) is not stored again.
 * ``responses`` (``ResponseEvent``) → on each final record that carries ``answer_text``, a **Q&A**
   entry (the question or instruction and the answer), so "what did you tell me at 10:05?" works.
+
+Idempotent: batches redelivered after a crash or a restart, and whole records duplicated at any
+later point (a re-published summary, a replay), leave the store as if every record had come once,
+each first in its partition's order as Kafka delivers it (``tests/unit/test_memory_idempotent.py``).
+Ids are deterministic (one point per frame media time, per summary index, per ``response_id``: the
+last final with an answer wins, e.g. a later attempt); the horizon is cut at chunk starts, so which
+frame of a chunk came first does not matter; what eviction decided (the horizon's cut, the oldest
+block kept) is kept per stream and, after a restart, read back from the store at the stream's first
+record, so a redelivered old record is not stored again. The one exception is blocks *first*
+delivered out of index order (Kafka does not do that): the token budget keeps the newest blocks that
+fit side by side, and which those are depends on which blocks were there when it was applied.
 
 API (``streamharness.v1.MemoryService``), all on media time, never past the time asked about:
 
@@ -323,6 +336,8 @@ class MemoryStage(Stage):
         self._lock = threading.Lock()
         self._chunk_seen: dict[str, int] = {}  # stream -> newest chunk index whose frames were seen (eviction)
         self._cutoffs: dict[str, int] = {}  # stream -> media time before which everything was deleted
+        self._block_floor: dict[str, int] = {}  # stream -> index of the oldest long-term block kept (older: evicted)
+        self._restored: set[str] = set()  # streams whose eviction state was read back from the store (restart)
         self._evicted = False  # something was deleted since the last compaction
         self._last_compact = time.monotonic()
         self._compacting: threading.Thread | None = None
@@ -372,10 +387,12 @@ class MemoryStage(Stage):
         msg = event.message
         if isinstance(msg, events_pb2.EncodedFrameEvent):
             entry = frame_entry(event.key, msg)
+            self._restore(entry.key)
             self._evict_past_horizon(entry)
             self._write(entry)
         elif isinstance(msg, events_pb2.SummaryEvent):
             entry = summary_entry(event.key, msg)
+            self._restore(entry.key)
             self._write(entry)
             if entry.tier == "long":
                 self._evict_blocks(entry.key)
@@ -385,6 +402,7 @@ class MemoryStage(Stage):
         elif isinstance(msg, events_pb2.ResponseEvent):
             entry = answer_entry(event.key, msg)
             if entry is not None:
+                self._restore(entry.key)
                 self._write(entry)
         else:
             raise InvalidInput(f"memory does not keep {type(msg).__name__} records")
@@ -415,13 +433,49 @@ class MemoryStage(Stage):
         self._compacting.start()
         return self._compacting
 
+    def _restore(self, key: str) -> None:
+        """At a stream's first record in this process: what earlier processes' evictions decided, read
+        back from the store, so that a record redelivered after a restart is not stored again past
+        them: the horizon's cut from the newest frame's chunk, and the oldest block stored as the
+        oldest kept (a block older than it that comes again was stored once and evicted since: the
+        summariser first publishes a stream's blocks in index order)."""
+        assert self.store is not None
+        with self._lock:
+            if key in self._restored:
+                return
+        newest = self.store.newest(Scope(key, ("short",)), 1)
+        blocks = list(self.store.scan(Scope(key, ("long",))))  # at most SH_TIERS_BLOCKS_KEPT
+        with self._lock:
+            if key in self._restored:
+                return
+            self._restored.add(key)
+            if newest:
+                chunk = self.tiers.chunk_index(newest[-1].start_ms)
+                self._chunk_seen[key] = max(chunk, self._chunk_seen.get(key, chunk))
+                cutoff = self._horizon_cut(chunk)
+                if cutoff > 0:
+                    self._cutoffs[key] = max(cutoff, self._cutoffs.get(key, 0))
+            if blocks:
+                self._block_floor[key] = max(min(b.index for b in blocks), self._block_floor.get(key, 0))
+
+    def _horizon_cut(self, chunk: int) -> int:
+        """What ends before this is deleted once a stream's frames reach ``chunk``: a function of the
+        chunk alone, not of which of its frames came first (redelivery, reordering)."""
+        return chunk * self.tiers.chunk_ms - self.tiers.horizon_ms
+
     def _write(self, entry: Entry) -> None:
         assert self.store is not None and self.text_encoder is not None
         with self._lock:
             cutoff = self._cutoffs.get(entry.key, 0)
+            floor = self._block_floor.get(entry.key, 0)
         if entry.end_ms < cutoff:
             # Already past the horizon (a late or replayed record): storing it would only grow memory.
             meters.memory_past_horizon().add(1, {"tier": entry.tier})
+            return
+        if entry.tier == "long" and entry.index < floor:
+            # Older than the oldest block kept (a re-published or replayed block): it was evicted;
+            # stored again, it could slip back into the room the budget leaves.
+            log.debug("memory %s: block %d is older than the oldest kept (%d); not stored", entry.key, entry.index, floor)
             return
         self.store.upsert([entry], self.text_encoder.encode([entry.embed_text]))  # durable on return
 
@@ -433,21 +487,23 @@ class MemoryStage(Stage):
             meters.memory_late_summaries().add(1, {"tier": entry.tier})
 
     def _evict_past_horizon(self, frame: Entry) -> None:
-        """At a stream's chunk boundary: delete what ended more than the horizon before its newest frame."""
+        """When a stream's frames enter a new chunk: delete what ended before the chunk's start minus
+        the horizon. The chunk counts as seen only once that is done (a failed delete is retried)."""
         assert self.store is not None
         chunk = self.tiers.chunk_index(frame.start_ms)
         with self._lock:
             previous = self._chunk_seen.get(frame.key)
             if previous is not None and chunk <= previous:
                 return
-            self._chunk_seen[frame.key] = chunk
-        cutoff = frame.start_ms - self.tiers.horizon_ms
+        cutoff = self._horizon_cut(chunk)
         if cutoff > 0:
             self.store.delete_ended_before(frame.key, cutoff)
             self._evicted = True
             with self._lock:
                 self._cutoffs[frame.key] = max(cutoff, self._cutoffs.get(frame.key, 0))
                 self._versions[frame.key] = self._versions.get(frame.key, 0) + 1
+        with self._lock:
+            self._chunk_seen[frame.key] = max(chunk, self._chunk_seen.get(frame.key, chunk))
 
     def _evict_blocks(self, key: str) -> None:
         """Keep the newest ``blocks_kept`` blocks whose text fits ``long_tokens``; delete the older ones."""
@@ -455,6 +511,10 @@ class MemoryStage(Stage):
         blocks = list(self.store.scan(Scope(key, ("long",))))
         kept = fit_newest(blocks, self.tiers.long_tokens, self.tiers.blocks_kept) or blocks[-1:]
         if len(kept) < len(blocks):
+            # Cut by the count or the budget: an older block that comes again later (re-published,
+            # replayed, reordered) stays out, as it would have had it come in order.
+            with self._lock:
+                self._block_floor[key] = max(kept[0].index, self._block_floor.get(key, 0))
             self.store.delete_ended_before(key, kept[0].start_ms, ("long",))
             self._evicted = True
             log.info("memory %s: evicted %d long-term blocks (kept %d)", key, len(blocks) - len(kept), len(kept))

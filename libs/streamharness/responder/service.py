@@ -6,7 +6,8 @@ prefix of long-term blocks and chunk summaries, the earlier Q&A, recent captions
 recalled for a question, then the question or the triggered instruction), streams the generation
 backend and publishes one ``ResponseEvent`` per chunk on ``responses``. The last record of a
 response has ``final=True`` (its text may be empty) and carries the question or instruction and the
-whole answer (``prompt_text``, ``answer_text``), which memory keeps as the stream's Q&A history.
+whole answer (``prompt_text``, ``answer_text``), which memory keeps as the stream's Q&A history. Every
+chunk carries ``attempt``, the id of the generation it belongs to (see "Delivery").
 
 - **Frames for a VLM.** With ``SH_RESPONDER_FRAMES_PER_REQUEST`` > 0 the responder also consumes
   ``frames`` (``configure()`` drops the topic otherwise) and keeps each stream's last few frames
@@ -18,8 +19,10 @@ whole answer (``prompt_text``, ``answer_text``), which memory keeps as the strea
   assignor, so the member that answers a stream's decisions holds its frames too. A frame that
   does not decode is skipped; a response never waits for frames.
 
-- **Memory is optional at run time.** When it is down or slow, the response is built from what the
-  decision carries (the question or instruction, the policy's reason), logged and counted.
+- **Memory is optional at run time.** When it is down or slow, the response is built from the
+  question or instruction (and the frames, for a VLM) alone, logged and counted. Nothing internal
+  goes into a prompt: the policy's ``reason`` (and its score and name) is for people and logs, and a
+  model would repeat it to the user.
 - **Concurrency.** ``SH_RESPONDER_WORKERS`` consumer-group members run in one process, each on
   its own thread with its own partitions; a slow generation holds back only the streams whose
   partitions that member owns.
@@ -36,15 +39,22 @@ whole answer (``prompt_text``, ``answer_text``), which memory keeps as the strea
   streams").
 - **Delivery.** The batch's offsets are committed only after every chunk of every response of the
   batch is acknowledged by the broker (the host commits after ``end_batch`` returns); a crash or a
-  shutdown in the middle redelivers the whole batch. A redelivered decision is answered again under
-  the same ``response_id`` (= ``decision_id``) and the same indexes; with greedy decoding the text
-  is the same too, and the gateway drops repeats by ``(response_id, index)``. On shutdown the
-  generation in hand is finished and no other is started: the rest of the batch goes to the
-  partition's next owner.
-- **Failures.** A malformed decision is dead-lettered by ``handle``. A decision the backend keeps
-  failing on is retried (``SH_KAFKA_HANDLER_RETRIES`` attempts in all), then its response is closed
-  with an empty ``final`` chunk (``give_up``) so the client does not wait for it, it goes to the
-  dead-letter topic, and the rest of the batch goes on.
+  shutdown in the middle redelivers the whole batch. ``response_id`` is deterministic (=
+  ``decision_id``); ``attempt`` is new for every generation (a uuid4). A redelivered decision, or one
+  retried after its generation failed, is generated again, whole, from index 0 under a new attempt:
+  its text need not be the text of the earlier attempt (sampling, a changed memory), so receivers
+  never splice two attempts. The gateway, seeing a chunk of a new attempt of a response it has
+  chunks of, drops the earlier attempt's chunks and restarts the response (``ResponseChunk.restart``);
+  within one attempt it drops repeats by ``(response_id, index)``. Memory keeps one Q&A entry per
+  ``response_id`` (the last final record with an answer). On shutdown the generation in hand is
+  finished and no other is started: the rest of the batch goes to the partition's next owner.
+- **Failures.** A malformed decision is dead-lettered by ``handle``. A generation that fails, before
+  or after its first chunks, is retried (``SH_KAFKA_HANDLER_RETRIES`` attempts in all), each retry a
+  new attempt; an attempt that failed is not closed (its chunks are void once the next attempt
+  starts). When the last attempt failed, the response is closed with an empty ``final`` chunk at
+  index 0 under an attempt of its own (``give_up``), so the client does not wait for it and drops what
+  it had of the failed attempts; the decision goes to the dead-letter topic, and the rest of the batch
+  goes on.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -199,6 +210,11 @@ def _stamp(hop: str) -> common_pb2.HopStamp:
     return common_pb2.HopStamp(hop=hop, wall_unix_ns=time.time_ns())
 
 
+def new_attempt() -> str:
+    """The id of one generation of a response (``ResponseEvent.attempt``): unique per attempt."""
+    return uuid.uuid4().hex
+
+
 class ResponseBuilder:
     """Memory lookups and prompt assembly for one decision (no Kafka, no generation)."""
 
@@ -249,9 +265,8 @@ class ResponseBuilder:
                 lines = [_moment(i) for i in recalled.items if i.text.strip()]
                 if lines:
                     context_parts.append("Moments of the stream that match the question (best first):\n" + "\n".join(lines))
-        if ctx is None and decision.reason.strip():
-            # Memory is unavailable: what the decision step saw is all there is.
-            context_parts.append(f"What the decision step noted at {clock(decision.media_ts_ms)}: {decision.reason.strip()}")
+        # decision.reason, score and policy never go into the prompt, memory or not: they are notes for
+        # people and logs ("a question is pending"), and a model repeats what its prompt says.
         context, captions = self._fit(stable, "\n\n".join(context_parts), captions, decision.prompt_text)
         common = dict(system=s.system_prompt, context=context, recent_captions=tuple(captions), stream=key_str(key),
                       images=tuple(images))
@@ -414,24 +429,24 @@ class ResponderStage(Stage):
                 self.out.dead_letter(accepted.event, "handler-failed", err)
 
     def _answer(self, accepted: _Accepted) -> None:
+        """One generation attempt of a decision's response (called again for each retry)."""
         assert self._builder is not None and self._generator is not None
         decision = accepted.event.message
         prompt = self._builder.prompt(decision, accepted.key, accepted.is_question, accepted.images)
-        self._respond(accepted.event.key, accepted.key, decision, prompt)
+        self._respond(accepted.event.key, accepted.key, decision, prompt, new_attempt())
 
     def give_up(self, event: ConsumedEvent[events_pb2.DecisionEvent], error: BaseException) -> None:
-        """The decision is dead-lettered next: close its response (an empty ``final`` chunk) unless
-        the failed attempt closed it already, so that the client does not wait for it for ever."""
+        """The decision is dead-lettered next: close its response with an empty ``final`` chunk at
+        index 0 under an attempt of its own (receivers drop what they had of the failed attempts), so
+        that the client does not wait for it for ever."""
         decision = event.message
-        if not isinstance(decision, events_pb2.DecisionEvent):
+        if not isinstance(decision, events_pb2.DecisionEvent) or not decision.decision_id:
             return  # a frame: nobody waits for it
-        if getattr(error, "response_closed", False) or not decision.decision_id:
-            return
         if decision.action != events_pb2.DecisionEvent.ACTION_RESPOND:
             return
         log.warning("response %s failed for good (%r); closing it", decision.decision_id, error)
-        self.out.send(topics.RESPONSES, event.key, self._chunk(self._stream_key(event), decision, 0, "", final=True, hops=[])).get(
-            timeout=self._settings.publish_timeout_s)
+        closing = self._chunk(self._stream_key(event), decision, 0, "", final=True, hops=[], attempt=new_attempt())
+        self.out.send(topics.RESPONSES, event.key, closing).get(timeout=self._settings.publish_timeout_s)
 
     @staticmethod
     def _stream_key(event: ConsumedEvent[events_pb2.DecisionEvent]) -> common_pb2.StreamKey:
@@ -452,15 +467,16 @@ class ResponderStage(Stage):
 
     @staticmethod
     def _chunk(stream_key: common_pb2.StreamKey, decision: events_pb2.DecisionEvent, index: int, text: str, *,
-               final: bool, hops: list[common_pb2.HopStamp]) -> events_pb2.ResponseEvent:
+               final: bool, hops: list[common_pb2.HopStamp], attempt: str) -> events_pb2.ResponseEvent:
         return events_pb2.ResponseEvent(
             key=stream_key, session_id=decision.session_id, response_id=decision.decision_id, index=index,
             text=text, final=final, trigger=decision.trigger, question_id=decision.question_id,
             instruction_id=decision.instruction_id, media_ts_ms=decision.media_ts_ms, reply_to=decision.reply_to,
-            hops=hops,
+            hops=hops, attempt=attempt,
         )
 
-    def _respond(self, key: str, stream_key: common_pb2.StreamKey, decision: events_pb2.DecisionEvent, prompt: Prompt) -> None:
+    def _respond(self, key: str, stream_key: common_pb2.StreamKey, decision: events_pb2.DecisionEvent, prompt: Prompt,
+                 attempt: str) -> None:
         assert self.out is not None and self._generator is not None
         futures = []
         index = 0
@@ -477,7 +493,7 @@ class ResponderStage(Stage):
                 if index != 0:
                     hops = list(first_hops)
                 hops.append(_stamp(HOP_FINAL))
-            return self._chunk(stream_key, decision, index, text, final=final, hops=hops)
+            return self._chunk(stream_key, decision, index, text, final=final, hops=hops, attempt=attempt)
 
         pieces: Iterator[str] = self._generator.stream(prompt)
         answer: list[str] = []
@@ -489,12 +505,9 @@ class ResponderStage(Stage):
         except Exception as err:
             meters.responses_failed().add(1, {"error": type(err).__name__})
             if index:
-                # The client has started to read it: close it now; a retry answers under the same
-                # response id and indexes, and the gateway drops the repeats.
-                log.warning("response %s failed after %d chunks (%r); closing it", decision.decision_id, index, err)
-                futures.append(self.out.send(topics.RESPONSES, key, chunk("", final=True)))
-                self._wait(futures)
-                err.response_closed = True  # type: ignore[attr-defined] - read by give_up()
+                # Not closed here: a retry generates it whole under a new attempt (receivers drop
+                # these chunks then), and after the last one give_up() closes it.
+                log.warning("response %s: attempt %s failed after %d chunks (%r)", decision.decision_id, attempt, index, err)
             raise
         finally:
             close = getattr(pieces, "close", None)
