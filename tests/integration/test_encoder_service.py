@@ -123,8 +123,11 @@ def committed_offsets(kafka: KafkaSettings, group: str, topic: str) -> tuple[dic
 def encoder_service(kafka_settings: KafkaSettings, triton_settings: TritonSettings, both_models: TritonServer) -> Iterator:
     from streamharness.encoder import EncoderSettings, EncoderStage
 
+    # People on every frame (no budget, no shedding: a backlog waits here while the service starts);
+    # the budget and the shedding are tested below.
     service = KafkaHost(EncoderStage(
-        EncoderSettings(max_batch=4, max_wait_ms=50, detect_concurrency=2, consumer_group="encoder"), triton_settings,
+        EncoderSettings(max_batch=4, max_wait_ms=50, detect_concurrency=2, consumer_group="encoder", people_every_s=0, lag_shed_ms=0),
+        triton_settings,
     ), TOPOLOGY["encoder"], kafka_settings)
     yield service
     service.stop(time.monotonic() + 30)  # idempotent when the test stopped it already
@@ -301,3 +304,136 @@ def test_sigterm_finishes_the_batch_commits_and_exits_zero(
     assert seqs == list(range(len(seqs))), "in order, no duplicates"
     committed, _ = committed_offsets(kafka_settings, "encoder", topics.FRAMES)
     assert sum(committed.values()) == len(seqs), "committed exactly what was published"
+
+
+# -- the people detector's budget and shedding, with the real models ------------------------------
+class SlowPeopleDetector:
+    """The real people-detector client, slowed on purpose (each call waits ``delay_s`` first, as a
+    detector behind on its queue answers), counting the frames it was asked about."""
+
+    def __init__(self, client, delay_s: float) -> None:
+        self.client = client
+        self.delay_s = delay_s
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def detect(self, image: np.ndarray):
+        with self._lock:
+            self.calls += 1
+        time.sleep(self.delay_s)
+        return self.client.detect(image)
+
+    def ready(self) -> bool:
+        return self.client.ready()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def encoder_stage(triton_settings: TritonSettings, delay_s: float, **settings):
+    from streamharness.encoder import EncoderSettings, EncoderStage
+    from streamharness.people_client import PeopleDetectorClient
+
+    slow = SlowPeopleDetector(PeopleDetectorClient(triton_settings, PEOPLE_DETECTOR), delay_s)
+    stage = EncoderStage(EncoderSettings(max_batch=16, detect_concurrency=2, **settings), triton_settings, people_client=slow)
+    return stage, slow
+
+
+SHED_STREAMS = [(make_key("acme", "slow-a"), SECONDS_A), (make_key("acme", "slow-b"), SECONDS_B), (make_key("acme", "slow-c"), SECONDS_A)]
+
+
+def test_shedding_keeps_latency_bounded_when_the_detector_is_slowed_on_purpose(
+    triton_settings: TritonSettings, both_models: TritonServer, vtest_frames: dict[int, np.ndarray]
+) -> None:
+    """Three streams: one live frame each, then a backlog of 5 each that ingest stamped 10 s ago,
+    in one batch, with a detector that takes an extra 0.3 s a call. Shedding (the default
+    SH_ENCODER_LAG_SHED_MS) runs the slow detector on each stream's newest backlog frame only — 3
+    slow calls on the batch's path instead of 15 — and still publishes every frame, once, in order;
+    the frames it skipped carry their stream's count from the live frame."""
+    from tests.unit.test_encoder_shedding import feed, frame_record, open_stage
+
+    def run(lag_shed_ms: int):
+        stage, slow = encoder_stage(triton_settings, 0.3, people_every_s=0, lag_shed_ms=lag_shed_ms)
+        out = open_stage(stage)
+        live, backlog = [], []
+        for key, seconds in SHED_STREAMS:
+            for seq, second in enumerate(seconds):
+                rgb = vtest_frames[second]
+                record = frame_record(key, seq, seq * 1000, jpeg(rgb), age_s=0.0 if seq == 0 else 10.0, size=rgb.shape[:2])
+                (live if seq == 0 else backlog).append(record)
+        backlog.sort(key=lambda r: r.message.seq)  # interleaved, as partitions share a fetch
+        try:
+            feed(stage, live)
+            calls_live = slow.calls
+            started = time.perf_counter()
+            feed(stage, backlog)
+            wall = time.perf_counter() - started
+        finally:
+            stage.close(time.monotonic() + 10)
+        return stage, out.published(), calls_live, slow.calls - calls_live, wall
+
+    shed_stage, shed, shed_live, shed_calls, shed_wall = run(1500)
+    full_stage, full, full_live, full_calls, full_wall = run(0)
+    print(f"backlog of {len(SHED_STREAMS) * 5} frames: shed {shed_wall:.1f} s ({shed_calls} detector calls), "
+          f"unshed {full_wall:.1f} s ({full_calls} calls)")
+
+    frames_per_stream = len(SECONDS_A)
+    for published in (shed, full):
+        # Every frame published once, each stream in order (memory keeps them all).
+        for key, _ in SHED_STREAMS:
+            assert [m.seq for m in published if m.key == key] == list(range(frames_per_stream))
+        assert len(published) == len(SHED_STREAMS) * frames_per_stream
+    assert shed_live == full_live == len(SHED_STREAMS), "live frames are measured either way"
+    assert full_calls == len(SHED_STREAMS) * (frames_per_stream - 1)
+    assert shed_calls == len(SHED_STREAMS), "one slow call per stream on the lagging batch's path"
+    assert shed_stage.stats.people_shed_lag == len(SHED_STREAMS) * (frames_per_stream - 2)
+    assert full_stage.stats.people_shed_lag == 0
+
+    measured_full = {(m.key.stream_id, m.seq): m.person_count for m in full}
+    for key, _ in SHED_STREAMS:
+        mine = [m for m in shed if m.key == key]
+        first, *skipped, newest = mine
+        for m in (first, newest):  # measured: the real detector's people, with their boxes
+            assert m.person_count >= 1 and len(m.detections) == m.person_count
+            assert m.person_count == measured_full[(key.stream_id, m.seq)]
+        for m in skipped:  # carried from the live frame, no boxes; still encoded
+            assert m.person_count == first.person_count and not m.detections, (key.stream_id, m.seq)
+            assert len(m.embedding) == 1280 and m.caption.startswith(f"{m.person_count} people" if m.person_count > 1 else "1 person")
+
+
+def test_people_every_s_bounds_detector_calls_per_stream_on_real_frames(
+    triton_settings: TritonSettings, both_models: TritonServer, vtest_frames: dict[int, np.ndarray]
+) -> None:
+    """Two live streams of 6 vtest.avi seconds at 1 FPS with SH_ENCODER_PEOPLE_EVERY_S=2: each
+    stream's detector calls are at least 2 media seconds apart (3 at most in 6 s, not 6), its first
+    frame is measured, and every other frame carries the last measured count."""
+    from tests.unit.test_encoder_shedding import feed, frame_record, open_stage
+
+    stage, slow = encoder_stage(triton_settings, 0.0, people_every_s=2.0)
+    out = open_stage(stage)
+    streams = SHED_STREAMS[:2]
+    try:
+        for seq in range(len(SECONDS_A)):  # live: each second's frames of both streams together
+            records = []
+            for key, seconds in streams:
+                rgb = vtest_frames[seconds[seq]]
+                records.append(frame_record(key, seq, seq * 1000, jpeg(rgb), size=rgb.shape[:2]))
+            feed(stage, records)
+    finally:
+        stage.close(time.monotonic() + 10)
+    published = out.published()
+    assert len(published) == len(streams) * len(SECONDS_A)
+    assert slow.calls == stage.stats.people_detected <= len(streams) * 3
+    for key, _ in streams:
+        mine = [m for m in published if m.key == key]
+        measured = [m for m in mine if m.detections]
+        assert measured and measured[0].seq == 0
+        assert all(b.media_ts_ms - a.media_ts_ms >= 2000 for a, b in zip(measured, measured[1:]))
+        assert 2 <= len(measured) <= 3, [m.media_ts_ms for m in measured]
+        last = None
+        for m in mine:
+            if m.detections:
+                assert len(m.detections) == m.person_count >= 1
+                last = m.person_count
+            else:
+                assert m.person_count == last, (key.stream_id, m.seq)

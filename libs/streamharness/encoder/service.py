@@ -18,6 +18,25 @@ Failures:
 * any other failure of one frame (the model rejects it, a malformed answer) dead-letters that frame
   only: a bad frame never stops a stream.
 
+The people detector is the expensive part (HOG: ~0.1-0.4 s of a core per frame; the frame encoder
+~10 ms), so it is budgeted per stream, on media time:
+
+* ``SH_ENCODER_PEOPLE_EVERY_S``: a stream is measured at most once per that many seconds of media
+  time. Its first frame is always measured (also after a session change, or a step back to before
+  its last measured frame); the second measurement comes a fixed per-stream fraction of an interval
+  later, so that streams started together do not all ask in the same second;
+* ``SH_ENCODER_LAG_SHED_MS``: a frame older than that at the encoder (wall time since ingest
+  stamped it) lags; of a batch's lagging frames only each stream's newest is measured (when due).
+  A backlog is then worked off at the frame encoder's speed, not the detector's.
+
+A frame that was not measured is still encoded and published (memory gets every frame once). Its
+``person_count`` is the stream's last measured count — of an earlier frame of the same session,
+never of a later one — and it has no ``detections`` (boxes belong to the frame they were found in;
+a measured frame has one per person counted). Before a stream's first measurement the count is
+unknown: 0, and the caption names no people. Skipped detections are counted in
+``sh.pipeline.frames_shed`` (reason ``lag`` or ``people-budget``), each frame's age in
+``sh.pipeline.stage_lag``.
+
 ``tritonclient.grpc`` is imported in ``load()``, not at module level, so that importing this module
 (e.g. for ``build_caption``) never loads protos that clash with kserve's.
 """
@@ -27,6 +46,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -59,6 +80,12 @@ HOP = "encoder"
 # Pause before a batch is redelivered while Triton is unreachable: doubles from MIN up to MAX.
 OUTAGE_PAUSE_MIN_S = 0.5
 OUTAGE_PAUSE_MAX_S = 10.0
+# The hop whose stamp a frame's lag at the encoder is measured from (when it was published to frames).
+LAG_FROM_HOP = "ingest"
+# Per frame of a batch: the people detector runs on it, or why not (the reasons of frames_shed).
+MEASURE, SHED_LAG, SHED_BUDGET, NOT_COUNTED = "measure", "lag", "people-budget", "off"
+# Streams whose last people count is kept (least recently measured forgotten first): bounds memory.
+PEOPLE_STATE_STREAMS = 65536
 
 
 class EncoderSettings(BaseSettings):
@@ -74,6 +101,8 @@ class EncoderSettings(BaseSettings):
     people_model: str = Field("people_detector", min_length=1, description="Triton model name of the people detector.")
     people_model_version: str = Field("", description="Version of the people detector; empty = the server's latest.")
     detect_concurrency: int = Field(4, ge=1, le=64, description="People-detector requests in flight at once (the model takes one frame per request).")
+    people_every_s: float = Field(5.0, ge=0, le=3600, description="Run the people detector on a stream at most once per this many seconds of media time; frames in between carry the stream's last measured person_count (and have no boxes). 0 = every frame. The default keeps 10 streams within about half a core of detection on a 640x480 feed (docs/benchmarks.md); lower it for fewer streams or more cores.")
+    lag_shed_ms: int = Field(1500, ge=0, le=3_600_000, description="A frame older than this at the encoder (wall ms since ingest stamped it) is lagging: of a batch's lagging frames only each stream's newest gets people detection, the others carry the count. Every frame is still encoded and published. 0 = never shed.")
     caption_labels: int = Field(3, ge=0, le=50, description="Classifier labels named in a frame's caption (at most SH_TRITON_TOP_K).")
     publish_timeout_s: float = Field(30.0, gt=0, le=600, description="How long to wait for the broker to acknowledge a batch's embeddings before the batch is retried.")
 
@@ -127,6 +156,33 @@ class _Frame:
     rgb: np.ndarray
 
 
+@dataclass(frozen=True)
+class _PeopleCount:
+    """A stream's last measured people count: which session, at what media time, and from what
+    media time on the stream's frames are due to be measured again."""
+
+    session_id: str
+    media_ts_ms: int
+    count: int
+    due_ms: float
+
+
+def people_phase(key: str, session_id: str) -> float:
+    """A stream's fixed share in [0, 1) of ``people_every_s`` by which its second measurement comes
+    later: streams that start together (and so reach each media second together) then spread their
+    detections over the interval instead of all asking in the same second. Stable across restarts."""
+    return zlib.crc32(f"{key}\0{session_id}".encode()) / 2**32
+
+
+def frame_lag_ms(frame: events_pb2.FrameEvent, now_ns: int) -> float | None:
+    """Wall ms since ingest published the frame (its ``ingest`` hop stamp, else its last stamp);
+    None without stamps."""
+    stamps = [h for h in frame.hops if h.hop == LAG_FROM_HOP] or list(frame.hops[-1:])
+    if not stamps:
+        return None
+    return max(0, now_ns - stamps[-1].wall_unix_ns) / 1e6
+
+
 @dataclass
 class EncoderStats:
     """Counts since start (read by tests and people; written by the consumer thread only)."""
@@ -136,6 +192,12 @@ class EncoderStats:
     frames_failed: int = 0
     batches: int = 0
     largest_batch: int = 0
+    people_detected: int = 0
+    """Frames the people detector ran on."""
+    people_shed_lag: int = 0
+    """Frames published without people detection because they lagged (not their stream's newest)."""
+    people_shed_budget: int = 0
+    """Frames published without people detection because SH_ENCODER_PEOPLE_EVERY_S had not passed."""
 
 
 class _Failed:
@@ -150,12 +212,20 @@ class EncoderStage(Stage):
 
     name = "encoder"
 
-    def __init__(self, settings: EncoderSettings | None = None, triton: TritonSettings | None = None) -> None:
+    def __init__(
+        self, settings: EncoderSettings | None = None, triton: TritonSettings | None = None, *,
+        encoder_client: FrameEncoderClient | None = None, people_client: PeopleDetectorClient | None = None,
+    ) -> None:
+        """``encoder_client`` / ``people_client``: use these (any objects with the clients'
+        ``encode`` / ``detect``, ``ready`` and ``close``) instead of connecting to ``triton``."""
         self.settings = settings or load_settings(EncoderSettings)
         self.triton = triton or load_settings(TritonSettings)
         self.stats = EncoderStats()
-        self.encoder: FrameEncoderClient | None = None
-        self.people: PeopleDetectorClient | None = None
+        self.encoder: FrameEncoderClient | None = encoder_client
+        self.people: PeopleDetectorClient | None = people_client
+        # key -> the stream's last measured count; written only once a batch is published, so a
+        # redelivered batch plans the same detections again.
+        self._people_counts: OrderedDict[str, _PeopleCount] = OrderedDict()
         self.out: Outbox | None = None
         self._attempts = 1
         self._stopping = threading.Event()
@@ -173,13 +243,17 @@ class EncoderStage(Stage):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self, ctx: StageContext) -> None:
-        from streamharness.people_client import PeopleDetectorClient
-        from streamharness.triton_client import FrameEncoderClient
-
         self.out, self._attempts, self._stopping = ctx.outbox, ctx.attempts, ctx.stopping
         self._frames_topic = ctx.topic(topics.FRAMES)
-        self.encoder = FrameEncoderClient(self.triton)
-        if self.settings.detect_people:
+        if self.encoder is None:
+            from streamharness.triton_client import FrameEncoderClient
+
+            self.encoder = FrameEncoderClient(self.triton)
+        if not self.settings.detect_people:
+            self.people = None
+        elif self.people is None:
+            from streamharness.people_client import PeopleDetectorClient
+
             self.people = PeopleDetectorClient(self.triton, self.settings.people_model, self.settings.people_model_version)
         # One worker for the batch's encoder request, the others for people detection.
         self._pool = ThreadPoolExecutor(max_workers=self.settings.detect_concurrency + 1, thread_name_prefix="encoder-triton")
@@ -223,11 +297,12 @@ class EncoderStage(Stage):
         if not frames:
             return
         images = [f.rgb for f in frames]
+        plan, due = self._plan_people(frames)
         encoded = self._pool.submit(self._encode, images)
-        detected = [self._pool.submit(self._retrying, self.people.detect, image) for image in images] if self.people else []
+        detected = {i: self._pool.submit(self._retrying, self.people.detect, images[i]) for i, why in enumerate(plan) if why == MEASURE}
         encodings = encoded.result()
         detections: list[PeopleDetection | _Failed | None] = [None] * len(frames)
-        for i, future in enumerate(detected):
+        for i, future in detected.items():
             try:
                 detections[i] = future.result()
             except Exception as err:  # noqa: BLE001 - sorted below
@@ -242,18 +317,38 @@ class EncoderStage(Stage):
         self._outage_pause_s = OUTAGE_PAUSE_MIN_S
 
         sends = []
-        for frame, encoding, detection in zip(frames, encodings, detections):
+        shed: dict[str, int] = {}
+        # Counts as they stand after each frame: a measured one replaces the stream's last count,
+        # the others carry it (always from an earlier frame).
+        counts: dict[str, _PeopleCount] = {}
+        for i, (frame, encoding, detection, why) in enumerate(zip(frames, encodings, detections, plan)):
             failed = encoding if isinstance(encoding, _Failed) else detection if isinstance(detection, _Failed) else None
             if failed is not None:
                 # That frame alone goes to the dead-letter topic; the rest of the batch goes on.
                 self.out.dead_letter(frame.event, "handler-failed", failed.error)
                 self.stats.frames_failed += 1
                 continue
-            message = self._encoded_event(frame, encoding, detection)
+            if why in (SHED_LAG, SHED_BUDGET):
+                shed[why] = shed.get(why, 0) + 1
+            src = frame.event.message
+            if detection is not None:
+                counts[frame.event.key] = _PeopleCount(src.session_id, src.media_ts_ms, detection.count, due[i])
+                count: int | None = detection.count
+            else:
+                last = counts.get(frame.event.key) or self._people_counts.get(frame.event.key)
+                known = last is not None and last.session_id == src.session_id and last.media_ts_ms <= src.media_ts_ms
+                count = last.count if known else None
+            message = self._encoded_event(frame, encoding, detection, count)
             sends.append((frame, message, self.out.send(topics.EMBEDDINGS, frame.event.key, message)))
         # Durable before the consumer commits the batch's offsets (a KafkaError here: redelivered).
         for _, _, sent in sends:
             sent.get(timeout=self.settings.publish_timeout_s)
+        self._remember_counts(counts)
+        self.stats.people_detected += sum(1 for d in detections if d is not None and not isinstance(d, _Failed))
+        self.stats.people_shed_lag += shed.get(SHED_LAG, 0)
+        self.stats.people_shed_budget += shed.get(SHED_BUDGET, 0)
+        for reason, n in shed.items():
+            meters.frames_shed().add(n, {"stage": HOP, "reason": reason})
 
         now_ns = time.time_ns()
         for frame, message, _ in sends:
@@ -264,6 +359,47 @@ class EncoderStage(Stage):
         self.stats.frames_encoded += len(sends)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(frames))
+
+    def _plan_people(self, frames: list[_Frame]) -> tuple[list[str], dict[int, float]]:
+        """Per frame, whether the people detector runs on it (``MEASURE``) or why not: each stream
+        is measured at most once per ``people_every_s`` of media time (``SHED_BUDGET``), and of the
+        lagging frames only each stream's newest (``SHED_LAG``); and for each measured frame, the
+        media time from which its stream is due again. Also records each frame's lag."""
+        if self.people is None:
+            return [NOT_COUNTED] * len(frames), {}
+        s = self.settings
+        now_ns = time.time_ns()
+        newest = {f.event.key: i for i, f in enumerate(frames)}  # a batch keeps each stream's order
+        planned = {key: c for key, c in self._people_counts.items() if key in newest}
+        every_ms = s.people_every_s * 1000.0
+        plan: list[str] = []
+        due_again: dict[int, float] = {}
+        for i, frame in enumerate(frames):
+            key, src = frame.event.key, frame.event.message
+            lag = frame_lag_ms(src, now_ns)
+            if lag is not None:
+                meters.stage_lag_ms().record(lag, {"stage": HOP})
+            last = planned.get(key)
+            first = last is None or last.session_id != src.session_id or src.media_ts_ms < last.media_ts_ms
+            due = first or src.media_ts_ms >= last.due_ms
+            if not due:
+                plan.append(SHED_BUDGET)
+            elif s.lag_shed_ms and lag is not None and lag > s.lag_shed_ms and newest[key] != i:
+                # Behind: the stream's newest frame is measured instead (it is what is decided on now).
+                plan.append(SHED_LAG)
+            else:
+                gap = every_ms * (1.0 + people_phase(key, src.session_id)) if first else every_ms
+                due_again[i] = src.media_ts_ms + gap
+                planned[key] = _PeopleCount(src.session_id, src.media_ts_ms, -1, due_again[i])
+                plan.append(MEASURE)
+        return plan, due_again
+
+    def _remember_counts(self, counts: dict[str, _PeopleCount]) -> None:
+        for key, count in counts.items():
+            self._people_counts[key] = count
+            self._people_counts.move_to_end(key)
+        while len(self._people_counts) > PEOPLE_STATE_STREAMS:
+            self._people_counts.popitem(last=False)
 
     def _encode(self, images: list[np.ndarray]) -> list[FrameEncoding | _Failed]:
         """The batch in one request; when the batch fails for another reason than Triton being
@@ -297,8 +433,10 @@ class EncoderStage(Stage):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _encoded_event(
-        self, frame: _Frame, encoding: FrameEncoding, people: PeopleDetection | None
+        self, frame: _Frame, encoding: FrameEncoding, people: PeopleDetection | None, person_count: int | None
     ) -> events_pb2.EncodedFrameEvent:
+        """``people``: what the detector found in this frame, None when it did not run on it;
+        ``person_count``: the count to publish (measured or carried), None when unknown."""
         src = frame.event.message
         key = src.key if src.HasField("key") else parse_key(frame.event.key)
         detections = []
@@ -316,7 +454,7 @@ class EncoderStage(Stage):
             embedding_model=self.triton.frame_encoder_model,
             labels=[events_pb2.Label(name=name, score=score) for name, score in encoding.labels],
             detections=detections,
-            person_count=people.count if people is not None else 0,
-            caption=build_caption(encoding.labels, people.count if people is not None else None, self.settings.caption_labels),
+            person_count=person_count if person_count is not None else 0,
+            caption=build_caption(encoding.labels, person_count, self.settings.caption_labels),
             hops=[*src.hops, common_pb2.HopStamp(hop=HOP, wall_unix_ns=time.time_ns())],
         )

@@ -7,7 +7,8 @@ package, and Python >= 3.8. The detector's weights ship inside OpenCV: nothing i
 
 Per request: IMAGE uint8 (H, W, 3) RGB, any size. Out: BOXES (n, 4) x, y, w, h in input pixels, best
 first; SCORES (n,) SVM margins; COUNT (1,) = n. Steps: resize by ``upscale`` (the 64x128 window misses
-people shorter than ~96 px), multi-scale HOG detection, drop boxes under ``score_threshold``, non-max
+people shorter than ~96 px), capped at ``max_pixels`` pixels (a bounded cost per frame whatever its
+size), multi-scale HOG detection, drop boxes under ``score_threshold``, non-max
 suppression at ``nms_threshold``, scale boxes back.
 """
 
@@ -19,14 +20,15 @@ import triton_python_backend_utils as pb_utils
 # name -> (parse, check, what the check means); all come from config.pbtxt's parameters.
 _PARAMETERS = {
     "upscale": (float, lambda v: 0.25 <= v <= 8.0, "in 0.25..8"),
+    "max_pixels": (int, lambda v: v == 0 or v >= 64 * 128, "0 (no cap) or >= 8192 (one 64x128 window)"),
     "win_stride": (int, lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
     "pyramid_scale": (float, lambda v: 1.0 < v <= 2.0, "in (1, 2]"),
-    "score_threshold": (float, lambda v: -10.0 <= v <= 100.0, "in -10..100"),
+    "score_threshold": (float, lambda v: 0.0 <= v <= 100.0, "in 0..100"),  # cv2.dnn.NMSBoxes refuses < 0
     "nms_threshold": (float, lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     "threads": (int, lambda v: v >= 0, ">= 0"),
 }
-_DEFAULTS = {"upscale": "2.0", "win_stride": "8", "pyramid_scale": "1.05", "score_threshold": "1.0",
-             "nms_threshold": "0.3", "threads": "0"}
+_DEFAULTS = {"upscale": "2.0", "max_pixels": "1228800", "win_stride": "8", "pyramid_scale": "1.1",
+             "score_threshold": "1.0", "nms_threshold": "0.3", "threads": "0"}
 
 
 def _log(level, message):
@@ -100,10 +102,18 @@ class TritonPythonModel:
             ]))
         return responses
 
+    def work_scale(self, height, width):
+        """The factor a frame is resized by before detection: ``upscale``, lowered where the result
+        would have more than ``max_pixels`` pixels (HOG's cost grows with the pixels searched)."""
+        up, cap = self.params["upscale"], self.params["max_pixels"]
+        if cap and height * width * up * up > cap:
+            up = (cap / float(height * width)) ** 0.5
+        return up
+
     def detect(self, image):
         """(boxes float32 (n, 4) x, y, w, h in input pixels, scores float32 (n,)), best first."""
         cv2, p = self.cv2, self.params
-        up = p["upscale"]
+        up = self.work_scale(image.shape[0], image.shape[1])
         work = image if up == 1.0 else cv2.resize(
             image, None, fx=up, fy=up, interpolation=cv2.INTER_LINEAR if up > 1.0 else cv2.INTER_AREA)
         win_w, win_h = self.hog.winSize
