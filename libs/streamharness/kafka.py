@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -283,10 +284,26 @@ class EventConsumer(Generic[M]):
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
-        """Poll, process, commit, until ``stop`` or ``self.stop()``; then commit and close."""
+        """Poll, process, commit, until ``stop`` or ``self.stop()``; then commit and close. The
+        broker away (a ``KafkaError`` out of a poll or a commit: a restart, a network cut) is
+        waited out with a growing pause, never the end of the consumer: what was processed and not
+        committed is redelivered, at least once."""
+        pause, away_since = 0.5, None
         try:
             while not self._stopping(stop):
-                self.poll_once(stop)
+                try:
+                    self.poll_once(stop)
+                except KafkaError as err:
+                    if away_since is None:
+                        away_since = time.monotonic()
+                        log.warning("%s: Kafka is unavailable (%s: %s); retrying until it is back", self.group_id,
+                                    type(err).__name__, err)
+                    self._stop.wait(pause)  # stop() (the host calls it at shutdown) ends the wait
+                    pause = min(5.0, pause * 2)
+                    continue
+                if away_since is not None:
+                    log.info("%s: Kafka is back after %.1f s", self.group_id, time.monotonic() - away_since)
+                    pause, away_since = 0.5, None
         finally:
             self.close()
 
@@ -419,7 +436,6 @@ def read_table(settings: KafkaSettings, topic: str, partitions: Iterable[int] | 
     (None: all), read from the start up to the end offsets of the moment of the call; a key whose
     latest record is a tombstone (no value) is left out. Raises ``KafkaError`` when it cannot finish
     within ``timeout_s``."""
-    import time
 
     from kafka.errors import KafkaTimeoutError
 
@@ -464,7 +480,6 @@ def read_key_since(settings: KafkaSettings, topic: str, key: StreamKey | str, si
     """The values of ``key``'s records on the logical ``topic`` written since ``since_unix_ms``
     (broker timestamps), in order, up to the end offset of the moment of the call. Only the key's
     own partition is read (the producers' default partitioner: murmur2 of the key)."""
-    import time
 
     from kafka.errors import KafkaTimeoutError
     from kafka.partitioner.default import murmur2

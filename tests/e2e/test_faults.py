@@ -36,7 +36,10 @@ def stack(tmp_path_factory):
     # Short answers keep a CPU-only run bounded. People walk in every 12 s of media time: a refractory
     # period well under that lets each walk-in fire, even one right after an alert the restart caused.
     with LocalStack(tmp_path_factory.mktemp("faults"), gateways=1,
-                    extra_env={"SH_GENERATION_MAX_NEW_TOKENS": "16", "SH_DECISION_REFRACTORY_S": "5"}) as s:
+                    extra_env={"SH_GENERATION_MAX_NEW_TOKENS": "16", "SH_DECISION_REFRACTORY_S": "5",
+                               # People measured every 2 s of media (the default budget, 5 s, is for 10
+                               # streams): the faults are under test, not the budget.
+                               "SH_ENCODER_PEOPLE_EVERY_S": "2"}) as s:
         yield s
 
 

@@ -392,6 +392,8 @@ class EncoderStage(Stage):
                 due_again[i] = src.media_ts_ms + gap
                 planned[key] = _PeopleCount(src.session_id, src.media_ts_ms, -1, due_again[i])
                 plan.append(MEASURE)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("people plan: %s", ", ".join(f"{f.event.key}@{f.event.message.media_ts_ms}:{why}" for f, why in zip(frames, plan)))
         return plan, due_again
 
     def _remember_counts(self, counts: dict[str, _PeopleCount]) -> None:
