@@ -430,6 +430,23 @@ class _Listener(ConsumerRebalanceListener):
             owner._on_assigned(self._by_topic(assigned))  # noqa: SLF001
 
 
+def _reader(settings: KafkaSettings, full: str, client_id: str, deadline: float) -> tuple[KafkaConsumer, list[int]]:
+    """A group-less consumer (assigned by hand, nothing committed) and ``full``'s partitions, sorted
+    (``KafkaTimeoutError`` when the broker names none before ``deadline``; the caller closes it)."""
+    from kafka.errors import KafkaTimeoutError
+
+    consumer = KafkaConsumer(**client_config(settings), client_id=client_id, enable_auto_commit=False,
+                             group_id=None, max_partition_fetch_bytes=max(_MIB, settings.max_request_bytes))
+    known = consumer.partitions_for_topic(full)
+    while not known and time.monotonic() < deadline:
+        time.sleep(0.1)
+        known = consumer.partitions_for_topic(full)
+    if not known:
+        consumer.close(autocommit=False)
+        raise KafkaTimeoutError(f"no metadata for topic {full} in time")
+    return consumer, sorted(known)
+
+
 def read_table(settings: KafkaSettings, topic: str, partitions: Iterable[int] | None = None,
                *, timeout_s: float = 30.0) -> dict[int, dict[bytes, bytes]]:
     """``{partition: {key: latest value}}`` of the (compacted) logical ``topic`` on ``partitions``
@@ -440,16 +457,9 @@ def read_table(settings: KafkaSettings, topic: str, partitions: Iterable[int] | 
     from kafka.errors import KafkaTimeoutError
 
     full = settings.topic(topic)
-    consumer = KafkaConsumer(**client_config(settings), client_id=f"table-{topic}", enable_auto_commit=False,
-                             group_id=None, max_partition_fetch_bytes=max(_MIB, settings.max_request_bytes))
+    deadline = time.monotonic() + timeout_s
+    consumer, known = _reader(settings, full, f"table-{topic}", deadline)
     try:
-        deadline = time.monotonic() + timeout_s
-        known = consumer.partitions_for_topic(full)
-        while known is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-            known = consumer.partitions_for_topic(full)
-        if known is None:
-            raise KafkaTimeoutError(f"no metadata for topic {full} within {timeout_s:g} s")
         wanted = [TopicPartition(full, p) for p in sorted(known if partitions is None else set(partitions) & set(known))]
         table: dict[int, dict[bytes, bytes]] = {tp.partition: {} for tp in wanted}
         if not wanted:
@@ -485,17 +495,9 @@ def read_key_since(settings: KafkaSettings, topic: str, key: StreamKey | str, si
     from kafka.partitioner.default import murmur2
 
     full, raw_key = settings.topic(topic), _key_bytes(key)
-    consumer = KafkaConsumer(**client_config(settings), client_id=f"replay-{topic}", enable_auto_commit=False,
-                             group_id=None, max_partition_fetch_bytes=max(_MIB, settings.max_request_bytes))
+    deadline = time.monotonic() + timeout_s
+    consumer, ordered = _reader(settings, full, f"replay-{topic}", deadline)
     try:
-        deadline = time.monotonic() + timeout_s
-        known = consumer.partitions_for_topic(full)
-        while known is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-            known = consumer.partitions_for_topic(full)
-        if not known:
-            raise KafkaTimeoutError(f"no metadata for topic {full} within {timeout_s:g} s")
-        ordered = sorted(known)
         # The producers' DefaultPartitioner: murmur2 of the key over the sorted partitions.
         tp = TopicPartition(full, ordered[(murmur2(raw_key) & 0x7FFFFFFF) % len(ordered)])
         consumer.assign([tp])

@@ -41,7 +41,7 @@ def services(kafka_settings):
     ingest = serve(KafkaHost(IngestStage(IngestSettings(max_pixels=320 * 240)), TOPOLOGY["ingest"], kafka_settings), "ingest")
     gateways = []
     for replica in ("gw-a", "gw-b"):
-        service = KafkaHost(GatewayStage(GatewaySettings(replica_id=replica, ingest_address=f"127.0.0.1:{ingest.port}", end_grace_s=10, allow_anonymous=True)),
+        service = KafkaHost(GatewayStage(GatewaySettings(replica_id=replica, ingest_address=f"127.0.0.1:{ingest.port}", end_grace_s=10, allow_anonymous=True, end_wait_for_decision=False)),
                             TOPOLOGY["gateway"], kafka_settings)
         runner = serve(service, replica)
         deadline = time.monotonic() + 30

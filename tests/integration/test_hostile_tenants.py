@@ -82,7 +82,7 @@ class Env:
         return runner
 
     def gateway(self, name: str, service_settings: dict | None = None, **overrides) -> str:
-        settings = GatewaySettings(replica_id=name, ingest_address=self.ingest_address, api_keys_file=self.keys_file,
+        settings = GatewaySettings(replica_id=name, ingest_address=self.ingest_address, api_keys_file=self.keys_file, end_wait_for_decision=False,
                                    jwt_issuers_file=self.issuers_file, auth_reload_s=0.2, end_grace_s=5, **overrides)
         service = KafkaHost(GatewayStage(settings), TOPOLOGY["gateway"], self.kafka)
         runner = self.serve(service, name, **(service_settings or {}))

@@ -37,7 +37,7 @@ def serve(service, name: str, port: int = 0) -> ServiceRunner:
 
 
 def gateway(kafka: KafkaSettings, ingest: str, port: int = 0) -> tuple[ServiceRunner, KafkaHost]:
-    host = KafkaHost(GatewayStage(GatewaySettings(replica_id="gw-r", ingest_address=ingest, allow_anonymous=True,
+    host = KafkaHost(GatewayStage(GatewaySettings(replica_id="gw-r", ingest_address=ingest, allow_anonymous=True, end_wait_for_decision=False,
                                                   end_grace_s=3, resume_window_s=120)), TOPOLOGY["gateway"], kafka)
     runner = serve(host, "gateway", port)
     deadline = time.monotonic() + 30

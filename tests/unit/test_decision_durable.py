@@ -155,3 +155,17 @@ def test_a_lagging_batch_decides_each_streams_newest_frame_only(policy):
         fresh.bus.send(topics.EMBEDDINGS, KEY, frame(ts, 2))  # not lagging: every frame is decided
     fresh.run_until_idle()
     assert [d.media_ts_ms for d in of(fresh, topics.DECISIONS, events_pb2.DecisionEvent) if d.instruction_id == "p"] == [0]
+
+
+def test_a_finished_session_says_so_with_the_responses_still_to_come(policy):
+    host, _ = host_with(policy)
+    publish(host, start(), frame(0, 0), frame(1000, 2), query(Q.KIND_QUESTION, question_id="q1", text="what?", media_ts_ms=1000))
+    decisions = of(host, topics.DECISIONS, events_pb2.DecisionEvent)
+    alert, answer = sorted(decisions, key=lambda d: d.question_id)
+    # The responder answered the alert already; the question's answer is still to come.
+    host.bus.send(topics.RESPONSES, KEY, events_pb2.ResponseEvent(key=KEY, session_id="s1", response_id=alert.decision_id,
+                                                                  index=0, final=True, instruction_id="p", reply_to="gw-1"))
+    publish(host, query(Q.KIND_SESSION_END, media_ts_ms=1000))
+    (done,) = [r for r in of(host, topics.RESPONSES, events_pb2.ResponseEvent) if r.session_finished]
+    assert (done.session_id, done.reply_to, done.final) == ("s1", "gw-1", True)
+    assert list(done.pending_response_ids) == [answer.decision_id]

@@ -25,10 +25,13 @@ class _Captured:
     def __init__(self) -> None:
         self.sent = []
         self.state = {}  # the stream-state changelog, as a table
+        self.finished = []  # the sessions' "finished" records
 
     def send(self, topic, key, message):
         if isinstance(message, events_pb2.StreamStateRecord):
             self.state[key_str(key) if not isinstance(key, str) else key] = message
+        elif isinstance(message, events_pb2.ResponseEvent) and message.session_finished:
+            self.finished.append(message)
         else:
             self.sent.append(message)
         return _Done()
@@ -102,11 +105,13 @@ def test_session_end_waits_for_the_last_frame(service):
     question = Q(key=KEY, session_id="s1", kind=Q.KIND_QUESTION, question_id="q", text="how many?", media_ts_ms=2500)
     service._batch = [start(), question, end, frame(0, 0), frame(1000, 0)]
     service.end_batch()
-    assert service.out.sent == [] and "t/cam" in service.states
+    assert service.out.sent == [] and "t/cam" in service.states and not service.out.finished
     service._batch = [frame(2000, 0), frame(3000, 0)]
     service.end_batch()
     assert [(d.question_id, d.media_ts_ms) for d in service.out.sent] == [("q", 3000)]
     assert "t/cam" not in service.states
+    # Finished once its last frame was decided, with the answer the responder has yet to write.
+    assert [list(f.pending_response_ids) for f in service.out.finished] == [[service.out.sent[0].decision_id]]
 
 
 def test_an_end_with_no_frames_published_finishes_at_once(service):

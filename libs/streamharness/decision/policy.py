@@ -101,6 +101,9 @@ class StreamState:
     decision_fps: float = 0.0
     updated_unix: float = 0.0
     away_since: float | None = None
+    # Decisions published for the responder whose final response was not seen yet (id -> wall time):
+    # listed when the session finishes, so the gateway waits for them before it closes the call.
+    awaiting: dict[str, float] = field(default_factory=dict)
 
     @property
     def last_ms(self) -> int:

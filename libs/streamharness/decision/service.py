@@ -395,7 +395,7 @@ class DecisionStage(Stage):
     def handle(self, event: ConsumedEvent) -> None:
         msg = event.message
         if isinstance(msg, events_pb2.ResponseEvent):
-            if msg.final and msg.question_id:
+            if msg.final and not msg.session_finished:
                 if not (msg.key.tenant and msg.key.stream_id):
                     msg.key.CopyFrom(parse_key(event.key))
                 self._answers.append(msg)
@@ -637,7 +637,8 @@ class DecisionStage(Stage):
         state = self.states.get(key_str(r.key))
         if state is None or (r.session_id and state.session_id and r.session_id != state.session_id):
             return  # a stream this member does not hold (any more), or an earlier session's answer
-        if state.open_questions.pop(r.question_id, None) is not None:
+        state.awaiting.pop(r.response_id, None)
+        if r.question_id and state.open_questions.pop(r.question_id, None) is not None:
             self._dirty.add(key_str(r.key))
 
     def _refuse(self, state: StreamState, q: events_pb2.QueryEvent, limit: int) -> None:
@@ -707,6 +708,13 @@ class DecisionStage(Stage):
         """Answer what is still pending (questions asked after the last frame) and forget the stream."""
         now = max([max(state.last_ms, 0), *(p.media_ts_ms for p in state.questions)])
         self._publish(state, self.policy.answer_pending(state, now), hops)
+        # The gateway closes the call once it has this and the responses it lists (an alert raised
+        # by the session's last frames still reaches the client).
+        recent = time.time() - 600
+        self._refusals.append(self.out.send(topics.RESPONSES, state.key, events_pb2.ResponseEvent(
+            key=state.key, session_id=state.session_id, response_id=f"{key_str(state.key)}/{state.session_id}/finished",
+            index=0, final=True, reply_to=state.reply_to, media_ts_ms=state.last_ms, session_finished=True,
+            pending_response_ids=sorted(i for i, t in state.awaiting.items() if t > recent))))
         self.states.pop(key_str(state.key), None)
         self._refused.pop(key_str(state.key), None)
         self._pace.pop((key_str(state.key), state.session_id), None)
@@ -741,6 +749,11 @@ class DecisionStage(Stage):
             )
             log.info("%s t=%.1fs respond (%s): %s", key_str(state.key), d.media_ts_ms / 1000, d.trigger_id, d.reason)
             futures.append(self.out.send(topics.DECISIONS, state.key, event))
+            if not event.answered:
+                state.awaiting[event.decision_id] = time.time()
+                if len(state.awaiting) > 256:  # answers not read back (SH_DECISION_MAX_OPEN_QUESTIONS_PER_STREAM=0): the newest
+                    for old in sorted(state.awaiting, key=state.awaiting.get)[:-256]:
+                        del state.awaiting[old]
         for fut in futures:
             fut.get(timeout=30)  # durable before the offset of what caused it is committed
 

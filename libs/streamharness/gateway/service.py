@@ -103,6 +103,7 @@ class GatewaySettings(BaseSettings):
     end_grace_s: float = Field(60.0, ge=0, le=600, description="After SessionEnd, wait this long at most for answers to pending questions before closing.")
     consumer_poll_timeout_ms: int = Field(50, ge=1, le=5000, description="Poll timeout of the responses consumer (latency of delivery).")
     resume_window_s: float = Field(300.0, gt=0, le=86_400, description="A resumed session gets the responses of the last this-many seconds again (those the client does not hold whole; read back from the responses topic). Keep it at SH_DECISION_AWAY_KEEP_S, how long the pipeline keeps an away session.")
+    end_wait_for_decision: bool = Field(True, description="After SessionEnd, wait (within SH_GATEWAY_END_GRACE_S) until the decision stage reports the session finished (its last frame decided) and the responses to its last decisions came, so that an alert raised by the session's last frames still reaches the client; false = close once the open questions are answered (a gateway in front of no decision stage).")
     replay_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest a resume waits to read the session's responses back from Kafka before going on without them (logged).")
 
 
@@ -135,6 +136,9 @@ class _Session:
     complete: set[str] = field(default_factory=set)
     replaying: bool = False  # a resume reads the session's responses back: live ones wait in held
     held: list = field(default_factory=list)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)  # the decision stage finished the session ...
+    pending_finals: set[str] = field(default_factory=set)  # ... and these responses of it were still to come
+    all_final: asyncio.Event = field(default_factory=asyncio.Event)
 
     def put(self, item: Any) -> None:
         self.outbound.put_nowait(item)
@@ -151,6 +155,12 @@ class _Session:
             return
         if r.refusal in SESSION_REFUSALS:
             self.put(_Fatal(SESSION_REFUSALS[r.refusal], r.text))
+            return
+        if r.session_finished:
+            self.pending_finals = set(r.pending_response_ids) - self.complete
+            self.finished.set()
+            if not self.pending_finals:
+                self.all_final.set()
             return
         rid = r.response_id
         if rid in self.complete:
@@ -171,6 +181,9 @@ class _Session:
             self.complete.add(rid)
             for book in (self.attempts, self.next_index, self.superseded):
                 book.pop(rid, None)
+            self.pending_finals.discard(rid)
+            if self.finished.is_set() and not self.pending_finals:
+                self.all_final.set()
         if r.index == 0:
             meters.record_hops(r.hops, "gateway_first_token", time.time_ns())
         self.outbound.put_nowait(session_pb2.ServerMessage(response=session_pb2.ResponseChunk(
@@ -360,11 +373,18 @@ class _SessionApi:
             log.warning("session %s: ingest did not answer every frame within %g s", session.session_id, grace)
         session.end_published = True
         await g.publish_query(mapper.end(session.last_published_ms))
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        waits = [session.finished, session.all_final] if g.settings.end_wait_for_decision else []
         if session.open_questions:
+            waits.append(session.answered)
+        for event in waits:  # the session finished by the decision stage, its last responses, its answers
             try:
-                await asyncio.wait_for(session.answered.wait(), grace)
+                await asyncio.wait_for(event.wait(), max(0.0, until - loop.time()))
             except TimeoutError:
-                pass
+                if event is not session.answered:
+                    log.info("session %s: the pipeline did not finish it within %g s of SessionEnd", session.session_id, grace)
+                break
         for qid in sorted(session.open_questions):  # said, never left to vanish
             session.put(session_pb2.ServerMessage(response=session_pb2.ResponseChunk(
                 response_id=f"{key_str(session.key)}/{session.session_id}/{qid}/not_answered", index=0, text=NOT_ANSWERED,

@@ -166,7 +166,7 @@ class DecisionEvent(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., action: _Optional[_Union[DecisionEvent.Action, str]] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., reason: _Optional[str] = ..., score: _Optional[float] = ..., policy: _Optional[str] = ..., reply_to: _Optional[str] = ..., decision_id: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., answered: _Optional[bool] = ...) -> None: ...
 
 class ResponseEvent(_message.Message):
-    __slots__ = ("key", "session_id", "response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "reply_to", "hops", "prompt_text", "answer_text", "refusal", "attempt")
+    __slots__ = ("key", "session_id", "response_id", "index", "text", "final", "trigger", "question_id", "instruction_id", "media_ts_ms", "reply_to", "hops", "prompt_text", "answer_text", "refusal", "attempt", "session_finished", "pending_response_ids")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,8 @@ class ResponseEvent(_message.Message):
     ANSWER_TEXT_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.StreamKey
     session_id: str
     response_id: str
@@ -199,7 +201,9 @@ class ResponseEvent(_message.Message):
     answer_text: str
     refusal: str
     attempt: str
-    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., prompt_text: _Optional[str] = ..., answer_text: _Optional[str] = ..., refusal: _Optional[str] = ..., attempt: _Optional[str] = ...) -> None: ...
+    session_finished: bool
+    pending_response_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., reply_to: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., prompt_text: _Optional[str] = ..., answer_text: _Optional[str] = ..., refusal: _Optional[str] = ..., attempt: _Optional[str] = ..., session_finished: _Optional[bool] = ..., pending_response_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StreamStateRecord(_message.Message):
     __slots__ = ("key", "session_id", "reply_to", "decision_fps", "instructions", "questions", "open_questions", "last_decision_ms", "end_ms", "last_fired_ms", "updated_unix_ms", "away_since_unix_ms")
