@@ -395,6 +395,8 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=60.0, help="then at most this long for the pipeline's consumer lag to reach 0")
     parser.add_argument("--knee-f2d-ms", type=float, default=2000.0, help="knee: frame → decision p99 above this")
     parser.add_argument("--knee-ttft-factor", type=float, default=3.0, help="knee: first-chunk p99 above this × the first step's")
+    parser.add_argument("--env", action="append", default=[], metavar="SH_X=VALUE",
+                        help="a setting for every process of the stack (repeatable), e.g. SH_GENERATION_TORCH_THREADS=1")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the stack's logs and data here (default: a temp dir, removed)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write a figure (PNG) here")
@@ -411,6 +413,11 @@ def main() -> None:
     tokens = str(opts.max_new_tokens)
     env = {"SH_GENERATION_MAX_NEW_TOKENS": tokens, "SH_RESPONDER_QUESTION_MAX_NEW_TOKENS": tokens,
            "SH_RESPONDER_ALERT_MAX_NEW_TOKENS": tokens}
+    for item in opts.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("SH_"):
+            parser.error(f"--env {item!r}: expected SH_NAME=VALUE")
+        env[name] = value
     with console.status("starting the stack (Kafka, tritonserver, generator, services)…"):
         t = time.monotonic()
         stack = LocalStack(opts.work_dir, extra_env=env).start()

@@ -507,7 +507,8 @@ class GatewayStage(Stage):
         return session
 
     def close_session(self, session: _Session) -> None:
-        self.sessions.pop(session.session_id, None)
+        if self.sessions.get(session.session_id) is session:  # not a newer call that resumed it
+            del self.sessions[session.session_id]
 
     def ingest_stub(self) -> Any:
         """The ingest client, on the server's event loop (made at the first session)."""
