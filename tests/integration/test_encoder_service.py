@@ -359,7 +359,8 @@ def test_shedding_keeps_latency_bounded_when_the_detector_is_slowed_on_purpose(
         for key, seconds in SHED_STREAMS:
             for seq, second in enumerate(seconds):
                 rgb = vtest_frames[second]
-                record = frame_record(key, seq, seq * 1000, jpeg(rgb), age_s=0.0 if seq == 0 else 10.0, size=rgb.shape[:2])
+                # A live camera's timeline: the first frame ingested 11 s ago, the backlog a second later.
+                record = frame_record(key, seq, seq * 1000, jpeg(rgb), age_s=11.0 if seq == 0 else 10.0, size=rgb.shape[:2])
                 (live if seq == 0 else backlog).append(record)
         backlog.sort(key=lambda r: r.message.seq)  # interleaved, as partitions share a fetch
         try:

@@ -243,8 +243,10 @@ def test_a_lagging_batch_gets_people_detection_only_for_each_streams_newest_fram
     people = StandInPeople()
     stage = stage_with(people, people_every_s=0.0, lag_shed_ms=lag_shed_ms)
     out = open_stage(stage)
-    feed(stage, lagging_backlog(1, 0, 0.0))            # one live frame per stream: measured
-    feed(stage, lagging_backlog(4, 1, age_s))          # then a backlog of 4 per stream, in one batch
+    # One frame per stream (measured), ingested a second before a backlog of 4 per stream that is
+    # ``age_s`` old by the time the encoder takes it, in one batch: a live camera's timeline.
+    feed(stage, lagging_backlog(1, 0, age_s + 1.0 if age_s else 0.0))
+    feed(stage, lagging_backlog(4, 1, age_s))
     published = out.published()
     assert sorted((m.key.stream_id, m.seq) for m in published) == sorted((k.stream_id, q) for q in range(5) for k in STREAMS)
     backlog = published[len(STREAMS):]
@@ -280,6 +282,16 @@ def test_a_stream_lagging_before_its_first_measurement_publishes_no_count() -> N
     assert sorted(people.seen) == [(s, 2) for s in range(len(STREAMS))]
 
 
+def test_a_stream_sent_faster_than_real_time_is_never_lag_shed() -> None:
+    people = StandInPeople()
+    stage = stage_with(people, people_every_s=0.0, lag_shed_ms=1500)
+    open_stage(stage)
+    # A recorded file at full speed: a minute of media ingested at once, 10 s ago. Every frame is
+    # measured (the same as on an idle machine), none shed for lag.
+    feed(stage, [frame_record(STREAMS[0], seq, seq * 1000, frame_jpeg(0, seq), age_s=10.0) for seq in range(60)])
+    assert len(people.seen) == 60 and stage.stats.people_shed_lag == 0
+
+
 def test_shed_work_and_lag_are_metered(monkeypatch: pytest.MonkeyPatch) -> None:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
@@ -293,15 +305,16 @@ def test_shed_work_and_lag_are_metered(monkeypatch: pytest.MonkeyPatch) -> None:
         # Live frames at 0 s and 100 s (both measured: the second is past any first interval), then
         # a batch of 4 lagging ones, 1 s apart: 101 s is not due (people-budget), 102 s and 103 s
         # are due but lag (lag), 104 s is the newest and due: measured.
-        feed(stage, [frame_record(STREAMS[0], 0, 0, frame_jpeg(0, 0))])
-        feed(stage, [frame_record(STREAMS[0], 0, 100_000, frame_jpeg(0, 0))])
+        # Stamped as a live camera's frames are (media time and ingest stamps advance together).
+        feed(stage, [frame_record(STREAMS[0], 0, 0, frame_jpeg(0, 0), age_s=106.0)])
+        feed(stage, [frame_record(STREAMS[0], 0, 100_000, frame_jpeg(0, 0), age_s=6.0)])
         feed(stage, [frame_record(STREAMS[0], seq, 100_000 + seq * 1000, frame_jpeg(0, seq), age_s=5.0) for seq in range(1, 5)])
         data = reader.get_metrics_data()
         metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
         shed = {(p.attributes["stage"], p.attributes["reason"]): p.value for p in metrics["sh.pipeline.frames_shed"].data.data_points}
         assert shed == {("encoder", "lag"): 2, ("encoder", "people-budget"): 1}
         (lag,) = metrics["sh.pipeline.stage_lag"].data.data_points
-        assert lag.attributes == {"stage": "encoder"} and lag.count == 6 and lag.max >= 5000 and lag.min < 1500
+        assert lag.attributes == {"stage": "encoder"} and lag.count == 6 and lag.max >= 100_000 and 5000 <= lag.min < 6000
         assert people.seen == [(0, 0), (0, 0), (0, 4)]
     finally:
         meters.frames_shed.cache_clear()

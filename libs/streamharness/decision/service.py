@@ -27,6 +27,7 @@ from streamharness.engine.settings import EngineSettings
 from streamharness.memory.tiers import TierSettings
 from streamharness.decision.policy import DecisionPolicy, Evidence, PendingQuestion, RulePolicy, RuleThresholds, StreamState
 from streamharness.keys import key_str, parse_key
+from streamharness.pace import PaceTracker
 from streamharness.records import ConsumedEvent
 from streamharness.settings import TritonSettings, load_settings
 from streamharness.stage import Outbox, Stage, StageContext, StageSpec
@@ -207,8 +208,7 @@ class DecisionStage(Stage):
         self._refusals: list = []  # deliveries of this batch's refusals: durable before its commit
         self._dirty: set[str] = set()  # streams whose durable state this batch changed
         self._partition_of: dict[str, int] = {}  # stream -> the partition its records come from
-        # (stream, session) -> media ms and gateway wall ns of its first frame seen, and whether it is live
-        self._pace: dict[tuple[str, str], tuple[int, int, bool]] = {}
+        self._pace = PaceTracker()  # which streams are sent at the pace of their media time
         self._refused: dict[str, set[str]] = {}  # stream -> sessions refused on it (their records are ignored)
         self._restoring = False
         self._swept = 0.0
@@ -437,20 +437,18 @@ class DecisionStage(Stage):
         """Per-stream shedding when the stage lags: a frame of a live stream older than
         SH_DECISION_SHED_LAG_MS (wall time since the gateway stamped it) is dropped when a newer
         frame of its stream is in the batch. Queries are never shed; the newest frame of each stream
-        is always decided; a stream sent faster than real time is never shed (``_live``)."""
+        is always decided; a stream sent faster than real time is never shed (:mod:`streamharness.pace`)."""
         lag_ms = self.settings.shed_lag_ms
         if not lag_ms:
             return batch
         newest: dict[str, Any] = {}
-        for msg in batch:
+        live: dict[str, bool] = {}
+        for msg in batch:  # in media order per stream: the pace is judged from a session's first frame to its newest
             if not isinstance(msg, events_pb2.QueryEvent) and msg.hops:
                 name = key_str(msg.key)
                 if name not in newest or msg.media_ts_ms > newest[name].media_ts_ms:
                     newest[name] = msg
-                if len(self._pace) > 100_000:
-                    self._pace.clear()
-                self._pace.setdefault((name, msg.session_id), (msg.media_ts_ms, msg.hops[0].wall_unix_ns, True))
-        live = {name: self._live(name, f) for name, f in newest.items()}
+                live[name] = self._pace.live(name, msg.session_id, msg.media_ts_ms, msg.hops[0].wall_unix_ns)
         now_ns = time.time_ns()
         kept, shed = [], 0
         for msg in batch:
@@ -463,16 +461,6 @@ class DecisionStage(Stage):
             meters.frames_shed().add(shed, {"stage": "decision", "reason": "lag"})
             log.info("decision lags more than %d ms: %d older frames shed (each stream's newest kept)", lag_ms, shed)
         return kept
-
-    def _live(self, name: str, f) -> bool:
-        """The stream is sent at the pace of its media time (a camera, a real-time replay), not
-        faster (a recorded file or an evaluation replayed at full speed, where every frame is
-        wanted and lateness is no loss): only a live stream's frames are shed."""
-        media0, wall0, live = self._pace[(name, f.session_id)]
-        if live and f.media_ts_ms - media0 > 1.5 * (f.hops[0].wall_unix_ns - wall0) / 1e6 + 5000:
-            self._pace[(name, f.session_id)] = (media0, wall0, False)  # once faster than real time, for good
-            return False
-        return live
 
     def _maybe_upgrade(self) -> None:
         from streamharness.decision.trained import TrainedPolicy
@@ -717,7 +705,7 @@ class DecisionStage(Stage):
             pending_response_ids=sorted(i for i, t in state.awaiting.items() if t > recent))))
         self.states.pop(key_str(state.key), None)
         self._refused.pop(key_str(state.key), None)
-        self._pace.pop((key_str(state.key), state.session_id), None)
+        self._pace.forget(key_str(state.key), state.session_id)
         self._dirty.add(key_str(state.key))  # a tombstone in the changelog
         forget = getattr(self.policy, "forget", None)
         if forget is not None:

@@ -62,6 +62,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from streamharness import topics
 from streamharness.errors import DependencyUnavailable, InvalidInput
 from streamharness.keys import parse_key
+from streamharness.pace import PaceTracker
 from streamharness.records import ConsumedEvent
 from streamharness.settings import TritonSettings, load_settings
 from streamharness.stage import Batching, Outbox, Stage, StageContext, StageSpec
@@ -174,13 +175,16 @@ def people_phase(key: str, session_id: str) -> float:
     return zlib.crc32(f"{key}\0{session_id}".encode()) / 2**32
 
 
-def frame_lag_ms(frame: events_pb2.FrameEvent, now_ns: int) -> float | None:
-    """Wall ms since ingest published the frame (its ``ingest`` hop stamp, else its last stamp);
-    None without stamps."""
+def frame_stamp_ns(frame: events_pb2.FrameEvent) -> int | None:
+    """Wall time ingest published the frame (its ``ingest`` hop stamp, else its last stamp); None without stamps."""
     stamps = [h for h in frame.hops if h.hop == LAG_FROM_HOP] or list(frame.hops[-1:])
-    if not stamps:
-        return None
-    return max(0, now_ns - stamps[-1].wall_unix_ns) / 1e6
+    return stamps[-1].wall_unix_ns if stamps else None
+
+
+def frame_lag_ms(frame: events_pb2.FrameEvent, now_ns: int) -> float | None:
+    """Wall ms since ingest published the frame; None without stamps."""
+    stamp = frame_stamp_ns(frame)
+    return None if stamp is None else max(0, now_ns - stamp) / 1e6
 
 
 @dataclass
@@ -226,6 +230,7 @@ class EncoderStage(Stage):
         # key -> the stream's last measured count; written only once a batch is published, so a
         # redelivered batch plans the same detections again.
         self._people_counts: OrderedDict[str, _PeopleCount] = OrderedDict()
+        self._pace = PaceTracker()  # which streams are sent at the pace of their media time (lag shedding is for those)
         self.out: Outbox | None = None
         self._attempts = 1
         self._stopping = threading.Event()
@@ -370,6 +375,12 @@ class EncoderStage(Stage):
         s = self.settings
         now_ns = time.time_ns()
         newest = {f.event.key: i for i, f in enumerate(frames)}  # a batch keeps each stream's order
+        # Lag shedding is for live streams only: a file or an evaluation sent faster than real time
+        # gets the same measurements whatever the load (streamharness.pace).
+        live: dict[str, bool] = {}
+        for f in frames:  # in order: the pace is judged from a session's first frame to its newest
+            src, stamp = f.event.message, frame_stamp_ns(f.event.message)
+            live[f.event.key] = stamp is None or self._pace.live(f.event.key, src.session_id, src.media_ts_ms, stamp)
         planned = {key: c for key, c in self._people_counts.items() if key in newest}
         every_ms = s.people_every_s * 1000.0
         plan: list[str] = []
@@ -384,7 +395,7 @@ class EncoderStage(Stage):
             due = first or src.media_ts_ms >= last.due_ms
             if not due:
                 plan.append(SHED_BUDGET)
-            elif s.lag_shed_ms and lag is not None and lag > s.lag_shed_ms and newest[key] != i:
+            elif s.lag_shed_ms and lag is not None and lag > s.lag_shed_ms and newest[key] != i and live[key]:
                 # Behind: the stream's newest frame is measured instead (it is what is decided on now).
                 plan.append(SHED_LAG)
             else:
