@@ -254,12 +254,22 @@ class InProcessPipeline:
                 asked.setdefault(q.event_id, time.monotonic())
             self.bus.send(topics.QUERIES, key, query)
 
+        attempts: dict[str, str] = {}
+        done: set[str] = set()
+
         def run() -> None:
             """Every stage until idle; then the responses, assembled as the client would."""
             self.host.run_until_idle()
             for record in self.bus.take(topics.RESPONSES, self.SESSION_GROUP):
                 r = events_pb2.ResponseEvent.FromString(record.value)
+                if r.session_finished or r.response_id in done:
+                    continue  # the decision stage's end-of-session record; or a response already whole
                 resp = assembling.get(r.response_id)
+                if resp is not None and attempts.get(r.response_id) != r.attempt:
+                    if r.index != 0:
+                        continue  # a late chunk of an attempt that was superseded
+                    resp = None  # generated again (a retried generation): start it over, as the gateway does
+                attempts[r.response_id] = r.attempt
                 if resp is None:
                     resp = assembling[r.response_id] = LocalResponse(
                         r.response_id, r.question_id, r.instruction_id, r.media_ts_ms,
@@ -269,6 +279,7 @@ class InProcessPipeline:
                 resp.text += r.text
                 if r.final:
                     resp.final_wall = record.sent_monotonic
+                    done.add(r.response_id)
                     result.responses.append(assembling.pop(r.response_id))
 
         def pending_frames() -> int:
