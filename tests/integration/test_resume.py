@@ -167,6 +167,7 @@ def test_a_reconnect_after_a_gateway_restart_gets_every_answer_once_and_whole(en
         assert whole == {"acme/cam/1000/q1": "Two people.", "acme/cam/2000/q2": "Three people.",
                          "acme/cam/2500/p": "Someone walked in."}
         assert not any(r.refusal for r in got)
+        pipeline.wait_for(lambda q: q.kind == Q.KIND_SESSION_END, "end", 10)
         kinds = [Q.Kind.Name(q.kind) for q in pipeline.queries]
         assert kinds[:2] == ["KIND_SESSION_START", "KIND_QUESTION"] and "KIND_SESSION_END" in kinds
         assert kinds.index("KIND_SESSION_AWAY") < kinds.index("KIND_SESSION_RESUME") < kinds.index("KIND_SESSION_END")

@@ -598,8 +598,13 @@ class GatewayStage(Stage):
             return False
 
     async def _drain_background(self) -> None:
-        while self.background:
-            await asyncio.gather(*list(self.background), return_exceptions=True)
+        # The server's stop cancelled the calls; their handlers' ends (which publish the sessions
+        # as away) run as the cancellations are processed: wait for them, then for what they started.
+        while self.sessions or self.background:
+            if self.background:
+                await asyncio.gather(*list(self.background), return_exceptions=True)
+            else:
+                await asyncio.sleep(0.02)
 
     def close(self, deadline: float) -> None:
         # The runner already stopped taking calls; open sessions end when their clients do. The
