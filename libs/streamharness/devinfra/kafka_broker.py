@@ -297,6 +297,12 @@ class KafkaBroker:
             str(self.properties_path),
         ]
         log.info("starting Kafka broker on %s (work dir %s)", self.bootstrap_servers, self.work_dir)
+        # Die with the parent: util-linux's setpriv sets PR_SET_PDEATHSIG and execs the JVM (same
+        # pid). A Python pre-exec hook does the same but runs Python in the forked child, which can
+        # crash when the parent has many threads (a broker restarted mid-test); it is the fallback.
+        setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+        if setpriv:
+            cmd = [setpriv, "--pdeathsig", "TERM", "--", *cmd]
         self._proc = subprocess.Popen(
             cmd,
             cwd=self.work_dir,
@@ -305,7 +311,7 @@ class KafkaBroker:
             stderr=subprocess.STDOUT,
             # Own session: a terminal's Ctrl-C reaches us, and we stop the broker in order.
             start_new_session=True,
-            preexec_fn=_die_with_parent_hook(),
+            preexec_fn=None if setpriv else _die_with_parent_hook(),
         )
         self._wait_until_serving()
         self.startup_s = time.monotonic() - started
