@@ -205,7 +205,7 @@ class DecisionStage(Stage):
         self.states: dict[str, StreamState] = {}
         self._batch: list = []
         self._answers: list[events_pb2.ResponseEvent] = []  # final responses to questions, from 'responses'
-        self._refusals: list = []  # deliveries of this batch's refusals: durable before its commit
+        self._durable_sends: list = []  # this batch's refusals and end-of-session records: durable before its commit
         self._dirty: set[str] = set()  # streams whose durable state this batch changed
         self._partition_of: dict[str, int] = {}  # stream -> the partition its records come from
         self._pace = PaceTracker()  # which streams are sent at the pace of their media time
@@ -412,7 +412,7 @@ class DecisionStage(Stage):
     def end_batch(self) -> None:
         batch, self._batch = self._batch, []
         answers, self._answers = self._answers, []
-        self._refusals = []
+        self._durable_sends = []
         # Answers first: a slot they free is free for the questions of this batch (a question
         # redelivered with its own answer in one poll is simply decided and answered again).
         for answer in answers:
@@ -427,9 +427,9 @@ class DecisionStage(Stage):
             self.apply(msg)
         self._flush_round()
         self._sweep()
-        refusals, self._refusals = self._refusals, []
-        # Durable before the offsets of what caused them are committed: refusals, then the state.
-        for fut in [*refusals, *self._persist()]:
+        sends, self._durable_sends = self._durable_sends, []
+        # Durable before the offsets of what caused them are committed: refusals and end-of-session records, then the state.
+        for fut in [*sends, *self._persist()]:
             fut.get(timeout=30)
         self._maybe_upgrade()
 
@@ -528,7 +528,7 @@ class DecisionStage(Stage):
         event = events_pb2.ResponseEvent(
             key=q.key, session_id=q.session_id, response_id=f"{name}/{q.session_id}/{reason}", index=0, text=text,
             final=True, reply_to=q.reply_to, refusal=reason, media_ts_ms=q.media_ts_ms)
-        self._refusals.append(self.out.send(topics.RESPONSES, q.key, event))
+        self._durable_sends.append(self.out.send(topics.RESPONSES, q.key, event))
 
     def _on_session(self, q: events_pb2.QueryEvent) -> StreamState | None:
         """A session start or resume: who holds the stream. None when the session is refused."""
@@ -571,7 +571,6 @@ class DecisionStage(Stage):
             state.partition = self._partition_of.get(key_str(q.key), -1)
         if q.reply_to:
             state.reply_to = q.reply_to
-        state.updated_unix = time.time()
         if q.kind == Q.KIND_SESSION_RESUME:
             return
         if q.kind == Q.KIND_SESSION_AWAY:
@@ -645,7 +644,7 @@ class DecisionStage(Stage):
             # No hops: a refusal is not a generation, it must not count in time-to-first-token.
             # No answer_text: memory keeps no dialogue turn for it.
         )
-        self._refusals.append(self.out.send(topics.RESPONSES, state.key, event))
+        self._durable_sends.append(self.out.send(topics.RESPONSES, state.key, event))
 
     def _on_frame(self, f) -> None:
         state = self._state(f.key, f.session_id)
@@ -699,7 +698,7 @@ class DecisionStage(Stage):
         # The gateway closes the call once it has this and the responses it lists (an alert raised
         # by the session's last frames still reaches the client).
         recent = time.time() - 600
-        self._refusals.append(self.out.send(topics.RESPONSES, state.key, events_pb2.ResponseEvent(
+        self._durable_sends.append(self.out.send(topics.RESPONSES, state.key, events_pb2.ResponseEvent(
             key=state.key, session_id=state.session_id, response_id=f"{key_str(state.key)}/{state.session_id}/finished",
             index=0, final=True, reply_to=state.reply_to, media_ts_ms=state.last_ms, session_finished=True,
             pending_response_ids=sorted(i for i, t in state.awaiting.items() if t > recent))))
