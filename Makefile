@@ -12,9 +12,9 @@ HELM := $(CACHE)/bin/helm
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
-system-deps: ## Debian packages: sample media (opencv-doc), Java 17 + Maven (Kafka), Chromium (report tests)
-	@if ! dpkg -s opencv-doc >/dev/null 2>&1 || ! command -v mvn >/dev/null || ! command -v java >/dev/null || ! test -x /usr/bin/chromium; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc maven openjdk-17-jre-headless chromium >/dev/null; fi
+system-deps: ## Debian packages: sample media (opencv-doc), Java 17 + Maven (Kafka), Chromium and its driver (report and web-view tests), FFmpeg (the pulled-source tests' publishers)
+	@if ! dpkg -s opencv-doc >/dev/null 2>&1 || ! command -v mvn >/dev/null || ! command -v java >/dev/null || ! test -x /usr/bin/chromium || ! test -x /usr/bin/chromedriver || ! command -v ffmpeg >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc maven openjdk-17-jre-headless chromium chromium-driver ffmpeg >/dev/null; fi
 
 venv: $(BIN)/streamharness ## Python environment with pinned dependencies (requirements.lock: the runtime and every extra)
 

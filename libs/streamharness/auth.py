@@ -157,6 +157,7 @@ class ResumeClaim:
     stream_id: str
     session_id: str
     decision_fps: float
+    origin_unix_ms: int = 0  # a pulled live source: wall time of its media time 0
 
 
 class ResumeTokens:
@@ -173,10 +174,11 @@ class ResumeTokens:
             raise SettingsError("SH_AUTH_INTERNAL_SECRET is not set: resume tokens are signed with it")
         self._secret = settings.internal_secret.get_secret_value().encode()
 
-    def mint(self, tenant: str, stream_id: str, session_id: str, decision_fps: float) -> str:
+    def mint(self, tenant: str, stream_id: str, session_id: str, decision_fps: float, origin_unix_ms: int = 0) -> str:
+        """``origin_unix_ms``: wall time of media time 0 of a pulled live source (a resume goes on from there)."""
         now = int(time.time())
         return jwt.encode({"aud": self.AUDIENCE, "sub": tenant, "stream": stream_id, "sid": session_id, "fps": decision_fps,
-                           "iat": now, "exp": now + self.LIFETIME_S}, self._secret, algorithm=_INTERNAL_ALGORITHM)
+                           "org": origin_unix_ms, "iat": now, "exp": now + self.LIFETIME_S}, self._secret, algorithm=_INTERNAL_ALGORITHM)
 
     def verify(self, token: str, tenant: str, stream_id: str) -> ResumeClaim:
         """The claim of ``token`` for ``tenant``'s ``stream_id``; ``InvalidInput`` saying why not
@@ -190,7 +192,7 @@ class ResumeTokens:
         if claims["sub"] != tenant or claims["stream"] != stream_id:
             audit("resume_refused", reason="token of another tenant or stream", tenant=tenant, stream=stream_id)
             raise InvalidInput(f"resume_token is not a token of stream {stream_id}; start a new session without it")
-        return ResumeClaim(tenant, stream_id, str(claims["sid"]), float(claims.get("fps") or 0.0))
+        return ResumeClaim(tenant, stream_id, str(claims["sid"]), float(claims.get("fps") or 0.0), int(claims.get("org") or 0))
 
 
 def metadata_value(metadata: Iterable[tuple[str, Any]] | None, name: str) -> str | None:
@@ -354,6 +356,11 @@ class TenantAuth:
             return validate_name("tenant", metadata_value(metadata, "x-tenant") or "default")
         api_key = metadata_value(metadata, API_KEY_METADATA)
         bearer = metadata_value(metadata, AUTHORIZATION_METADATA)
+        if not api_key and bearer and self._keys is not None:
+            # "Authorization: Bearer <API key>" as OpenAI-style clients send it: a key is never a JWT (no dots).
+            scheme, _, token = bearer.partition(" ")
+            if scheme.lower() == "bearer" and token and token.count(".") != 2:
+                api_key, bearer = token.strip(), None
         if api_key and self._keys is not None:
             digest = hash_key(api_key)
             tenant = self._keys.get().get(digest)

@@ -62,7 +62,8 @@ def up(
     with console.status("starting Kafka, Triton, the generator and six services (about a minute on 2 cores)…"):
         stack = LocalStack().start()
     try:
-        console.print(f"gateway on [bold]{stack.gateway_addresses[0]}[/]; logs in {stack.work_dir}")
+        console.print(f"gateway on [bold]{stack.gateway_addresses[0]}[/] (gRPC), [bold]{stack.http_urls[0]}/v1[/] (HTTP, OpenAI-compatible); "
+                      f"live view: [bold]{stack.http_urls[0]}/view[/]; logs in {stack.work_dir}")
         for q in questions:
             console.print(f"  will ask at t={q.at_ms / 1000:.0f}s: {q.text}")
         for w in watch_for:
@@ -149,6 +150,88 @@ def stream(
                               root_certificates=tls_ca.read_bytes() if tls_ca else None))
     console.print(f"{result.frames_sent} frames sent, {result.frames_sampled} kept at {fps:g}/s, "
                   f"{len(result.responses)} responses, {len(result.errors)} rejected frames")
+
+
+@app.command()
+def pull(
+    source: str = typer.Argument(..., help="A camera or file URL the platform pulls (rtsp://, rtmp://, http(s):// file or HLS .m3u8), "
+                                           "or a local video file to upload in the session."),
+    gateway: str = typer.Option("127.0.0.1:50051", envvar="SH_CLIENT_GATEWAY", help="Gateway host:port."),
+    ask: list[str] = typer.Option([], help="SECONDS:QUESTION, asked at that media time; repeatable."),
+    watch_for: list[str] = typer.Option([], help="A standing instruction; repeatable."),
+    speed: float = typer.Option(0.0, min=0.0, help="Files and uploads: 0 = as fast as it decodes, 1 = real time."),
+    rtsp_transport: str = typer.Option("tcp", help="RTSP over tcp or udp."),
+    fps: float = typer.Option(1.0, min=0.1, max=30.0, help="Decision rate asked of the server."),
+    stream_id: str = typer.Option("cam-1", help="Stream id."),
+    duration_s: float = typer.Option(None, help="A live source: end the session after this many seconds (default: until Ctrl-C)."),
+    api_key: str = typer.Option(None, envvar="SH_CLIENT_API_KEY", help="Tenant API key (x-api-key)."),
+    token: str = typer.Option(None, envvar="SH_CLIENT_TOKEN", help="A JWT from an issuer the gateway accepts (instead of an API key)."),
+) -> None:
+    """Open a session the platform feeds itself: from a camera/file URL, or an uploaded file; print
+    what the source does (connected, gaps, end) and the responses with their media timestamps."""
+    import asyncio
+    import time as _time
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from streamharness.client import Session
+    from streamharness.player import TimedQuestion
+    from streamharness.v1 import common_pb2
+
+    console = Console()
+    try:
+        questions = sorted((TimedQuestion.parse(spec) for spec in ask), key=lambda q: q.at_ms)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    upload = Path(source) if "://" not in source else None
+    if upload is not None and not upload.is_file():
+        raise typer.BadParameter(f"{source} is neither a URL nor a file")
+    src = common_pb2.Source(upload=True, speed=speed) if upload else common_pb2.Source(url=source, speed=speed, rtsp_transport=rtsp_transport)
+    K = common_pb2.SourceStatus  # noqa: N806
+
+    async def run() -> int:
+        responses = 0
+        async with Session(gateway, stream_id=stream_id, decision_fps=fps, source=src, api_key=api_key, bearer_token=token,
+                           instructions={f"watch-{i + 1}": t for i, t in enumerate(watch_for)}) as s:
+            started = _time.monotonic()
+            if upload is not None or speed == 0:
+                for q in questions:  # on media time: the decision stage holds them until their second
+                    await s.ask(q.text, at_ms=q.at_ms)
+                questions.clear()
+            if upload is not None:
+                await s.upload(str(upload))
+
+            async def timed() -> None:
+                for q in questions:
+                    await asyncio.sleep(max(0.0, q.at_ms / 1000 - (_time.monotonic() - started)))
+                    await s.ask(q.text, at_ms=q.at_ms)
+                if duration_s is not None:
+                    await asyncio.sleep(max(0.0, duration_s - (_time.monotonic() - started)))
+                    await s.end()
+
+            asker = asyncio.create_task(timed())
+
+            def seen(m) -> None:
+                kind = m.WhichOneof("message")
+                if kind == "source":
+                    st = m.source
+                    extra = f" gap {st.gap_ms / 1000:.1f}s" if st.kind == K.KIND_GAP else ""
+                    console.print(f"[dim]t={st.media_ts_ms / 1000:6.1f}s source {K.Kind.Name(st.kind)[5:].lower()}{extra} {st.message}[/]")
+                elif kind == "error":
+                    console.print(f"[yellow]{m.error.message}[/]")
+
+            try:
+                async for r in s.responses(on_message=seen):
+                    responses += 1
+                    who = f"[magenta]proactive ({r.instruction_id})[/]" if r.proactive else f"[cyan]answer ({r.question_id})[/]"
+                    console.print(f"[bold]t={r.media_ts_ms / 1000:6.1f}s[/] {who}: {r.text.strip()}")
+            finally:
+                asker.cancel()
+        return responses
+
+    count = asyncio.run(run())
+    console.print(f"{count} responses")
 
 
 keys_app = typer.Typer(help="Tenants' API keys in a keys file (SH_GATEWAY_API_KEYS_FILE): only hashes are stored.", no_args_is_help=True)

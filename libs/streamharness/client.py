@@ -80,6 +80,12 @@ class Session:
     client_key: bytes | None = None
     reconnect: bool = False
     reconnect_timeout_s: float = 60.0
+    #: Pull the stream instead of pushing frames: a camera or file URL (``Source(url=...)``), or an
+    #: upload (``Source(upload=True)``, then :meth:`upload`). The gateway answers with ``source``
+    #: messages (connected, reconnecting, gap, ended, failed); a file or upload finishes the session
+    #: by itself at its end.
+    source: common_pb2.Source | None = None
+    want_decisions: bool = False  # also receive a DecisionStep for every decided second
 
     def __post_init__(self) -> None:
         self._out: asyncio.Queue = asyncio.Queue(maxsize=64)
@@ -117,11 +123,12 @@ class Session:
 
     async def _open(self, resume: bool) -> None:
         start = session_pb2.SessionStart(
-            stream_id=self.stream_id, decision_fps=self.decision_fps,
+            stream_id=self.stream_id, decision_fps=self.decision_fps, source=self.source, want_decisions=self.want_decisions,
             instructions=[common_pb2.StandingInstruction(instruction_id=k, text=v) for k, v in self.instructions.items()])
         if resume:
-            start = session_pb2.SessionStart(stream_id=self.stream_id, decision_fps=self.decision_fps,
-                                             resume_token=self.resume_token, received_response_ids=sorted(self._complete))
+            start = session_pb2.SessionStart(stream_id=self.stream_id, decision_fps=self.decision_fps, source=self.source,
+                                             want_decisions=self.want_decisions, resume_token=self.resume_token,
+                                             received_response_ids=sorted(self._complete))
         self._generation += 1
         resend = list(self._unacked.values()) if resume else []
         self._call = self._stub.Stream(self._requests(self._generation, session_pb2.ClientMessage(start=start), resend),
@@ -218,6 +225,19 @@ class Session:
         await self._out.put(session_pb2.ClientMessage(instruction=session_pb2.InstructionUpdate(
             remove_instruction_id=instruction_id, media_ts_ms=at_ms)))
 
+    async def upload(self, video: bytes | str, chunk_bytes: int = 1024 * 1024) -> int:
+        """Send a whole video file (a path or its bytes) for a session opened with
+        ``source=Source(upload=True)``, in chunks; ingest decodes it once the last has arrived and
+        the session finishes at its end. Returns the bytes sent."""
+        if isinstance(video, str):
+            with open(video, "rb") as fh:
+                video = fh.read()
+        for start in range(0, max(1, len(video)), chunk_bytes):
+            piece = video[start:start + chunk_bytes]
+            await self._out.put(session_pb2.ClientMessage(video=session_pb2.VideoChunk(
+                data=piece, last=start + chunk_bytes >= len(video))))
+        return len(video)
+
     async def end(self) -> None:
         self._ending = True
         await self._out.put(session_pb2.ClientMessage(end=session_pb2.SessionEnd()))
@@ -243,6 +263,8 @@ class Session:
             kind = msg.WhichOneof("message")
             if kind == "ack" and msg.ack.id:
                 self._unacked.pop(msg.ack.id, None)
+            elif kind == "ack" and msg.ack.kind == session_pb2.Ack.KIND_END:
+                self._ending = True  # the session is over (also when a pulled file ended it): no resume at EOF
             elif kind == "error" and msg.error.fatal and self.reconnect and msg.error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
                 await self._resume(msg.error.message)
                 continue

@@ -28,8 +28,6 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata, TopicPartition
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 
 from streamharness import topics
 from streamharness.errors import SettingsError
@@ -48,12 +46,12 @@ from streamharness.records import (  # noqa: F401 - re-exported: the record voca
     dead_letter_record,
     message_headers,
     process_record,
+    sending,
 )
 from streamharness.settings import KafkaSettings
 from streamharness.v1.common_pb2 import StreamKey
 
 log = logging.getLogger(__name__)
-_tracer = trace.get_tracer("streamharness.kafka")
 
 M = TypeVar("M", bound=Message)
 
@@ -158,13 +156,10 @@ class EventProducer:
     ) -> FutureRecordMetadata:
         """Send ``message`` to the logical ``topic``; returns kafka-python's future (``.get(timeout)``)."""
         full = self._settings.topic(topic)
-        with _tracer.start_as_current_span(
-            f"send {full}",
-            kind=SpanKind.PRODUCER,
-            attributes={"messaging.system": "kafka", "messaging.destination.name": full, "messaging.operation.type": "send"},
-        ):
+        raw_key = _key_bytes(key)
+        with sending(full, raw_key.decode()):
             all_headers = message_headers(message, headers)
-            return self._producer.send(full, key=_key_bytes(key), value=message.SerializeToString(), headers=all_headers)
+            return self._producer.send(full, key=raw_key, value=message.SerializeToString(), headers=all_headers)
 
     def send_raw(self, full_topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> FutureRecordMetadata:
         """Send bytes as they are to a full (already prefixed) topic name: dead letters, replays."""
@@ -217,6 +212,7 @@ class EventConsumer(Generic[M]):
         on_give_up: Callable[[ConsumedEvent[M], BaseException], None] | None = None,
         on_assigned: Callable[[dict[str, set[int]]], None] | None = None,
         on_revoked: Callable[[dict[str, set[int]]], None] | None = None,
+        stage: str = "",
         **overrides: Any,
     ) -> None:
         """``message_type`` is one type for all ``topics``, or a mapping of logical topic name to
@@ -228,8 +224,10 @@ class EventConsumer(Generic[M]):
         ``on_assigned`` / ``on_revoked`` get ``{logical topic: partitions}`` when a rebalance gives
         this member partitions or takes them away (inside ``poll``, on the polling thread, before
         any record of an assigned partition is handed over): a stage restores or drops the state
-        of those partitions' streams there."""
+        of those partitions' streams there. ``stage``: the name of the stage it feeds (spans and
+        meters: :func:`~streamharness.records.process_record`)."""
         self._settings = settings
+        self._stage = stage
         self.group_id = settings.topic(group_id)
         self.topics = [settings.topic(t) for t in topics]
         if isinstance(message_type, Mapping):
@@ -351,7 +349,7 @@ class EventConsumer(Generic[M]):
     def _process(self, record: Any) -> None:
         event = process_record(
             record, self._types, self._handler, attempts=self._settings.handler_retries, group=self.group_id,
-            dead_letter=self._dead_letter, on_give_up=self._on_give_up,
+            dead_letter=self._dead_letter, on_give_up=self._on_give_up, stage=self._stage,
         )
         if event is not None:
             self.processed += 1

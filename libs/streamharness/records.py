@@ -14,23 +14,31 @@ record, so that the Kafka host and the local host cannot drift:
   better by retrying;
 - :func:`dead_letter_headers`: a record that is rejected or whose handler gave up goes to the
   dead-letter topic with its original key, value and headers plus the ``sh-dlq-*`` headers below;
-- :func:`process_record`: the three above in order, with a consumer span, for one record.
+- :func:`process_record`: the three above in order, for one record, inside a ``process <topic>``
+  CONSUMER span continuing the sender's trace (W3C context in the headers); it records the
+  record's age at the stage (``sh.pipeline.stage_lag``) and counts it (``sh.kafka.records_processed``);
+- :func:`processing`: a span per record for the work a batched stage does at ``end_batch``, so that
+  what a record causes is sent in that record's trace (:mod:`streamharness.telemetry.tracing`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
 
 from streamharness.errors import InvalidInput
 from streamharness.keys import key_str, parse_key
+from streamharness.telemetry import meters, tracing
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("streamharness.records")
@@ -71,6 +79,9 @@ class ConsumedEvent(Generic[M]):
     offset: int
     headers: tuple[tuple[str, bytes], ...]
     timestamp_ms: int
+    #: The trace context of the record's consumer span (set by :func:`process_record`; None for an
+    #: event made elsewhere: :func:`processing` then reads the sender's context from the headers).
+    context: otel_context.Context | None = field(default=None, compare=False, repr=False)
 
     def header(self, name: str) -> bytes | None:
         """The last value of header ``name``, or None."""
@@ -91,6 +102,35 @@ class Rejected(Exception):
 
 def record_headers(record: RawRecord) -> tuple[tuple[str, bytes], ...]:
     return tuple((k, v if v is not None else b"") for k, v in (record.headers or ()))
+
+
+def trace_carrier(headers: tuple[tuple[str, bytes], ...] | Headers) -> dict[str, str]:
+    """The W3C trace context among a record's headers (every header but the type)."""
+    return {k: v.decode("latin-1") for k, v in headers if k != TYPE_HEADER}
+
+
+@contextmanager
+def sending(full_topic: str, key: str | None) -> Iterator[Span]:
+    """The PRODUCER span of one send (both hosts), current while the headers are made."""
+    attributes: dict[str, Any] = {"messaging.system": "kafka", "messaging.destination.name": full_topic,
+                                  "messaging.operation.type": "send", "messaging.operation.name": "send"}
+    if key:
+        attributes["messaging.kafka.message.key"] = key
+    with _tracer.start_as_current_span(f"send {full_topic}", kind=SpanKind.PRODUCER, attributes=attributes) as span:
+        yield span
+
+
+@contextmanager
+def processing(event: ConsumedEvent[Any], stage: str, operation: str, *, start_time: int | None = None,
+               attributes: Mapping[str, Any] | None = None) -> Iterator[Span]:
+    """``<stage> <operation>`` for one record of a batch, the current span inside: a child of the
+    record's consumer span, so what is sent inside goes on in the record's trace. For the work
+    a batched stage does at ``end_batch`` (after the consumer spans ended), record by record;
+    ``start_time`` (ns): when the batch's work on it began (a shared model call before the loop)."""
+    parent = event.context if event.context is not None else tracing.extract(trace_carrier(event.headers))
+    with tracing.stage_span(stage, operation, message=event.message, key=event.key, parent=parent,
+                            start_time=start_time, attributes=attributes) as span:
+        yield span
 
 
 def message_headers(message: Message, extra: Headers | None = None) -> Headers:
@@ -186,11 +226,13 @@ def process_record(
     group: str,
     dead_letter: DeadLetterFn,
     on_give_up: Callable[[ConsumedEvent[Any], BaseException], None] | None = None,
+    stage: str = "",
 ) -> ConsumedEvent[Any] | None:
     """Decode → handle with retries → dead-letter on rejection or when the handler gives up.
 
-    Returns the event when the handler succeeded, None when the record was dead-lettered. Raises
-    only when the dead letter itself cannot be written (then nothing may be committed)."""
+    ``stage``: the stage's name (its topology row), for the span and the meters. Returns the event
+    when the handler succeeded, None when the record was dead-lettered. Raises only when the dead
+    letter itself cannot be written (then nothing may be committed)."""
     headers = record_headers(record)
     try:
         event = decode_record(record, types[record.topic])
@@ -198,22 +240,30 @@ def process_record(
         log.warning("dead-lettering %s[%d]@%d: %s: %s", record.topic, record.partition, record.offset, rej.reason, rej)
         dead_letter(record, headers, rej.reason, str(rej))
         return None
-    carrier = {k: v.decode("latin-1") for k, v in headers if k != TYPE_HEADER}
+    attributes: dict[str, Any] = {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": record.topic,
+        "messaging.consumer.group.name": group,
+        "messaging.destination.partition.id": str(record.partition),
+        "messaging.kafka.offset": record.offset,
+        "messaging.kafka.message.key": event.key,
+        **tracing.message_attributes(event.message, event.key),
+    }
+    if stage:
+        attributes[tracing.STAGE] = stage
     with _tracer.start_as_current_span(
-        f"consume {record.topic}",
-        context=propagate.extract(carrier),
+        f"process {record.topic}",
+        context=tracing.extract(trace_carrier(headers)),
         kind=SpanKind.CONSUMER,
-        attributes={
-            "messaging.system": "kafka",
-            "messaging.destination.name": record.topic,
-            "messaging.consumer.group.name": group,
-            "messaging.destination.partition.id": str(record.partition),
-            "messaging.kafka.offset": record.offset,
-            "messaging.kafka.message.key": event.key,
-        },
+        attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
+        event = replace(event, context=otel_context.get_current())
+        if stage:
+            _record_lag(event, stage)
         try:
             call_with_retries(handler, event, attempts)
         except Exception as err:  # noqa: BLE001 - any handler failure is dead-lettered
@@ -227,4 +277,15 @@ def process_record(
                     log.exception("give-up hook failed for %s[%d]@%d", record.topic, record.partition, record.offset)
             dead_letter(record, headers, "handler-failed", repr(err))
             return None
+    meters.records_processed().add(1, {"topic": record.topic, "stage": stage})
     return event
+
+
+def _record_lag(event: ConsumedEvent[Any], stage: str) -> None:
+    """The record's age as the stage takes it up: wall ms since the last hop stamped it (the hop
+    before this stage: ingest for a frame, the encoder for an embedding, the decision for a
+    decision...). Records without stamps (a response's middle chunks) say nothing."""
+    hops = getattr(event.message, "hops", None)
+    if hops:
+        lag_ms = max(0, time.time_ns() - hops[-1].wall_unix_ns) / 1e6
+        meters.stage_lag_ms().record(lag_ms, {"stage": stage, "topic": event.topic})

@@ -2,8 +2,9 @@
 
 A service implements :class:`Service`. :class:`ServiceRunner` builds the gRPC server (standard
 health service, reflection, error-mapping interceptor, explicit message limits, TLS when
-``SH_GRPC_TLS_CERT_FILE`` is set), loads the service, serves, keeps the health status equal to
-``service.ready()``, and on SIGTERM/SIGINT:
+``SH_GRPC_TLS_CERT_FILE`` is set), installs telemetry (OpenTelemetry from ``OTEL_*``, and the
+Prometheus endpoint when ``SH_TELEMETRY_METRICS_PORT`` is set), loads the service, serves, keeps
+the health status equal to ``service.ready()``, and on SIGTERM/SIGINT:
 
 1. sets health to NOT_SERVING (load balancers stop sending new sessions),
 2. stops accepting RPCs and lets in-flight ones finish within ``SH_SHUTDOWN_GRACE_S``,
@@ -206,11 +207,12 @@ class ServiceRunner:
     def run(self, install_signals: bool = True) -> int:
         """Serve until SIGTERM/SIGINT (or request_stop), then drain. Returns the exit code."""
         setup_logging(self.telemetry.log_level, self.telemetry.log_json)
-        setup_telemetry(self.settings.service_name)
         if install_signals:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
         try:
+            # Before load: a busy metrics port fails the start, and what loading records is served.
+            setup_telemetry(self.settings.service_name, self.telemetry.metrics_port, self.telemetry.metrics_host)
             self.serve()
         except Exception:
             log.exception("%s failed to start", self.settings.service_name)

@@ -5,7 +5,8 @@ so both refuse the same input with the same words and publish the same records.
 - :meth:`SessionMapper.start`: the ``SessionStart`` → the session's key, decision rate and the
   ``KIND_SESSION_START`` query (standing instructions checked: unique non-empty ids, text limits);
 - :meth:`SessionMapper.frame`: a ``Frame`` → the ``IngestFrameRequest`` for ingest (image present,
-  within the size limit);
+  within the size limit), the root span of the frame's trace (``gateway frame``) and its context
+  in the request's ``trace_context``;
 - :meth:`SessionMapper.query`: a ``Question`` or ``InstructionUpdate`` → the query record and its
   ``Ack``;
 - :meth:`SessionMapper.end`: the ``KIND_SESSION_END`` query, stamped with the media time of the
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from streamharness.errors import InvalidInput, TooLarge
 from streamharness.keys import make_key
+from streamharness.telemetry import tracing
 from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, session_pb2
 
 Q = events_pb2.QueryEvent
@@ -75,10 +77,36 @@ class SessionMapper:
             raise InvalidInput(f"frame seq {f.seq} has no image bytes")
         if len(f.image) > self.max_frame_bytes:
             raise TooLarge(f"frame.image of seq {f.seq} is {len(f.image)} bytes, above the limit of {self.max_frame_bytes} (SH_GATEWAY_MAX_FRAME_BYTES)")
-        return ingest_pb2.IngestFrameRequest(
+        request = ingest_pb2.IngestFrameRequest(
             key=self.key, session_id=self.session_id, media_ts_ms=f.media_ts_ms, image=f.image, encoding=f.encoding,
             seq=f.seq, decision_fps=self.decision_fps, hops=[_stamp("gateway")],
         )
+        # The frame's own trace starts here (``gateway frame``); ingest goes on from trace_context.
+        with tracing.frame_received("gateway", request, request.trace_context):
+            return request
+
+    def pull(self, source: common_pb2.Source, media_ts_ms: int = 0, *, resumed: bool = False) -> ingest_pb2.IngestFrameRequest:
+        """The first request of a pulled session's ingest call: ingest pulls ``source`` itself.
+        ``media_ts_ms``: where a resumed live source's media time goes on from."""
+        if bool(source.url) == bool(source.upload):
+            raise InvalidInput("SessionStart.source needs either url or upload = true (not both)")
+        if source.upload and resumed:
+            raise InvalidInput("an upload cannot be resumed (its bytes are gone with the call); upload it again in a new session")
+        if source.rtsp_transport not in ("", "tcp", "udp"):
+            raise InvalidInput(f"source.rtsp_transport {source.rtsp_transport!r} is not tcp or udp")
+        if not 0 <= source.speed <= 1000:
+            raise InvalidInput(f"source.speed {source.speed:g} is out of range [0, 1000] (0: as fast as it decodes)")
+        return ingest_pb2.IngestFrameRequest(key=self.key, session_id=self.session_id, media_ts_ms=media_ts_ms,
+                                             decision_fps=self.decision_fps, source=source, hops=[_stamp("gateway")])
+
+    def video(self, chunk: session_pb2.VideoChunk) -> ingest_pb2.IngestFrameRequest:
+        """A piece of an upload, as ingest takes it."""
+        if len(chunk.data) > self.max_frame_bytes:
+            raise TooLarge(f"video.data is {len(chunk.data)} bytes, above the limit of {self.max_frame_bytes} per chunk "
+                           "(SH_GATEWAY_MAX_FRAME_BYTES); send smaller chunks")
+        if not chunk.data and not chunk.last:
+            raise InvalidInput("VideoChunk has no data")
+        return ingest_pb2.IngestFrameRequest(key=self.key, session_id=self.session_id, video=chunk.data, video_last=chunk.last)
 
     def query(self, message: session_pb2.ClientMessage) -> tuple[events_pb2.QueryEvent, session_pb2.ServerMessage]:
         """A question or an instruction change → (the query record, the client's ``Ack``)."""

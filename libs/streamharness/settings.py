@@ -86,6 +86,8 @@ class TelemetrySettings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Root log level.")
     log_json: bool = Field(False, description="One JSON object per log line (for log collectors).")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve the service's metrics for Prometheus at http://<host>:<port>/metrics (the chart sets 9464 and the container port `metrics`). 0 picks a free port (tests). Unset: no endpoint (OTLP export is OTEL_EXPORTER_OTLP_*'s business, either or both).")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of the metrics endpoint; the chart sets 0.0.0.0 inside pods.")
 
 
 class ServiceSettings(BaseSettings):

@@ -32,7 +32,8 @@ TOPOLOGY: dict[str, StageSpec] = {
             name="gateway",
             factory="streamharness.gateway.service:GatewayStage",
             settings=("streamharness.gateway.service:GatewaySettings", _AUTH),
-            consumes={topics.RESPONSES: events_pb2.ResponseEvent},
+            # decision-log: every decided second, for the live view and sessions that want_decisions.
+            consumes={topics.RESPONSES: events_pb2.ResponseEvent, topics.DECISION_LOG: events_pb2.DecisionEvent},
             produces=(topics.QUERIES,),
             group="gateway",  # one group per replica: gateway-<replica id> (configure())
             offset_reset="latest",
@@ -44,7 +45,7 @@ TOPOLOGY: dict[str, StageSpec] = {
         StageSpec(
             name="ingest",
             factory="streamharness.ingest.service:IngestStage",
-            settings=("streamharness.ingest.service:IngestSettings", _AUTH),
+            settings=("streamharness.ingest.service:IngestSettings", "streamharness.sources.settings:SourceSettings", _AUTH),
             produces=(topics.FRAMES,),
             grpc_services=(ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,),
         ),
@@ -104,7 +105,8 @@ TOPOLOGY: dict[str, StageSpec] = {
                       topics.FRAMES: events_pb2.FrameEvent},
             # stream-state: the stage's durable per-stream state, a compacted changelog it restores
             # from on assignment (keyed and partitioned like queries).
-            produces=(topics.DECISIONS, topics.RESPONSES, topics.STREAM_STATE),
+            # decision-log: one record per decided second (silent too), read by the gateways.
+            produces=(topics.DECISIONS, topics.RESPONSES, topics.STREAM_STATE, topics.DECISION_LOG),
             tables=(topics.STREAM_STATE,),
             group="decision",
             offset_reset="earliest",

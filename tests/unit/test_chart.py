@@ -175,6 +175,13 @@ def test_cpu_default_requests_no_gpu(tmp_path):
         ("components.ingest.allowFrom[0]=gatewy", "gatewy"),  # no such component or Job
         ("components.triton.monitoringPorts[0]=nope", "nope"),  # not one of its ports
         ("components.triton.allowPorts[0]=grcp", "grcp"),
+        # Metrics: a port, a switch per component, the Operator's and Grafana's switches.
+        ("metrics.port=0", "port"),
+        ("components.gateway.metrics=yes", "metrics"),
+        ("metrics.serviceMonitor.interval=often", "interval"),
+        ("metrics.serviceMonitor.intervall=30s", "intervall"),
+        ("grafana.dashboard.enabled=maybe", "enabled"),
+        ("grafana.dashbord.enabled=true", "dashbord"),
     ],
 )
 def test_schema_rejects_bad_values(setting, complaint):
@@ -892,13 +899,13 @@ def test_tls_gateway_is_probed_on_its_plaintext_health_port(tmp_path):
         gateway = workloads(docs)["gateway"]
         container = pod_of(gateway)["containers"][0]
         assert container_env(gateway)["SH_GRPC_HEALTH_PORT"]["value"] == str(want)
-        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50051, "health": want}
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50051, "health": want, "metrics": 9464}
         # The kubelet's gRPC probe on the plaintext port: readiness is the service's health status.
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             assert {k: v for k, v in container[probe].items() if k in ("grpc", "tcpSocket", "httpGet", "exec")} == {"grpc": {"port": want}}, probe
         # Not on the Service; under the policies, from monitoringFrom only (the kubelet needs no rule).
         service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "sh-gateway")
-        assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
+        assert [p["name"] for p in service["spec"]["ports"]] == ["grpc", "metrics"]
         policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
         labels = pod_labels(docs)
         assert admitted(policies, labels["gateway"], "health", prometheus)
@@ -911,7 +918,7 @@ def test_tls_gateway_is_probed_on_its_plaintext_health_port(tmp_path):
     # TLS off: health on the gRPC port itself, no second port.
     gateway = workloads(render(tmp_path))["gateway"]
     assert "SH_GRPC_HEALTH_PORT" not in container_env(gateway)
-    assert [p["name"] for p in pod_of(gateway)["containers"][0]["ports"]] == ["grpc"]
+    assert [p["name"] for p in pod_of(gateway)["containers"][0]["ports"]] == ["grpc", "metrics"]
     assert pod_of(gateway)["containers"][0]["readinessProbe"]["grpc"] == {"port": 50051}
     # A health port on the TLS port, or set by hand, is refused with the reason.
     for extra, complaint in ((["--set", "components.gateway.tls.healthPort=50051"], "clashes with ports.grpc"),
@@ -1062,3 +1069,65 @@ def test_egress_policy_allows_dns_kafka_and_the_release(tmp_path):
     assert {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "streamharness", "app.kubernetes.io/instance": "sh"}}} in [
         peer for r in rules for peer in r.get("to", [])]
     assert {4317} in ports  # networkPolicy.egress.extra
+
+
+# Metrics for Prometheus and the Grafana dashboard (docs/operations.md, "Traces and meters").
+
+
+def test_services_serve_prometheus_metrics_on_a_port_of_their_own(tmp_path):
+    docs = render(tmp_path)
+    found = workloads(docs)
+    services = {d["metadata"]["name"].removeprefix("sh-"): d for d in docs if d["kind"] == "Service" and "clusterIP" not in d["spec"]}
+    for name in SERVICES:
+        env, pod = container_env(found[name]), found[name]["spec"]["template"]
+        assert env["SH_TELEMETRY_METRICS_PORT"]["value"] == "9464" and env["SH_TELEMETRY_METRICS_HOST"]["value"] == "0.0.0.0", name
+        assert {"name": "metrics", "containerPort": 9464} in pod["spec"]["containers"][0]["ports"], name
+        assert pod["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": "9464", "prometheus.io/path": "/metrics"}
+        assert {"name": "metrics", "port": 9464, "targetPort": "metrics", "appProtocol": "http"} in services[name]["spec"]["ports"], name
+    # Not the model servers: they serve no StreamHarness endpoint (Triton has its own metrics port).
+    for name in ("triton", "generator"):
+        assert "SH_TELEMETRY_METRICS_PORT" not in container_env(found[name]) and "annotations" not in found[name]["spec"]["template"]["metadata"]
+    assert {p["name"]: p["port"] for p in services["triton"]["spec"]["ports"]}["metrics"] == 8002
+    # Off: no endpoint, no port, no annotation anywhere; annotations alone can be left out.
+    off = workloads(render(tmp_path, sets=("metrics.enabled=false",)))
+    assert not [n for n, w in off.items() if "SH_TELEMETRY_METRICS_PORT" in container_env(w) or "annotations" in w["spec"]["template"]["metadata"]]
+    quiet = workloads(render(tmp_path, sets=("metrics.podAnnotations=false", "metrics.port=9100")))
+    assert container_env(quiet["gateway"])["SH_TELEMETRY_METRICS_PORT"]["value"] == "9100"
+    assert "annotations" not in quiet["gateway"]["spec"]["template"]["metadata"]
+    # A component's own port on the metrics port, or the variable set by hand, is refused with the reason.
+    for extra, complaint in (("components.ingest.ports.metrics=9000", "clashes with the metrics port"),
+                             ("components.ingest.ports.http=9464", "clashes with the metrics port"),
+                             ("components.ingest.env.SH_TELEMETRY_METRICS_PORT=1", "SH_TELEMETRY_METRICS_PORT is set by the chart")):
+        proc = helm("template", "sh", str(CHART), "--set", extra)
+        assert proc.returncode != 0 and complaint in proc.stderr, proc.stderr
+
+
+def test_monitoring_reaches_the_metrics_ports_and_nobody_else_does(tmp_path):
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    docs = render(tmp_path, sets=("networkPolicy.monitoringFrom[0].podSelector.matchLabels.app\\.kubernetes\\.io/name=prometheus",))
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    labels = pod_labels(docs)
+    for name in SERVICES:
+        assert admitted(policies, labels[name], "metrics", prometheus), name
+        assert not [s for s in labels if admitted(policies, labels[name], "metrics", labels[s])], name
+        assert not admitted(policies, labels[name], "metrics", None), name
+    assert admitted(policies, labels["triton"], "metrics", prometheus)
+
+
+def test_service_monitor_and_grafana_dashboard_only_when_asked(tmp_path):
+    docs = render(tmp_path)
+    assert not [d for d in docs if d["kind"] == "ServiceMonitor" or d["metadata"]["name"].endswith("grafana-dashboard")]
+    docs = render(tmp_path, CHART / "ci" / "monitoring-values.yaml")
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/part-of": "streamharness", "app.kubernetes.io/instance": "sh"}
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}]
+    # It selects the Services that have a metrics port (the headless one has none: no pod twice).
+    selected = [d for d in docs if d["kind"] == "Service" and selects(monitor["spec"]["selector"], d["metadata"]["labels"])]
+    with_port = sorted(d["metadata"]["name"] for d in selected if any(p["name"] == "metrics" for p in d["spec"]["ports"]))
+    assert with_port == sorted(f"sh-{n}" for n in (*SERVICES, "triton"))
+    (dashboard,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "sh-grafana-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "StreamHarness"}
+    shipped = json.loads((CHART / "dashboards" / "streamharness.json").read_text())
+    assert json.loads(dashboard["data"]["streamharness.json"]) == shipped and shipped["uid"] == "streamharness"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from streamharness import topics
 from streamharness.decision.policy import RulePolicy
 from streamharness.decision.service import DecisionSettings, DecisionStage
 from streamharness.keys import key_str, make_key
@@ -26,12 +27,15 @@ class _Captured:
         self.sent = []
         self.state = {}  # the stream-state changelog, as a table
         self.finished = []  # the sessions' "finished" records
+        self.log = []  # decision-log: every decided second (the live view's timeline)
 
     def send(self, topic, key, message):
         if isinstance(message, events_pb2.StreamStateRecord):
             self.state[key_str(key) if not isinstance(key, str) else key] = message
         elif isinstance(message, events_pb2.ResponseEvent) and message.session_finished:
             self.finished.append(message)
+        elif topic == topics.DECISION_LOG:
+            self.log.append(message)
         else:
             self.sent.append(message)
         return _Done()

@@ -157,3 +157,39 @@ def test_bad_setting_fails_fast_naming_the_variable(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "SH_SHUTDOWN_GRACE_S" in out and "'soon'" in out
+
+
+def test_metrics_are_served_for_prometheus_while_the_service_runs(tmp_path):
+    """SH_TELEMETRY_METRICS_PORT: the runner serves the meters at /metrics, named by the service."""
+    import httpx
+
+    metrics_port = free_port()
+    proc, port = start_service(tmp_path, SH_TELEMETRY_METRICS_PORT=str(metrics_port))
+    try:
+        channel = wait_serving(port)
+        memory_pb2_grpc.MemoryServiceStub(channel).Recall(memory_pb2.RecallRequest(query="sleep:0"), timeout=10)
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        recall = [line for line in text.splitlines()
+                  if line.startswith("sh_rpc_duration_seconds_count{") and "/streamharness.v1.MemoryService/Recall" in line]
+        assert len(recall) == 1 and 'service_name="slow-memory"' in recall[0] and recall[0].endswith(" 1.0"), text[-2000:]
+        assert "process_resident_memory_bytes" in text  # the process's own collectors come along
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_metrics_port_in_use_fails_the_start_naming_the_variable(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc, _ = start_service(tmp_path, SH_TELEMETRY_METRICS_PORT=str(taken.getsockname()[1]))
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "SH_TELEMETRY_METRICS_PORT" in out

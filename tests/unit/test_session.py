@@ -81,3 +81,27 @@ def test_questions_and_instruction_changes_become_queries_with_their_acks():
 def test_a_bad_message_in_a_session_is_refused(message, words):
     with pytest.raises(StreamHarnessError, match=words):
         started().query(message)
+
+
+def test_a_pulled_session_names_its_source_once_and_is_checked():
+    from streamharness.errors import InvalidInput, TooLarge
+
+    m = SessionMapper("acme", "s1", max_frame_bytes=1024)
+    m.start(session_pb2.ClientMessage(start=session_pb2.SessionStart(stream_id="cam", decision_fps=2)))
+    req = m.pull(common_pb2.Source(url="rtsp://cam.example/live", rtsp_transport="udp"))
+    assert req.source.url == "rtsp://cam.example/live" and req.decision_fps == 2 and req.key.tenant == "acme" and not req.image
+    assert m.pull(common_pb2.Source(url="rtsp://cam.example/live"), 5000, resumed=True).media_ts_ms == 5000
+    for bad, words in ((common_pb2.Source(), "either url or upload"),
+                       (common_pb2.Source(url="rtsp://x/y", upload=True), "either url or upload"),
+                       (common_pb2.Source(url="rtsp://x/y", rtsp_transport="http"), "not tcp or udp"),
+                       (common_pb2.Source(url="http://x/y.mp4", speed=-1), "out of range")):
+        with pytest.raises(InvalidInput, match=words):
+            m.pull(bad)
+    with pytest.raises(InvalidInput, match="cannot be resumed"):
+        m.pull(common_pb2.Source(upload=True), resumed=True)
+    chunk = m.video(session_pb2.VideoChunk(data=b"x" * 1024, last=True))
+    assert chunk.video == b"x" * 1024 and chunk.video_last and chunk.session_id == "s1"
+    with pytest.raises(TooLarge, match="SH_GATEWAY_MAX_FRAME_BYTES"):
+        m.video(session_pb2.VideoChunk(data=b"x" * 1025))
+    with pytest.raises(InvalidInput, match="no data"):
+        m.video(session_pb2.VideoChunk())

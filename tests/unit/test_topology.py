@@ -45,9 +45,10 @@ def test_co_partitioned_readers_need_both_topics_assigned():
     # summariser read several topics too, but each record stands alone (no cross-topic state). The
     # responder keeps recent frames for its prompts (only with SH_RESPONDER_FRAMES_PER_REQUEST > 0):
     # co-partitioned like the decision step, but a response without frames is still an answer, so
-    # readiness does not wait for both topics.
+    # readiness does not wait for both topics. The gateway reads responses and the decision log in a
+    # group of its own per replica (every partition of both; each record stands alone).
     multi = [n for n, s in TOPOLOGY.items() if len(s.consumes) > 1]
-    assert multi == ["memory", "summariser", "decision", "responder"]
+    assert multi == ["gateway", "memory", "summariser", "decision", "responder"]
     assert TOPOLOGY["decision"].needs_assignment
     assert not TOPOLOGY["memory"].needs_assignment and not TOPOLOGY["summariser"].needs_assignment
     assert not TOPOLOGY["responder"].needs_assignment

@@ -50,3 +50,12 @@ gRPC port speaks TLS: tls.healthPort when tls.enabled, else "". Argument: the co
 {{- $tls.healthPort | default 50061 | int -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* The port of a component's Prometheus endpoint (SH_TELEMETRY_METRICS_PORT): metrics.port when
+metrics.enabled and the component has metrics: true, else "". Argument: (dict "root" $ "c" <the
+component's values>). */ -}}
+{{- define "streamharness.metricsPort" -}}
+{{- if and .root.Values.metrics.enabled .c.metrics -}}
+{{- .root.Values.metrics.port | int -}}
+{{- end -}}
+{{- end -}}

@@ -1,7 +1,8 @@
 """The decision stage: consumes ``queries`` and ``embeddings`` of the same streams in one
 consumer group (both topics are keyed ``tenant/stream`` with equal partition counts, and the range
 assignor gives one member the same partition of both), keeps per-stream state on media time, and
-publishes a ``DecisionEvent`` to ``decisions`` for every step that chose to respond.
+publishes a ``DecisionEvent`` to ``decisions`` for every step that chose to respond, and one to
+``decision-log`` for every decided second (silent ones too: the live view's timeline).
 
 **Fairness.** A stream may have at most ``SH_DECISION_MAX_OPEN_QUESTIONS_PER_STREAM`` questions open
 (accepted and not answered yet: pending here, or decided and waiting for their final response). The
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -28,11 +30,11 @@ from streamharness.memory.tiers import TierSettings
 from streamharness.decision.policy import DecisionPolicy, Evidence, PendingQuestion, RulePolicy, RuleThresholds, StreamState
 from streamharness.keys import key_str, parse_key
 from streamharness.pace import PaceTracker
-from streamharness.records import ConsumedEvent
+from streamharness.records import ConsumedEvent, processing
 from streamharness.settings import TritonSettings, load_settings
 from streamharness.stage import Outbox, Stage, StageContext, StageSpec
 from streamharness.text_encoder import TextEncoderSettings
-from streamharness.telemetry import meters
+from streamharness.telemetry import meters, tracing
 from streamharness.v1 import common_pb2, events_pb2
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,7 @@ class DecisionStage(Stage):
         self._text_encoder = text_encoder
         self.states: dict[str, StreamState] = {}
         self._batch: list = []
+        self._records: dict[int, ConsumedEvent] = {}  # id of a batch's message -> its record (its trace)
         self._answers: list[events_pb2.ResponseEvent] = []  # final responses to questions, from 'responses'
         self._durable_sends: list = []  # this batch's refusals and end-of-session records: durable before its commit
         self._dirty: set[str] = set()  # streams whose durable state this batch changed
@@ -402,6 +405,7 @@ class DecisionStage(Stage):
             return  # the other chunks of a response say nothing to the decision
         self._partition_of[key_str(msg.key)] = event.partition
         self._batch.append(msg)
+        self._records[id(msg)] = event
 
     # With policy "trained" and the head not served at start (Triton came up later, or a new head is
     # being rolled out), the rules decide; every so often the head is looked for again and, once
@@ -411,6 +415,7 @@ class DecisionStage(Stage):
 
     def end_batch(self) -> None:
         batch, self._batch = self._batch, []
+        records, self._records = self._records, {}
         answers, self._answers = self._answers, []
         self._durable_sends = []
         # Answers first: a slot they free is free for the questions of this batch (a question
@@ -424,7 +429,10 @@ class DecisionStage(Stage):
             first_seen.setdefault((key_str(msg.key), msg.session_id), len(first_seen))
         batch.sort(key=lambda m: (first_seen[(key_str(m.key), m.session_id)], *_media_order(m)))
         for msg in self._shed(batch):
-            self.apply(msg)
+            # Each record in its own trace: what it makes the stage send (its decisions) goes on in it.
+            record = records.get(id(msg))
+            with processing(record, "decision", "decide", attributes={"sh.batch_size": len(batch)}) if record is not None else nullcontext():
+                self.apply(msg)
         self._flush_round()
         self._sweep()
         sends, self._durable_sends = self._durable_sends, []
@@ -507,7 +515,7 @@ class DecisionStage(Stage):
                 if not state.held:
                     state.held_since = time.monotonic()
                 if time.monotonic() - state.held_since < self.HOLD_S:
-                    state.held.append(msg)
+                    state.held.append((msg, tracing.current()))  # decided later, in its own trace
                     return
                 log.warning("%s: no session start after %.0fs; deciding without it", key_str(msg.key), self.HOLD_S)
                 self._release(state)
@@ -516,8 +524,9 @@ class DecisionStage(Stage):
     def _release(self, state: StreamState) -> None:
         state.started = True
         held, state.held = state.held, []
-        for frame in held:
-            self._on_frame(frame)
+        for frame, trace_context in held:
+            with tracing.attached(trace_context):
+                self._on_frame(frame)
 
     def _refuse_session(self, q: events_pb2.QueryEvent, reason: str, text: str) -> None:
         """Tell session ``q.session_id`` (a final response with ``refusal=reason``) that it may not
@@ -579,7 +588,7 @@ class DecisionStage(Stage):
             state.away_since = time.time()
             if state.questions:
                 now = max([state.last_ms, *(p.media_ts_ms for p in state.questions)])
-                self._publish(state, self.policy.answer_pending(state, now), q.hops)
+                self._answer_pending(state, now, q.hops)
             log.info("%s session %s: the client went away; its state is kept %.0f s for a resume", key_str(q.key),
                      q.session_id, self.settings.away_keep_s)
             return
@@ -605,7 +614,7 @@ class DecisionStage(Stage):
             state.questions.append(PendingQuestion(q.question_id, q.text, q.media_ts_ms))
             # Frames already went past the question's time: answer now rather than at the next frame.
             if state.last is not None and state.last.media_ts_ms >= q.media_ts_ms:
-                self._publish(state, self.policy.answer_pending(state, state.last.media_ts_ms), q.hops)
+                self._answer_pending(state, state.last.media_ts_ms, q.hops)
         elif q.kind == Q.KIND_SESSION_END:
             # The end is an event in media time too: its timestamp is the session's last published
             # frame. Frames reach us through the encoder, later than queries, so the session is
@@ -664,7 +673,7 @@ class DecisionStage(Stage):
                 caption=f.caption,
             )
         if getattr(self.policy, "batched", False):
-            self._round[key_str(f.key)] = (state, evidence, f)
+            self._round[key_str(f.key)] = (state, evidence, f, tracing.current())  # stepped later, in its own trace
             return
         self._decided(state, f, self.policy.step(state, evidence))
 
@@ -675,26 +684,54 @@ class DecisionStage(Stage):
         if not self._round:
             return
         urgent, rest = [], []
-        for state, ev, f in self._round.values():
-            (urgent if any(q.media_ts_ms <= ev.media_ts_ms for q in state.questions) else rest).append((state, ev, f))
+        for state, ev, f, trace_context in self._round.values():
+            (urgent if any(q.media_ts_ms <= ev.media_ts_ms for q in state.questions) else rest).append((state, ev, f, trace_context))
         self._round = {}
         for group in (urgent, rest):
             if not group:
                 continue
-            results = self.policy.step_many([(state, ev) for state, ev, _ in group])
-            for (state, _, f), decisions in zip(group, results):
-                self._decided(state, f, decisions)
+            results = self.policy.step_many([(state, ev) for state, ev, _, _ in group])
+            for (state, _, f, trace_context), decisions in zip(group, results):
+                with tracing.attached(trace_context):
+                    self._decided(state, f, decisions)
 
     def _decided(self, state: StreamState, f, decisions) -> None:
-        meters.decisions().add(1, {"action": "respond" if decisions else "silent"})
+        meters.record_decision_step([d.trigger for d in decisions], self.policy.name)
         self._publish(state, decisions, f.hops)
+        self._log_step(state, f.media_ts_ms, decisions)
         if state.end_ms is not None and f.media_ts_ms >= state.end_ms:
             self._finish(state, f.hops)
+
+    def _answer_pending(self, state: StreamState, now: int, hops) -> None:
+        """Answer the questions due at ``now`` (asked after the frames went past them, or at an
+        away/end): published, and logged on the timeline of the second they were answered at."""
+        decisions = list(self.policy.answer_pending(state, now))
+        self._publish(state, decisions, hops)
+        if decisions:
+            self._log_step(state, now, decisions, silent=False)
+
+    def _log_step(self, state: StreamState, media_ts_ms: int, decisions, *, silent: bool = True) -> None:
+        """One ``decision-log`` record per decided second (one per trigger when it responds): what
+        the live view's timeline shows. Not waited for: a view, not a record anything depends on."""
+        D = events_pb2.DecisionEvent  # noqa: N806
+        common = dict(key=state.key, session_id=state.session_id, policy=self.policy.name, reply_to=state.reply_to)
+        steps = [D(action=D.ACTION_RESPOND, media_ts_ms=d.media_ts_ms, trigger=d.trigger, prompt_text=d.prompt_text, reason=d.reason, score=d.score,
+                   question_id=d.trigger_id if d.trigger == common_pb2.TRIGGER_QUESTION else "",
+                   instruction_id=d.trigger_id if d.trigger == common_pb2.TRIGGER_INSTRUCTION else "",
+                   decision_id=f"{key_str(state.key)}/{d.media_ts_ms}/{d.trigger_id}", **common)
+                 for d in decisions]
+        if not steps and silent:
+            steps = [D(action=D.ACTION_SILENT, media_ts_ms=media_ts_ms, decision_id=f"{key_str(state.key)}/{media_ts_ms}/", **common)]
+        for step in steps:
+            try:
+                self.out.send(topics.DECISION_LOG, state.key, step)
+            except Exception as err:  # noqa: BLE001 - the view misses a second; the decision stands
+                log.debug("decision-log record not sent: %s", err)
 
     def _finish(self, state: StreamState, hops) -> None:
         """Answer what is still pending (questions asked after the last frame) and forget the stream."""
         now = max([max(state.last_ms, 0), *(p.media_ts_ms for p in state.questions)])
-        self._publish(state, self.policy.answer_pending(state, now), hops)
+        self._answer_pending(state, now, hops)
         # The gateway closes the call once it has this and the responses it lists (an alert raised
         # by the session's last frames still reaches the client).
         recent = time.time() - 600

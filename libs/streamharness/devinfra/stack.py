@@ -94,6 +94,11 @@ class LocalStack:
     def gateway_addresses(self) -> list[str]:
         return [p.address for p in self.procs if p.name.startswith("gateway")]
 
+    @property
+    def http_urls(self) -> list[str]:
+        """Base URLs of the gateways' HTTP APIs (``/v1``) and live views (``/view``)."""
+        return [f"http://127.0.0.1:{p.env_extra['SH_GATEWAY_HTTP_PORT']}" for p in self.procs if p.name.startswith("gateway")]
+
     # -- lifecycle ------------------------------------------------------------------------------
     def _env(self, name: str, port: int) -> dict[str, str]:
         env = {
@@ -109,6 +114,8 @@ class LocalStack:
             "SH_MEMORY_DATA_DIR": str(self.work_dir / "memory"),
             "SH_TELEMETRY_LOG_LEVEL": os.environ.get("SH_TELEMETRY_LOG_LEVEL", "INFO"),
             "SH_AUTH_INTERNAL_SECRET": self.internal_secret,
+            # A development stack pulls cameras and files from this machine and its network.
+            "SH_SOURCE_ALLOW_PRIVATE_NETWORKS": "true",
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
@@ -177,6 +184,9 @@ class LocalStack:
                 env = dict(wiring.get(name, {}))
                 if name == "gateway":
                     env["SH_GATEWAY_REPLICA_ID"] = proc_name
+                    # The HTTP API and live view of each replica (extra_env may fix the first's port).
+                    env["SH_GATEWAY_HTTP_PORT"] = self.extra_env.get("SH_GATEWAY_HTTP_PORT", "0") if i == 0 else "0"
+                    env["SH_GATEWAY_HTTP_PORT"] = str(int(env["SH_GATEWAY_HTTP_PORT"]) or free_port())
                 planned.append(StageProc(proc_name, name, f"services/{name}/main.py", ports[(name, i)], env))
         return planned
 

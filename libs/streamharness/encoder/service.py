@@ -34,8 +34,9 @@ A frame that was not measured is still encoded and published (memory gets every 
 never of a later one — and it has no ``detections`` (boxes belong to the frame they were found in;
 a measured frame has one per person counted). Before a stream's first measurement the count is
 unknown: 0, and the caption names no people. Skipped detections are counted in
-``sh.pipeline.frames_shed`` (reason ``lag`` or ``people-budget``), each frame's age in
-``sh.pipeline.stage_lag``.
+``sh.pipeline.frames_shed`` (reason ``lag`` or ``people-budget``); the host records each frame's
+age in ``sh.pipeline.stage_lag``. Each frame gets an ``encoder encode`` span in its own trace,
+from the batch's start to its embedding's send.
 
 ``tritonclient.grpc`` is imported in ``load()``, not at module level, so that importing this module
 (e.g. for ``build_caption``) never loads protos that clash with kserve's.
@@ -63,7 +64,7 @@ from streamharness import topics
 from streamharness.errors import DependencyUnavailable, InvalidInput
 from streamharness.keys import parse_key
 from streamharness.pace import PaceTracker
-from streamharness.records import ConsumedEvent
+from streamharness.records import ConsumedEvent, processing
 from streamharness.settings import TritonSettings, load_settings
 from streamharness.stage import Batching, Outbox, Stage, StageContext, StageSpec
 from streamharness.telemetry import meters
@@ -234,7 +235,6 @@ class EncoderStage(Stage):
         self.out: Outbox | None = None
         self._attempts = 1
         self._stopping = threading.Event()
-        self._frames_topic = topics.FRAMES
         self._pool: ThreadPoolExecutor | None = None
         self._batch: list[_Frame] = []
         self._closed = False
@@ -249,7 +249,6 @@ class EncoderStage(Stage):
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self, ctx: StageContext) -> None:
         self.out, self._attempts, self._stopping = ctx.outbox, ctx.attempts, ctx.stopping
-        self._frames_topic = ctx.topic(topics.FRAMES)
         if self.encoder is None:
             from streamharness.triton_client import FrameEncoderClient
 
@@ -301,6 +300,7 @@ class EncoderStage(Stage):
     def _process(self, frames: list[_Frame]) -> None:
         if not frames:
             return
+        started_ns = time.time_ns()  # each frame's span starts with the batch's work (one Triton request for all)
         images = [f.rgb for f in frames]
         plan, due = self._plan_people(frames)
         encoded = self._pool.submit(self._encode, images)
@@ -327,24 +327,28 @@ class EncoderStage(Stage):
         # the others carry it (always from an earlier frame).
         counts: dict[str, _PeopleCount] = {}
         for i, (frame, encoding, detection, why) in enumerate(zip(frames, encodings, detections, plan)):
-            failed = encoding if isinstance(encoding, _Failed) else detection if isinstance(detection, _Failed) else None
-            if failed is not None:
-                # That frame alone goes to the dead-letter topic; the rest of the batch goes on.
-                self.out.dead_letter(frame.event, "handler-failed", failed.error)
-                self.stats.frames_failed += 1
-                continue
-            if why in (SHED_LAG, SHED_BUDGET):
-                shed[why] = shed.get(why, 0) + 1
-            src = frame.event.message
-            if detection is not None:
-                counts[frame.event.key] = _PeopleCount(src.session_id, src.media_ts_ms, detection.count, due[i])
-                count: int | None = detection.count
-            else:
-                last = counts.get(frame.event.key) or self._people_counts.get(frame.event.key)
-                known = last is not None and last.session_id == src.session_id and last.media_ts_ms <= src.media_ts_ms
-                count = last.count if known else None
-            message = self._encoded_event(frame, encoding, detection, count)
-            sends.append((frame, message, self.out.send(topics.EMBEDDINGS, frame.event.key, message)))
+            # A span per frame in the frame's own trace: its embedding is sent in it (streamharness.telemetry.tracing).
+            with processing(frame.event, HOP, "encode", start_time=started_ns,
+                            attributes={"sh.batch_size": len(frames), "sh.encoder.people": why}) as span:
+                failed = encoding if isinstance(encoding, _Failed) else detection if isinstance(detection, _Failed) else None
+                if failed is not None:
+                    # That frame alone goes to the dead-letter topic; the rest of the batch goes on.
+                    span.record_exception(failed.error)
+                    self.out.dead_letter(frame.event, "handler-failed", failed.error)
+                    self.stats.frames_failed += 1
+                    continue
+                if why in (SHED_LAG, SHED_BUDGET):
+                    shed[why] = shed.get(why, 0) + 1
+                src = frame.event.message
+                if detection is not None:
+                    counts[frame.event.key] = _PeopleCount(src.session_id, src.media_ts_ms, detection.count, due[i])
+                    count: int | None = detection.count
+                else:
+                    last = counts.get(frame.event.key) or self._people_counts.get(frame.event.key)
+                    known = last is not None and last.session_id == src.session_id and last.media_ts_ms <= src.media_ts_ms
+                    count = last.count if known else None
+                message = self._encoded_event(frame, encoding, detection, count)
+                sends.append((frame, message, self.out.send(topics.EMBEDDINGS, frame.event.key, message)))
         # Durable before the consumer commits the batch's offsets (a KafkaError here: redelivered).
         for _, _, sent in sends:
             sent.get(timeout=self.settings.publish_timeout_s)
@@ -359,8 +363,6 @@ class EncoderStage(Stage):
         for frame, message, _ in sends:
             if frame.event.message.hops:
                 meters.hop_latency().record(max(0, now_ns - frame.event.message.hops[0].wall_unix_ns) / 1e9, {"hop": HOP})
-        if sends:
-            meters.records_processed().add(len(sends), {"topic": self._frames_topic})
         self.stats.frames_encoded += len(sends)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(frames))
@@ -387,9 +389,7 @@ class EncoderStage(Stage):
         due_again: dict[int, float] = {}
         for i, frame in enumerate(frames):
             key, src = frame.event.key, frame.event.message
-            lag = frame_lag_ms(src, now_ns)
-            if lag is not None:
-                meters.stage_lag_ms().record(lag, {"stage": HOP})
+            lag = frame_lag_ms(src, now_ns)  # the same age the host records in sh.pipeline.stage_lag
             last = planned.get(key)
             first = last is None or last.session_id != src.session_id or src.media_ts_ms < last.media_ts_ms
             due = first or src.media_ts_ms >= last.due_ms

@@ -53,15 +53,23 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamharness import topics
 from streamharness.auth import AuthSettings, InternalTokens, ResumeTokens, TenantAuth, audit
-from streamharness.errors import DeadlineExceeded, DependencyUnavailable, QuotaExceeded, RateLimited, StreamHarnessError
+from streamharness.errors import (
+    DeadlineExceeded,
+    DependencyUnavailable,
+    InvalidInput,
+    NotFound,
+    QuotaExceeded,
+    RateLimited,
+    StreamHarnessError,
+)
 from streamharness.grpcutil.wire import drain_first, parse
-from streamharness.keys import key_str
+from streamharness.keys import key_str, make_key
 from streamharness.limits import Buckets, TokenBucket
 from streamharness.records import ConsumedEvent
 from streamharness.session import SessionMapper
 from streamharness.settings import load_settings
 from streamharness.stage import Outbox, Stage, StageContext, StageSpec
-from streamharness.telemetry import meters
+from streamharness.telemetry import meters, tracing
 from streamharness.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc, session_pb2
 
 log = logging.getLogger(__name__)
@@ -105,6 +113,35 @@ class GatewaySettings(BaseSettings):
     resume_window_s: float = Field(300.0, gt=0, le=86_400, description="A resumed session gets the responses of the last this-many seconds again (those the client does not hold whole; read back from the responses topic). Keep it at SH_DECISION_AWAY_KEEP_S, how long the pipeline keeps an away session.")
     end_wait_for_decision: bool = Field(True, description="After SessionEnd, wait (within SH_GATEWAY_END_GRACE_S) until the decision stage reports the session finished (its last frame decided) and the responses to its last decisions came, so that an alert raised by the session's last frames still reaches the client; false = close once the open questions are answered (a gateway in front of no decision stage).")
     replay_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest a resume waits to read the session's responses back from Kafka before going on without them (logged).")
+    http_host: str = Field("127.0.0.1", description="Bind address of the HTTP API (OpenAI-compatible chat completions, SSE, uploads) and the live web view at /view; the chart sets 0.0.0.0 inside pods.")
+    http_port: int | None = Field(None, ge=0, le=65535, description="Port of the HTTP API (OpenAI-compatible, SSE, uploads) and the live view (0: any free port; unset: no HTTP server). The chart and the local stack set it (8080 in a pod).")
+    http_idle_timeout_s: float = Field(300.0, gt=0, le=86_400, description="An HTTP session with no request and no events reader for this long is ended (SessionEnd); pulled sessions included, which have no client messages to time out on.")
+    watch_queue: int = Field(1024, ge=16, le=100_000, description="Messages one live-view watcher may fall behind by; beyond, its oldest are dropped (the watcher is told), the stream never waits for a viewer.")
+
+
+class SessionClosed(StreamHarnessError):
+    """A session run in-process (:meth:`GatewayStage.run_session`, the HTTP API) ended with a status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _LocalContext:
+    """What ``SessionService.Stream`` needs of a gRPC servicer context, for a session run in-process."""
+
+    def __init__(self, metadata: list[tuple[str, str]], peer: str) -> None:
+        self._metadata = tuple(metadata)
+        self._peer = peer
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        raise SessionClosed(code, message)
 
 
 @dataclass
@@ -125,6 +162,7 @@ class _Session:
     outbound: asyncio.Queue = field(default_factory=asyncio.Queue)
     frames: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=64))
     open_questions: set[str] = field(default_factory=set)
+    asked_ns: dict[str, int] = field(default_factory=dict)  # open question -> wall ns it arrived (time to first token)
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     last_published_ms: int = -1  # media time of the last frame ingest published; -1: none (SessionEnd carries it)
     end_published: bool = False  # the pipeline was told the session is over
@@ -139,12 +177,26 @@ class _Session:
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # the decision stage finished the session ...
     pending_finals: set[str] = field(default_factory=set)  # ... and these responses of it were still to come
     all_final: asyncio.Event = field(default_factory=asyncio.Event)
+    # What the live view shows (streams(), latest_frame()) and how the session is fed.
+    source: common_pb2.Source = field(default_factory=common_pb2.Source)  # set: frames are pulled by ingest
+    want_decisions: bool = False
+    opened_unix_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    frames_seen: int = 0
+    latest: tuple[int, bytes] | None = None  # (media_ts_ms, encoded image) of the newest frame
+    source_ended: bool = False  # a pulled file reached its end: the session finishes by itself
+    reading: bool = False  # the reader waits for the client's next message
+    reader: asyncio.Task | None = None
+
+    @property
+    def pulled(self) -> bool:
+        return bool(self.source.url or self.source.upload)
 
     def put(self, item: Any) -> None:
         self.outbound.put_nowait(item)
 
     def close_question(self, question_id: str) -> None:
         self.open_questions.discard(question_id)
+        self.asked_ns.pop(question_id, None)
         if not self.open_questions:
             self.answered.set()
 
@@ -176,6 +228,13 @@ class _Session:
             self.attempts[rid], self.next_index[rid] = r.attempt, 0
         if r.index != self.next_index[rid]:
             return  # a repeat of a chunk already delivered
+        # In the chunk's trace (offer runs in the context of the consumer span that handed it over).
+        with tracing.stage_span("gateway", "deliver", message=r, attributes={"sh.response_id": rid, "sh.index": r.index}):
+            self._deliver(r, restart)
+
+    def _deliver(self, r: events_pb2.ResponseEvent, restart: bool) -> None:
+        """The next chunk of ``r``'s attempt, to the client (``gateway deliver``)."""
+        rid = r.response_id
         self.next_index[rid] += 1
         if r.final:
             self.complete.add(rid)
@@ -185,7 +244,12 @@ class _Session:
             if self.finished.is_set() and not self.pending_finals:
                 self.all_final.set()
         if r.index == 0:
-            meters.record_hops(r.hops, "gateway_first_token", time.time_ns())
+            now_ns = time.time_ns()
+            meters.record_hops(r.hops, "gateway_first_token", now_ns)
+            if r.hops and not restart:  # a generation's first chunk (refusals and closed failures carry no hops)
+                meters.record_first_chunk(r.hops, now_ns, r.trigger, self.asked_ns.get(r.question_id) if r.question_id else None)
+        if r.final:
+            meters.responses_delivered().add(1, {"trigger": meters.trigger_label(r.trigger), "refusal": r.refusal or "none"})
         self.outbound.put_nowait(session_pb2.ServerMessage(response=session_pb2.ResponseChunk(
             response_id=rid, index=r.index, text=r.text, final=r.final, trigger=r.trigger, question_id=r.question_id,
             instruction_id=r.instruction_id, media_ts_ms=r.media_ts_ms, refusal=r.refusal, restart=restart)))
@@ -200,11 +264,46 @@ class _Session:
             self.offer(r)
 
 
+def _status_code(value: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
+
+
 def _error(err: Exception, seq: int = 0, ts: int = 0) -> session_pb2.ServerMessage:
     code = getattr(err, "code", grpc.StatusCode.INVALID_ARGUMENT)
     retry = getattr(err, "retry_after_s", 0.0)
     return session_pb2.ServerMessage(error=session_pb2.SessionError(
         code=code.value[0], message=str(err), seq=seq, media_ts_ms=ts, retry_after_ms=int(retry * 1000 + 0.999)))
+
+
+class _Watch:
+    """A live-view subscription (:meth:`GatewayStage.watch`); use on the server's loop."""
+
+    def __init__(self, gateway: GatewayStage, key: str) -> None:
+        self._gateway, self.key = gateway, key
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=gateway.settings.watch_queue)
+
+    def __enter__(self) -> _Watch:
+        self._gateway._watchers.setdefault(self.key, set()).add(self.queue)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        queues = self._gateway._watchers.get(self.key)
+        if queues is not None:
+            queues.discard(self.queue)
+            if not queues:
+                del self._gateway._watchers[self.key]
+
+
+def _view_message(r: events_pb2.ResponseEvent | events_pb2.DecisionEvent) -> session_pb2.ServerMessage:
+    """A response chunk or a decided second as the public API shows it."""
+    if isinstance(r, events_pb2.DecisionEvent):
+        return session_pb2.ServerMessage(decision=session_pb2.DecisionStep(
+            media_ts_ms=r.media_ts_ms, respond=r.action == events_pb2.DecisionEvent.ACTION_RESPOND, trigger=r.trigger,
+            question_id=r.question_id, instruction_id=r.instruction_id, prompt_text=r.prompt_text, score=r.score,
+            policy=r.policy, reason=r.reason))
+    return session_pb2.ServerMessage(response=session_pb2.ResponseChunk(
+        response_id=r.response_id, index=r.index, text=r.text, final=r.final, trigger=r.trigger, question_id=r.question_id,
+        instruction_id=r.instruction_id, media_ts_ms=r.media_ts_ms, refusal=r.refusal))
 
 
 class _SessionApi:
@@ -247,7 +346,19 @@ class _SessionApi:
                 start = mapper.resume(first, claim.session_id)
                 mapper.decision_fps = claim.decision_fps or mapper.decision_fps
                 g.displace(claim.session_id)  # the call it resumes, if this replica still holds it
+            pull = None
+            now_ms = int(time.time() * 1000)
+            origin = claim.origin_unix_ms if resumed and claim.origin_unix_ms else now_ms
+            if first.start.source.url or first.start.source.upload:
+                # Ingest pulls the frames: the call's first request names the source. A resumed live
+                # source goes on at the session's media time (its origin is in the resume token).
+                pull = mapper.pull(first.start.source, max(0, now_ms - origin) if resumed else 0, resumed=resumed)
             session = g.open_session(mapper)
+            session.want_decisions = first.start.want_decisions
+            if pull is not None:
+                session.source.CopyFrom(first.start.source)
+                session.opened_unix_ms = origin
+                session.frames.put_nowait(pull)
             if resumed:
                 session.complete.update(first.start.received_response_ids)
                 session.replaying = True
@@ -256,14 +367,15 @@ class _SessionApi:
             await g.publish_query(start)
             yield session_pb2.ServerMessage(accepted=session_pb2.SessionAccepted(
                 session_id=session.session_id, key=mapper.key, decision_fps=mapper.decision_fps, resumed=resumed,
-                resume_token=g.resume_tokens.mint(tenant, mapper.key.stream_id, session.session_id, mapper.decision_fps),
+                resume_token=g.resume_tokens.mint(tenant, mapper.key.stream_id, session.session_id, mapper.decision_fps,
+                                                  session.opened_unix_ms if session.pulled else 0),
                 resume_window_s=settings.resume_window_s))
             if resumed:
                 g.replay(session)
 
             results = g.ingest_stub().IngestFrames(self._frames(session), metadata=g.tokens.metadata(tenant, "ingest"))
             pump = asyncio.create_task(self._pump_ingest(results, session), name=f"ingest-{session.session_id[:8]}")
-            reader = asyncio.create_task(self._read(requests, session, pump), name=f"read-{session.session_id[:8]}")
+            reader = session.reader = asyncio.create_task(self._read(requests, session, pump), name=f"read-{session.session_id[:8]}")
             for task in (pump, reader):
                 task.add_done_callback(lambda t, s=session: self._task_failed(t, s))
             while True:
@@ -316,15 +428,28 @@ class _SessionApi:
         ended = False
         mapper = session.mapper
         idle = g.settings.idle_timeout_s
+        upload_done = False
         try:
-            while True:
+            while not session.source_ended:
+                # A pulled file that reaches its end cancels this wait (and only this wait): the
+                # session then finishes as after SessionEnd.
+                session.reading = True
                 try:
                     raw = await asyncio.wait_for(anext(requests, None), idle)
                 except TimeoutError:
+                    if session.pulled:  # a pulled stream is fed by its source, not by the client
+                        continue
                     await self._abandon(session, away=False)
                     session.put(_Fatal(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"no message for {idle:g} s (SH_GATEWAY_IDLE_TIMEOUT_S): session closed"))
                     return
+                except asyncio.CancelledError:
+                    if not session.source_ended:
+                        raise
+                    ended = True
+                    break
+                finally:
+                    session.reading = False
                 if raw is None:
                     break
                 msg: session_pb2.ClientMessage | None = None
@@ -332,32 +457,34 @@ class _SessionApi:
                     msg = parse(session_pb2.ClientMessage, raw, "message")
                     kind = msg.WhichOneof("message")
                     if kind == "frame":
+                        if session.pulled:
+                            raise InvalidInput(f"this session pulls its frames from {session.source.url or 'its upload'}; "
+                                               "Frame messages are not taken (VideoChunk for an upload)")
                         await session.frames.put(mapper.frame(msg.frame))
                         last_ts = max(last_ts, msg.frame.media_ts_ms)
+                        session.frames_seen += 1
+                        session.latest = (msg.frame.media_ts_ms, msg.frame.image)
+                    elif kind == "video":
+                        if not session.source.upload:
+                            raise InvalidInput("VideoChunk is for a session whose SessionStart.source.upload is true")
+                        if upload_done:
+                            raise InvalidInput("the upload is complete (a VideoChunk with last=true came); this chunk is not taken")
+                        upload_done = msg.video.last
+                        await session.frames.put(mapper.video(msg.video))
                     elif kind == "end":
                         ended = True
                         break
                     else:
-                        if kind in ("question", "instruction"):
-                            g.take_query_token(session)
-                        query, ack = mapper.query(msg)
-                        if kind == "question":
-                            session.open_questions.add(query.question_id)
-                            session.answered.clear()
-                        try:
-                            await g.publish_query(query)
-                        except StreamHarnessError:
-                            if kind == "question":  # not sent: nothing to wait for at the end
-                                session.open_questions.discard(query.question_id)
-                                if not session.open_questions:
-                                    session.answered.set()
-                            raise
-                        session.put(ack)
+                        session.put(await g.submit(session, msg))
                 except StreamHarnessError as err:
                     frame = msg is not None and msg.WhichOneof("message") == "frame"
                     session.put(_error(err, seq=msg.frame.seq if frame else 0, ts=msg.frame.media_ts_ms if frame else 0))
-        except grpc.RpcError:
-            pass  # the client went away
+        except (grpc.RpcError, grpc.aio.AbortError):
+            pass  # the client went away, or the call was ended with a status (a failed source)
+        if session.source_ended:
+            ended = True
+        if session.pulled:
+            last_ts = session.last_published_ms
         await session.frames.put(_DONE)
         if not ended:
             # The client went away without SessionEnd: still tell the pipeline the session is over,
@@ -404,10 +531,38 @@ class _SessionApi:
         except Exception:  # noqa: BLE001 - best effort on a broken session
             log.warning("could not publish the end of abandoned session %s", session.session_id)
 
+    def _source_status(self, session: _Session, status: common_pb2.SourceStatus) -> None:
+        """A pulled source's news: to the client and the watchers; its end finishes the session, its
+        failure ends the call with the status it names."""
+        K = common_pb2.SourceStatus  # noqa: N806
+        session.put(session_pb2.ServerMessage(source=status))
+        self.g.fan(session.key, session_pb2.ServerMessage(source=status))
+        if status.kind in (K.KIND_CONNECTED, K.KIND_GAP):
+            log.info("session %s: source %s %s at %d ms%s", session.session_id, status.url, K.Kind.Name(status.kind),
+                     status.media_ts_ms, f" (gap {status.gap_ms} ms)" if status.kind == K.KIND_GAP else "")
+        elif status.kind == K.KIND_ENDED:
+            log.info("session %s: source ended after %d frames; finishing the session", session.session_id, status.frames)
+            session.source_ended = True
+            if session.reader is not None and session.reading:
+                session.reader.cancel()
+        elif status.kind == K.KIND_FAILED:
+            code = _status_code(status.code) if status.code else grpc.StatusCode.UNAVAILABLE
+            # Over, not away: there is nothing to resume (published before the call's end would say "away").
+            task = asyncio.get_running_loop().create_task(self._abandon(session, away=False))
+            self.g.background.add(task)
+            task.add_done_callback(self.g.background.discard)
+            session.put(_Fatal(code, status.message or "the source failed"))
+
     async def _pump_ingest(self, results: Any, session: _Session) -> None:
         R = ingest_pb2.IngestFrameResult  # noqa: N806
         try:
             async for r in results:
+                if r.HasField("source"):
+                    self._source_status(session, r.source)
+                    continue
+                if r.preview_jpeg:
+                    session.latest = (r.media_ts_ms, r.preview_jpeg)
+                    session.frames_seen += 1
                 if r.status == R.STATUS_REJECTED:
                     session.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
                         code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=r.error, seq=r.seq, media_ts_ms=r.media_ts_ms)))
@@ -418,14 +573,17 @@ class _SessionApi:
                 else:
                     if r.status == R.STATUS_PUBLISHED:
                         session.last_published_ms = max(session.last_published_ms, r.media_ts_ms)
+                    if session.pulled:
+                        continue  # a pulled stream's frames are the platform's own: no acks (SourceStatus says what happens)
                     session.put(session_pb2.ServerMessage(ack=session_pb2.Ack(
                         kind=session_pb2.Ack.KIND_FRAME, seq=r.seq, media_ts_ms=r.media_ts_ms,
                         sampled=r.status == R.STATUS_PUBLISHED, shed=r.status == R.STATUS_SHED)))
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
                 log.warning("ingest call of session %s failed: %s", session.session_id, err.details())
+                what = "ingest unavailable" if err.code() == grpc.StatusCode.UNAVAILABLE else "ingest refused the stream"
                 session.put(session_pb2.ServerMessage(error=session_pb2.SessionError(
-                    code=err.code().value[0], message=f"ingest unavailable: {err.details()}", fatal=True)))
+                    code=err.code().value[0], message=f"{what}: {err.details()}", fatal=True)))
                 session.put(_DONE)
 
 
@@ -458,6 +616,11 @@ class GatewayStage(Stage):
         self._channel: grpc.aio.Channel | None = None
         self._channel_loop: asyncio.AbstractEventLoop | None = None
         self._ingest: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the gRPC server's loop (sessions, the HTTP API)
+        self._api = _SessionApi(self)
+        self._watchers: dict[str, set[asyncio.Queue]] = {}  # stream key -> live-view queues (on the loop)
+        self.http: Any = None  # the HTTP API (streamharness.gateway.http), when SH_GATEWAY_HTTP_PORT is set
+        self.http_port: int | None = None
 
     def configure(self, spec: StageSpec) -> StageSpec:
         return replace(spec, group=f"{spec.group}-{self.settings.replica_id}",
@@ -513,13 +676,110 @@ class GatewayStage(Stage):
     def ingest_stub(self) -> Any:
         """The ingest client, on the server's event loop (made at the first session)."""
         if self._ingest is None:
+            # round_robin: with ingest_address a headless service (dns:///ingest-headless:50052, as the chart
+            # sets it), sessions — and so pulled streams, one puller each — spread over the ingest replicas.
             self._channel = grpc.aio.insecure_channel(self.settings.ingest_address, options=[
+                ("grpc.lb_policy_name", "round_robin"),
                 ("grpc.max_send_message_length", self.settings.max_frame_bytes + 65536),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ])
             self._channel_loop = asyncio.get_running_loop()
             self._ingest = ingest_pb2_grpc.IngestServiceStub(self._channel)
         return self._ingest
+
+    async def submit(self, session: _Session, msg: session_pb2.ClientMessage) -> session_pb2.ServerMessage:
+        """A question or an instruction change of ``session`` → published (rate-limited); its Ack."""
+        kind = msg.WhichOneof("message")
+        if kind in ("question", "instruction"):
+            self.take_query_token(session)
+        query, ack = session.mapper.query(msg)
+        if kind == "question":
+            session.open_questions.add(query.question_id)
+            session.asked_ns[query.question_id] = time.time_ns()  # time to first token from here
+            session.answered.clear()
+        try:
+            await self.publish_query(query)
+        except StreamHarnessError:
+            if kind == "question":  # not sent: nothing to wait for at the end
+                session.close_question(query.question_id)
+            raise
+        return ack
+
+    # -- in-process sessions and the live view (the HTTP API; on the server's loop) ------------------
+    async def run_session(self, requests: AsyncIterator[bytes], metadata: list[tuple[str, str]], peer: str) -> AsyncIterator[session_pb2.ServerMessage]:
+        """``SessionService.Stream`` in-process: the same authentication, quotas, limits and errors.
+        A refusal raises its ``StreamHarnessError``; a session ended with a status raises ``SessionClosed``."""
+        async for message in self._api.Stream(requests, _LocalContext(metadata, peer)):
+            yield message
+
+    def _local(self, tenant: str, stream_id: str) -> _Session:
+        for session in self.sessions.values():
+            if session.key.tenant == tenant and session.key.stream_id == stream_id:
+                return session
+        raise NotFound(f"stream {stream_id} has no open session on this gateway replica")
+
+    def streams(self, tenant: str) -> list[dict[str, Any]]:
+        """The open sessions of ``tenant`` on this replica (what the live view lists)."""
+        from streamharness.sources import redact
+
+        return sorted(({"stream_id": s.key.stream_id, "session_id": s.session_id,
+                        "source": redact(s.source.url) if s.source.url else ("upload" if s.source.upload else ""),
+                        "opened_unix_ms": s.opened_unix_ms, "last_media_ts_ms": max(s.last_published_ms, s.latest[0] if s.latest else -1),
+                        "frames": s.frames_seen, "decision_fps": s.mapper.decision_fps}
+                       for s in self.sessions.values() if s.key.tenant == tenant), key=lambda d: d["stream_id"])
+
+    def watch(self, tenant: str, stream_id: str) -> _Watch:
+        """A live view of ``tenant``'s ``stream_id`` (``with gateway.watch(...) as w: await w.queue.get()``):
+        its response chunks, decided seconds and source news, whichever replica holds the session."""
+        return _Watch(self, key_str(make_key(tenant, stream_id)))
+
+    def fan(self, key: common_pb2.StreamKey | str, message: session_pb2.ServerMessage) -> None:
+        """On the loop: ``message`` to the watchers of ``key``; a watcher that fell behind loses its oldest."""
+        for queue in list(self._watchers.get(key if isinstance(key, str) else key_str(key), ())):
+            if queue.full():
+                try:
+                    queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    pass
+            queue.put_nowait(message)
+
+    async def latest_frame(self, tenant: str, stream_id: str) -> tuple[int, bytes] | None:
+        """(media_ts_ms, encoded image) of the stream's newest frame: the session's own on this
+        replica, else the newest on the frames topic of the last 10 s (as ingest published it)."""
+        key = make_key(tenant, stream_id)
+        for session in self.sessions.values():
+            if session.key == key and session.latest is not None:
+                return session.latest
+        if self.read_back is None:
+            return None
+
+        def read() -> tuple[int, bytes] | None:
+            newest = None
+            for value in self.read_back(topics.FRAMES, key, int((time.time() - 10) * 1000), 3.0):
+                f = events_pb2.FrameEvent.FromString(value)
+                if f.key == key and (newest is None or f.media_ts_ms > newest[0]):
+                    newest = (f.media_ts_ms, bytes(f.jpeg))
+            return newest
+
+        return await asyncio.get_running_loop().run_in_executor(self._publish_pool, read)
+
+    async def ask(self, tenant: str, stream_id: str, text: str, media_ts_ms: int | None = None) -> str:
+        """A question into ``stream_id``'s open session (the live view's box); its question id."""
+        session = self._local(tenant, stream_id)
+        qid = f"view-{uuid.uuid4().hex[:8]}"
+        ts = media_ts_ms if media_ts_ms is not None else max(0, session.last_published_ms, session.latest[0] if session.latest else 0)
+        session.put(await self.submit(session, session_pb2.ClientMessage(
+            question=session_pb2.Question(question_id=qid, text=text, media_ts_ms=ts))))
+        return qid
+
+    async def add_instruction(self, tenant: str, stream_id: str, text: str) -> str:
+        """A standing instruction added to ``stream_id``'s open session; its instruction id."""
+        session = self._local(tenant, stream_id)
+        iid = f"view-{uuid.uuid4().hex[:8]}"
+        ts = max(0, session.last_published_ms)
+        session.put(await self.submit(session, session_pb2.ClientMessage(instruction=session_pb2.InstructionUpdate(
+            add=common_pb2.StandingInstruction(instruction_id=iid, text=text), media_ts_ms=ts))))
+        return iid
 
     async def publish_query(self, query: events_pb2.QueryEvent) -> None:
         """Publish and wait for Kafka's acknowledgement in a worker thread (the loop never blocks).
@@ -533,7 +793,17 @@ class GatewayStage(Stage):
 
     def handle(self, event: ConsumedEvent) -> None:
         """A record of ``responses`` (on a consumer thread): to the session it is addressed to, on its loop."""
-        r: events_pb2.ResponseEvent = event.message
+        r = event.message
+        if self._watchers and self.loop is not None:  # the live view: any replica's sessions
+            key = key_str(r.key)
+            if key in self._watchers:
+                self._call(self.loop, self.fan, key, _view_message(r))
+        if isinstance(r, events_pb2.DecisionEvent):
+            if r.reply_to == self.settings.replica_id:
+                session = self.sessions.get(r.session_id)
+                if session is not None and session.want_decisions:
+                    self._call(session.loop, session.put, _view_message(r))
+            return
         if r.reply_to != self.settings.replica_id:
             return  # another replica's session (a resumed one reads its responses back itself)
         session = self.sessions.get(r.session_id)
@@ -541,6 +811,13 @@ class GatewayStage(Stage):
             return  # the session ended; nobody to tell
         try:
             session.loop.call_soon_threadsafe(session.offer, r)
+        except RuntimeError:
+            pass  # the server's loop is closed: shutting down
+
+    @staticmethod
+    def _call(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:
             pass  # the server's loop is closed: shutting down
 
@@ -583,8 +860,19 @@ class GatewayStage(Stage):
         self._health_channel = grpc.insecure_channel(self.settings.ingest_address)
         self._ingest_health = health_pb2_grpc.HealthStub(self._health_channel)
 
+    def start(self) -> None:
+        # After register (which took the server's loop): open() runs before the server exists.
+        if self.settings.http_port is not None and self.loop is not None:
+            from streamharness.gateway.http import HttpApi
+
+            self.http = HttpApi(self)
+            asyncio.run_coroutine_threadsafe(self.http.start(), self.loop).result(30)
+            self.http_port = self.http.port
+            log.info("HTTP API and live view on http://%s:%d (/v1, /view)", self.settings.http_host, self.http_port)
+
     def register(self, server: grpc.aio.Server) -> None:
-        server.add_generic_rpc_handlers((_SessionApi(self).handler(),))
+        server.add_generic_rpc_handlers((self._api.handler(),))
+        self.loop = asyncio.get_running_loop()  # register runs on the server's loop
 
     def healthy(self) -> bool:
         """Ingest answers. A health call rather than ``channel_ready_future``: that one leaves a
@@ -610,6 +898,11 @@ class GatewayStage(Stage):
         # The runner already stopped taking calls; open sessions end when their clients do. The
         # pipeline is told that the sessions cut off by the stop are away (they may resume on
         # another replica) before the producer closes.
+        if self.http is not None and self.loop is not None and self.loop.is_running():
+            try:  # the HTTP sessions end like the gRPC ones: published as away
+                asyncio.run_coroutine_threadsafe(self.http.stop(), self.loop).result(max(0.1, deadline - time.monotonic()))
+            except (futures.TimeoutError, RuntimeError):
+                log.warning("the HTTP API did not stop before the deadline")
         loop = self._channel_loop
         if loop is not None and loop.is_running():
             try:

@@ -1,5 +1,9 @@
 """Map exceptions raised by handlers to gRPC status codes with a useful message, log each call,
-and record its duration. Handlers raise ``streamharness.errors`` exceptions; anything else is a
+record its duration, and trace unary calls (a SERVER span continuing the caller's trace from the
+W3C ``traceparent`` in the call's metadata: memory's ``Context``/``Recall`` in the trace of the
+response asking; :class:`~streamharness.memory.client.MemoryClient` sends it). Streaming calls (a
+session's ``Stream``, ``IngestFrames``) last as long as a session and get no span: each frame
+carries a trace of its own (:mod:`streamharness.telemetry.tracing`). Handlers raise ``streamharness.errors`` exceptions; anything else is a
 bug and becomes INTERNAL (logged with its traceback, but only its type reaches the client).
 
 The server is ``grpc.aio`` (:mod:`streamharness.runner`): ``async`` handlers (the gateway's and
@@ -14,16 +18,31 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
 import grpc.aio
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 
 from streamharness.errors import StreamHarnessError
-from streamharness.telemetry import meters
+from streamharness.telemetry import meters, tracing
 
 log = logging.getLogger("streamharness.grpc")
+_tracer = trace.get_tracer("streamharness.grpc")
+
+
+@contextmanager
+def server_span(method: str, metadata: Iterable[tuple[str, Any]] | None) -> Iterator[Span]:
+    """The SERVER span of one unary call (``/package.Service/Method``), a child of the caller's
+    context when the metadata carries one (OpenTelemetry RPC conventions)."""
+    service, _, name = method.lstrip("/").partition("/")
+    carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+    with _tracer.start_as_current_span(f"{service}/{name}", context=tracing.extract(carrier), kind=SpanKind.SERVER,
+                                       attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}) as span:
+        yield span
 
 
 def status_of(method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -74,26 +93,30 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             if inspect.iscoroutinefunction(fn):
                 async def ainner(request_or_iter: Any, context: grpc.aio.ServicerContext) -> Any:
                     start = time.perf_counter()
+                    with server_span(method, context.invocation_metadata()) as span:
+                        try:
+                            result = await fn(request_or_iter, context)
+                            record(start, "OK")
+                            return result
+                        except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+                            if (status := failed(start, exc)) is None:
+                                raise
+                            span.set_attribute("rpc.grpc.status_code", status[0].value[0])
+                    await context.abort(*status)
+                return ainner
+
+            def inner(request_or_iter: Any, context: grpc.ServicerContext) -> Any:
+                start = time.perf_counter()
+                with server_span(method, context.invocation_metadata()) as span:
                     try:
-                        result = await fn(request_or_iter, context)
+                        result = fn(request_or_iter, context)
                         record(start, "OK")
                         return result
                     except BaseException as exc:  # noqa: BLE001 - mapped to a status below
                         if (status := failed(start, exc)) is None:
                             raise
-                        await context.abort(*status)
-                return ainner
-
-            def inner(request_or_iter: Any, context: grpc.ServicerContext) -> Any:
-                start = time.perf_counter()
-                try:
-                    result = fn(request_or_iter, context)
-                    record(start, "OK")
-                    return result
-                except BaseException as exc:  # noqa: BLE001 - mapped to a status below
-                    if (status := failed(start, exc)) is None:
-                        raise
-                    context.abort(*status)
+                        span.set_attribute("rpc.grpc.status_code", status[0].value[0])
+                context.abort(*status)
             return inner
 
         def wrap_stream(fn: Callable[..., Any]) -> Callable[..., Any]:

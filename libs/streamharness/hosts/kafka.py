@@ -109,7 +109,7 @@ class KafkaHost(Service):
                 handler=self.stage.handle, on_batch_end=self.stage.end_batch, on_give_up=self.stage.give_up,
                 on_assigned=self.stage.assigned, on_revoked=self.stage.revoked,
                 auto_offset_reset=spec.offset_reset,  # chosen per stage; the reason is in the topology row
-                client_id=spec.name if spec.members == 1 else f"{spec.name}-{i}", **fetch,
+                client_id=spec.name if spec.members == 1 else f"{spec.name}-{i}", stage=spec.name, **fetch,
             ))
 
     def register(self, server: grpc.Server) -> None:

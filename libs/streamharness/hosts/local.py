@@ -29,7 +29,15 @@ from google.protobuf.message import Message
 
 from streamharness import topics, topology
 from streamharness.keys import key_str
-from streamharness.records import ConsumedEvent, Headers, dead_letter_event, dead_letter_record, message_headers, process_record
+from streamharness.records import (
+    ConsumedEvent,
+    Headers,
+    dead_letter_event,
+    dead_letter_record,
+    message_headers,
+    process_record,
+    sending,
+)
 from streamharness.settings import KafkaSettings
 from streamharness.stage import Stage, StageContext, StageSpec
 from streamharness.telemetry import meters
@@ -96,8 +104,11 @@ class LocalBus:
 
     # -- producing -----------------------------------------------------------------------------
     def send(self, topic: str, key: common_pb2.StreamKey | str, message: Message, headers: Headers | None = None) -> _Delivered:
-        """``message`` on the logical ``topic``, serialised with the type and trace headers."""
-        return self.send_raw(self.kafka.topic(topic), _key_bytes(key), message.SerializeToString(), message_headers(message, headers))
+        """``message`` on the logical ``topic``, serialised with the type and trace headers (in a
+        PRODUCER span, as on Kafka)."""
+        full, raw_key = self.kafka.topic(topic), _key_bytes(key)
+        with sending(full, raw_key.decode() if raw_key else None):
+            return self.send_raw(full, raw_key, message.SerializeToString(), message_headers(message, headers))
 
     def send_raw(self, full_topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> _Delivered:
         """Bytes as they are to a full topic name (dead letters; tests that send malformed records)."""
@@ -309,7 +320,8 @@ class LocalHost:
         for delivery in range(1, attempts + 1):
             for record in records:
                 event = process_record(record, types, h.stage.handle, attempts=self.kafka.handler_retries,
-                                       group=h.group, dead_letter=dead_letter, on_give_up=h.stage.give_up)
+                                       group=h.group, dead_letter=dead_letter, on_give_up=h.stage.give_up,
+                                       stage=h.spec.name)
                 if event is not None:
                     h.processed += 1
             try:

@@ -47,11 +47,14 @@ from streamharness.auth import AuthSettings, Identity, InternalTokens, audit, ca
 from streamharness.errors import InvalidInput, StreamHarnessError, TooLarge
 from streamharness.grpcutil.wire import drain_first, parse
 from streamharness.ingest.frames import Resampler, bound_pixels, decode_image, encode_jpeg
+from streamharness.ingest.pull import PulledSession
 from streamharness.keys import key_str, make_key
 from streamharness.limits import Buckets
 from streamharness.settings import load_settings
+from streamharness.sources import PullSlots
+from streamharness.sources.settings import SourceSettings
 from streamharness.stage import Delivery, Outbox, Stage, StageContext
-from streamharness.telemetry import meters
+from streamharness.telemetry import meters, tracing
 from streamharness.v1 import common_pb2, events_pb2, ingest_pb2
 
 log = logging.getLogger(__name__)
@@ -141,8 +144,11 @@ class FramePublisher:
 class IngestServicer:
     """``IngestFrames``; :meth:`ingest_one` is the per-frame step (also used by the local host's sessions)."""
 
-    def __init__(self, settings: IngestSettings, outbox: Outbox, intake_open: threading.Event, tokens: InternalTokens | None = None):
+    def __init__(self, settings: IngestSettings, outbox: Outbox, intake_open: threading.Event, tokens: InternalTokens | None = None,
+                 source_settings: SourceSettings | None = None):
         self.settings = settings
+        self.source_settings = source_settings or load_settings(SourceSettings)
+        self.pull_slots = PullSlots(self.source_settings)
         self.outbox = outbox
         self.intake_open = intake_open
         self.tokens = tokens
@@ -162,6 +168,10 @@ class IngestServicer:
         if sem is None:
             sem = self._per_tenant[tenant] = asyncio.Semaphore(self.settings.tenant_decode_concurrency)
         return sem
+
+    def frames_over_quota(self, key: common_pb2.StreamKey) -> bool:
+        """A pulled frame of ``key``'s tenant: True when the tenant is over its frames/s (shed it)."""
+        return bool(self._frames.take(key.tenant))
 
     def shed(self, key: common_pb2.StreamKey, req: ingest_pb2.IngestFrameRequest) -> R | None:
         """The frame's SHED result when its tenant is over the frame quota, else None."""
@@ -197,6 +207,14 @@ class IngestServicer:
             if key is None:
                 key = make_key(req.key.tenant, req.key.stream_id)  # bad key: the call ends (interceptor)
                 check_owner(identity, key.tenant, key.stream_id, "ingest")
+                if req.source.url or req.source.upload:  # a pulled session: ingest reads the stream itself
+                    if not self.intake_open.is_set():
+                        yield R(source=common_pb2.SourceStatus(kind=common_pb2.SourceStatus.KIND_FAILED, code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                                               message="ingest is shutting down; open the session again"))
+                        return
+                    async for result in PulledSession(self, req, key).results(requests):
+                        yield result
+                    return
                 resampler = Resampler(req.decision_fps or self.settings.default_decision_fps, self.settings.max_media_jump_ms)
             elif (req.key.tenant, req.key.stream_id) != (key.tenant, key.stream_id):
                 raise InvalidInput(f"one IngestFrames call carries one stream: got {key_str(req.key)} after {key_str(key)}")
@@ -209,6 +227,13 @@ class IngestServicer:
             yield result
 
     def ingest_one(self, req: ingest_pb2.IngestFrameRequest, key: common_pb2.StreamKey, resampler: Resampler) -> R:
+        # In the frame's trace (the gateway's context in trace_context): the frame is published inside.
+        with tracing.received("ingest", "frame", req.trace_context, message=req) as span:
+            result = self._ingest_one(req, key, resampler)
+            span.set_attribute("sh.ingest.status", R.Status.Name(result.status))
+            return result
+
+    def _ingest_one(self, req: ingest_pb2.IngestFrameRequest, key: common_pb2.StreamKey, resampler: Resampler) -> R:
         result = R(seq=req.seq, media_ts_ms=req.media_ts_ms)
         if not self.intake_open.is_set():
             result.status = R.STATUS_REJECTED
@@ -254,14 +279,15 @@ class IngestStage(Stage):
 
     name = "ingest"
 
-    def __init__(self, settings: IngestSettings | None = None, auth: AuthSettings | None = None):
+    def __init__(self, settings: IngestSettings | None = None, sources: SourceSettings | None = None, auth: AuthSettings | None = None):
         self.settings = settings or load_settings(IngestSettings)
+        self.sources = sources  # streamharness.sources.SourceSettings (read from the environment when None)
         self.auth = auth
         self.servicer: IngestServicer | None = None
         self._intake_open = threading.Event()
 
     def open(self, ctx: StageContext) -> None:
-        self.servicer = IngestServicer(self.settings, ctx.outbox, self._intake_open)
+        self.servicer = IngestServicer(self.settings, ctx.outbox, self._intake_open, source_settings=self.sources)
 
     def register(self, server: grpc.aio.Server) -> None:
         # Serving the API needs the identity secret (the local host calls ingest_one directly).

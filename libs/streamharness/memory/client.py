@@ -1,6 +1,7 @@
 """The memory service's client for the stages that act for a stream (decision, responder,
 summariser): ``MemoryServiceStub``'s ``Context``, ``Recall`` and ``Items`` with, on every call, an
-internal identity token for the tenant of the request's stream (:mod:`streamharness.auth`)."""
+internal identity token for the tenant of the request's stream (:mod:`streamharness.auth`) and the
+caller's trace context (memory's span joins the trace of the response or decision asking)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import grpc
 
 from streamharness.auth import AuthSettings, InternalTokens
 from streamharness.settings import load_settings
+from streamharness.telemetry import tracing
 from streamharness.v1 import memory_pb2, memory_pb2_grpc
 
 AUDIENCE = "memory"
@@ -22,7 +24,9 @@ class MemoryClient:
         self._stub = memory_pb2_grpc.MemoryServiceStub(self._channel)
 
     def _md(self, request: Any) -> tuple[tuple[str, str], ...]:
-        return self._tokens.metadata(request.key.tenant, AUDIENCE)
+        carrier: dict[str, str] = {}
+        tracing.inject(carrier)  # traceparent (lower case, as gRPC metadata keys must be)
+        return (*self._tokens.metadata(request.key.tenant, AUDIENCE), *carrier.items())
 
     def Context(self, request: memory_pb2.ContextRequest, timeout: float | None = None) -> memory_pb2.ContextResponse:  # noqa: N802
         return self._stub.Context(request, timeout=timeout, metadata=self._md(request))

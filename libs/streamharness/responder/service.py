@@ -68,6 +68,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import grpc
+from opentelemetry.trace import Status, StatusCode
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -76,7 +77,7 @@ from streamharness.errors import InvalidInput
 from streamharness.generation import FrameImage, GenerationSettings, Prompt, ResponseGenerator, make_generator
 from streamharness.keys import key_str, parse_key
 from streamharness.memory.timephrases import clock
-from streamharness.records import ConsumedEvent, call_with_retries
+from streamharness.records import ConsumedEvent, call_with_retries, processing
 from streamharness.responder.frames import FrameRings
 from streamharness.settings import load_settings
 from streamharness.stage import Outbox, Stage, StageContext, StageSpec
@@ -418,15 +419,19 @@ class ResponderStage(Stage):
             if self._stopping is not None and self._stopping.is_set():
                 raise Stopping(f"stopping with {len(order) - done} of the batch's {len(order)} decisions not answered: "
                                "the batch is redelivered to the partition's next owner")
-            try:
-                call_with_retries(self._answer, accepted, self._attempts)
-            except Exception as err:  # noqa: BLE001 - one decision's failure must not hold back the batch
+            # A span per decision in the decision's trace: its chunks are sent in it (streamharness.telemetry.tracing).
+            with processing(accepted.event, "responder", "generate", attributes={"sh.batch_size": len(order)}) as span:
                 try:
-                    self.give_up(accepted.event, err)
-                except Exception:  # noqa: BLE001 - the dead letter matters more
-                    log.exception("closing response %s failed", accepted.event.message.decision_id)
-                assert self.out is not None
-                self.out.dead_letter(accepted.event, "handler-failed", err)
+                    call_with_retries(self._answer, accepted, self._attempts)
+                except Exception as err:  # noqa: BLE001 - one decision's failure must not hold back the batch
+                    span.record_exception(err)
+                    span.set_status(Status(StatusCode.ERROR, repr(err)))
+                    try:
+                        self.give_up(accepted.event, err)
+                    except Exception:  # noqa: BLE001 - the dead letter matters more
+                        log.exception("closing response %s failed", accepted.event.message.decision_id)
+                    assert self.out is not None
+                    self.out.dead_letter(accepted.event, "handler-failed", err)
 
     def _answer(self, accepted: _Accepted) -> None:
         """One generation attempt of a decision's response (called again for each retry)."""
@@ -445,6 +450,7 @@ class ResponderStage(Stage):
         if decision.action != events_pb2.DecisionEvent.ACTION_RESPOND:
             return
         log.warning("response %s failed for good (%r); closing it", decision.decision_id, error)
+        meters.responses_given_up().add(1, {"trigger": meters.trigger_label(decision.trigger)})
         closing = self._chunk(self._stream_key(event), decision, 0, "", final=True, hops=[], attempt=new_attempt())
         self.out.send(topics.RESPONSES, event.key, closing).get(timeout=self._settings.publish_timeout_s)
 
@@ -503,7 +509,7 @@ class ResponderStage(Stage):
                 answer.append(text)
                 index += 1
         except Exception as err:
-            meters.responses_failed().add(1, {"error": type(err).__name__})
+            meters.responses_failed().add(1, {"error": type(err).__name__, "trigger": meters.trigger_label(decision.trigger)})
             if index:
                 # Not closed here: a retry generates it whole under a new attempt (receivers drop
                 # these chunks then), and after the last one give_up() closes it.
@@ -517,6 +523,7 @@ class ResponderStage(Stage):
         last.prompt_text, last.answer_text = decision.prompt_text, "".join(answer).strip()  # memory keeps the dialogue
         futures.append(self.out.send(topics.RESPONSES, key, last))
         self._wait(futures)
+        meters.responses_generated().add(1, {"trigger": meters.trigger_label(decision.trigger)})
         log.info("response %s: %d chunks (%d frames)", decision.decision_id, index, len(prompt.images))
 
     def _wait(self, futures: list) -> None:

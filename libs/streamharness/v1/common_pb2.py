@@ -24,21 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstreamharness/v1/common.proto\x12\x10streamharness.v1\".\n\tStreamKey\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\"-\n\x08HopStamp\x12\x0b\n\x03hop\x18\x01 \x01(\t\x12\x14\n\x0cwall_unix_ns\x18\x02 \x01(\x03\";\n\x13StandingInstruction\x12\x16\n\x0einstruction_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t*`\n\rImageEncoding\x12\x1e\n\x1aIMAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13IMAGE_ENCODING_JPEG\x10\x01\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x02*Q\n\x07Trigger\x12\x17\n\x13TRIGGER_UNSPECIFIED\x10\x00\x12\x14\n\x10TRIGGER_QUESTION\x10\x01\x12\x17\n\x13TRIGGER_INSTRUCTION\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstreamharness/v1/common.proto\x12\x10streamharness.v1\".\n\tStreamKey\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\"-\n\x08HopStamp\x12\x0b\n\x03hop\x18\x01 \x01(\t\x12\x14\n\x0cwall_unix_ns\x18\x02 \x01(\x03\";\n\x13StandingInstruction\x12\x16\n\x0einstruction_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"b\n\x06Source\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x16\n\x0ertsp_transport\x18\x02 \x01(\t\x12\r\n\x05speed\x18\x03 \x01(\x01\x12\x0e\n\x06upload\x18\x04 \x01(\x08\x12\x14\n\x0cupload_bytes\x18\x05 \x01(\x03\"\xab\x02\n\x0cSourceStatus\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.streamharness.v1.SourceStatus.Kind\x12\x13\n\x0bmedia_ts_ms\x18\x02 \x01(\x03\x12\x0e\n\x06gap_ms\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x0c\n\x04\x63ode\x18\x06 \x01(\x05\x12\x0b\n\x03url\x18\x07 \x01(\t\x12\x0e\n\x06\x66rames\x18\x08 \x01(\x04\"v\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eKIND_CONNECTED\x10\x01\x12\x15\n\x11KIND_RECONNECTING\x10\x02\x12\x0c\n\x08KIND_GAP\x10\x03\x12\x0e\n\nKIND_ENDED\x10\x04\x12\x0f\n\x0bKIND_FAILED\x10\x05*`\n\rImageEncoding\x12\x1e\n\x1aIMAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13IMAGE_ENCODING_JPEG\x10\x01\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x02*Q\n\x07Trigger\x12\x17\n\x13TRIGGER_UNSPECIFIED\x10\x00\x12\x14\n\x10TRIGGER_QUESTION\x10\x01\x12\x17\n\x13TRIGGER_INSTRUCTION\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'streamharness.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGEENCODING']._serialized_start=207
-  _globals['_IMAGEENCODING']._serialized_end=303
-  _globals['_TRIGGER']._serialized_start=305
-  _globals['_TRIGGER']._serialized_end=386
+  _globals['_IMAGEENCODING']._serialized_start=609
+  _globals['_IMAGEENCODING']._serialized_end=705
+  _globals['_TRIGGER']._serialized_start=707
+  _globals['_TRIGGER']._serialized_end=788
   _globals['_STREAMKEY']._serialized_start=51
   _globals['_STREAMKEY']._serialized_end=97
   _globals['_HOPSTAMP']._serialized_start=99
   _globals['_HOPSTAMP']._serialized_end=144
   _globals['_STANDINGINSTRUCTION']._serialized_start=146
   _globals['_STANDINGINSTRUCTION']._serialized_end=205
+  _globals['_SOURCE']._serialized_start=207
+  _globals['_SOURCE']._serialized_end=305
+  _globals['_SOURCESTATUS']._serialized_start=308
+  _globals['_SOURCESTATUS']._serialized_end=607
+  _globals['_SOURCESTATUS_KIND']._serialized_start=489
+  _globals['_SOURCESTATUS_KIND']._serialized_end=607
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IngestFrameRequest(_message.Message):
-    __slots__ = ("key", "session_id", "media_ts_ms", "image", "encoding", "seq", "decision_fps", "hops")
+    __slots__ = ("key", "session_id", "media_ts_ms", "image", "encoding", "seq", "decision_fps", "hops", "source", "video", "video_last", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +25,10 @@ class IngestFrameRequest(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     DECISION_FPS_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_LAST_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.StreamKey
     session_id: str
     media_ts_ms: int
@@ -26,10 +37,14 @@ class IngestFrameRequest(_message.Message):
     seq: int
     decision_fps: float
     hops: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopStamp]
-    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., image: _Optional[bytes] = ..., encoding: _Optional[_Union[_common_pb2.ImageEncoding, str]] = ..., seq: _Optional[int] = ..., decision_fps: _Optional[float] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ...) -> None: ...
+    source: _common_pb2.Source
+    video: bytes
+    video_last: bool
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., image: _Optional[bytes] = ..., encoding: _Optional[_Union[_common_pb2.ImageEncoding, str]] = ..., seq: _Optional[int] = ..., decision_fps: _Optional[float] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., source: _Optional[_Union[_common_pb2.Source, _Mapping]] = ..., video: _Optional[bytes] = ..., video_last: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class IngestFrameResult(_message.Message):
-    __slots__ = ("seq", "media_ts_ms", "status", "error")
+    __slots__ = ("seq", "media_ts_ms", "status", "error", "source", "preview_jpeg")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[IngestFrameResult.Status]
@@ -48,8 +63,12 @@ class IngestFrameResult(_message.Message):
     MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_JPEG_FIELD_NUMBER: _ClassVar[int]
     seq: int
     media_ts_ms: int
     status: IngestFrameResult.Status
     error: str
-    def __init__(self, seq: _Optional[int] = ..., media_ts_ms: _Optional[int] = ..., status: _Optional[_Union[IngestFrameResult.Status, str]] = ..., error: _Optional[str] = ...) -> None: ...
+    source: _common_pb2.SourceStatus
+    preview_jpeg: bytes
+    def __init__(self, seq: _Optional[int] = ..., media_ts_ms: _Optional[int] = ..., status: _Optional[_Union[IngestFrameResult.Status, str]] = ..., error: _Optional[str] = ..., source: _Optional[_Union[_common_pb2.SourceStatus, _Mapping]] = ..., preview_jpeg: _Optional[bytes] = ...) -> None: ...

@@ -9,21 +9,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClientMessage(_message.Message):
-    __slots__ = ("start", "frame", "question", "instruction", "end")
+    __slots__ = ("start", "frame", "question", "instruction", "end", "video")
     START_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
     start: SessionStart
     frame: Frame
     question: Question
     instruction: InstructionUpdate
     end: SessionEnd
-    def __init__(self, start: _Optional[_Union[SessionStart, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., question: _Optional[_Union[Question, _Mapping]] = ..., instruction: _Optional[_Union[InstructionUpdate, _Mapping]] = ..., end: _Optional[_Union[SessionEnd, _Mapping]] = ...) -> None: ...
+    video: VideoChunk
+    def __init__(self, start: _Optional[_Union[SessionStart, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., question: _Optional[_Union[Question, _Mapping]] = ..., instruction: _Optional[_Union[InstructionUpdate, _Mapping]] = ..., end: _Optional[_Union[SessionEnd, _Mapping]] = ..., video: _Optional[_Union[VideoChunk, _Mapping]] = ...) -> None: ...
 
 class SessionStart(_message.Message):
-    __slots__ = ("stream_id", "decision_fps", "instructions", "labels", "resume_token", "received_response_ids")
+    __slots__ = ("stream_id", "decision_fps", "instructions", "labels", "resume_token", "received_response_ids", "source", "want_decisions")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -37,13 +39,25 @@ class SessionStart(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    WANT_DECISIONS_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     decision_fps: float
     instructions: _containers.RepeatedCompositeFieldContainer[_common_pb2.StandingInstruction]
     labels: _containers.ScalarMap[str, str]
     resume_token: str
     received_response_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, stream_id: _Optional[str] = ..., decision_fps: _Optional[float] = ..., instructions: _Optional[_Iterable[_Union[_common_pb2.StandingInstruction, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., resume_token: _Optional[str] = ..., received_response_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    source: _common_pb2.Source
+    want_decisions: bool
+    def __init__(self, stream_id: _Optional[str] = ..., decision_fps: _Optional[float] = ..., instructions: _Optional[_Iterable[_Union[_common_pb2.StandingInstruction, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., resume_token: _Optional[str] = ..., received_response_ids: _Optional[_Iterable[str]] = ..., source: _Optional[_Union[_common_pb2.Source, _Mapping]] = ..., want_decisions: _Optional[bool] = ...) -> None: ...
+
+class VideoChunk(_message.Message):
+    __slots__ = ("data", "last")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    last: bool
+    def __init__(self, data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("media_ts_ms", "image", "encoding", "seq")
@@ -82,16 +96,42 @@ class SessionEnd(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("accepted", "ack", "response", "error")
+    __slots__ = ("accepted", "ack", "response", "error", "source", "decision")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
     accepted: SessionAccepted
     ack: Ack
     response: ResponseChunk
     error: SessionError
-    def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., response: _Optional[_Union[ResponseChunk, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ...) -> None: ...
+    source: _common_pb2.SourceStatus
+    decision: DecisionStep
+    def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., response: _Optional[_Union[ResponseChunk, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., source: _Optional[_Union[_common_pb2.SourceStatus, _Mapping]] = ..., decision: _Optional[_Union[DecisionStep, _Mapping]] = ...) -> None: ...
+
+class DecisionStep(_message.Message):
+    __slots__ = ("media_ts_ms", "respond", "trigger", "question_id", "instruction_id", "prompt_text", "score", "policy", "reason")
+    MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
+    RESPOND_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    media_ts_ms: int
+    respond: bool
+    trigger: _common_pb2.Trigger
+    question_id: str
+    instruction_id: str
+    prompt_text: str
+    score: float
+    policy: str
+    reason: str
+    def __init__(self, media_ts_ms: _Optional[int] = ..., respond: _Optional[bool] = ..., trigger: _Optional[_Union[_common_pb2.Trigger, str]] = ..., question_id: _Optional[str] = ..., instruction_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., score: _Optional[float] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
     __slots__ = ("session_id", "key", "decision_fps", "resume_token", "resumed", "resume_window_s")
