@@ -216,7 +216,20 @@ def test_services_probe_grpc_health_and_gateways_know_their_pod(tmp_path):
         assert container["command"] == ["python", f"services/{name}/main.py"]
     gateway_env = {e["name"]: e for e in deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert gateway_env["SH_GATEWAY_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert gateway_env["SH_GATEWAY_INGEST_ADDRESS"]["value"] == "sh-ingest:50051"
+    # Through ingest's headless Service, balanced by the gateway (round_robin): pulled streams spread.
+    assert gateway_env["SH_GATEWAY_INGEST_ADDRESS"]["value"] == "dns:///sh-ingest-headless:50051"
+    assert (gateway_env["SH_GATEWAY_HTTP_HOST"]["value"], gateway_env["SH_GATEWAY_HTTP_PORT"]["value"]) == ("0.0.0.0", "8080")
+
+
+def test_ingest_has_a_headless_service_and_the_gateway_serves_http(tmp_path):
+    docs = render(tmp_path)
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    headless = services["sh-ingest-headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"]["app.kubernetes.io/component"] == "ingest"
+    assert {p["name"]: p["port"] for p in headless["spec"]["ports"]} == {"grpc": 50051}
+    assert {p["name"]: p["port"] for p in services["sh-gateway"]["spec"]["ports"]}.items() >= {"grpc": 50051, "http": 8080}.items()
+    assert "sh-encoder-headless" not in services  # only where asked
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.name)
@@ -287,7 +300,7 @@ def test_memory_without_persistence_is_a_deployment_with_an_empty_dir(tmp_path):
     assert mount["mountPath"] == "/data/memory"
     volume = next(v for v in memory["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
     assert volume == {"name": mount["name"], "emptyDir": {}}
-    assert not [d for d in docs if d["kind"] == "StatefulSet" or d["metadata"]["name"].endswith("-headless")]
+    assert not [d for d in docs if d["kind"] == "StatefulSet" or d["metadata"]["name"] == "sh-memory-headless"]
 
 
 def test_template_names_no_component():
@@ -899,13 +912,13 @@ def test_tls_gateway_is_probed_on_its_plaintext_health_port(tmp_path):
         gateway = workloads(docs)["gateway"]
         container = pod_of(gateway)["containers"][0]
         assert container_env(gateway)["SH_GRPC_HEALTH_PORT"]["value"] == str(want)
-        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50051, "health": want, "metrics": 9464}
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50051, "http": 8080, "health": want, "metrics": 9464}
         # The kubelet's gRPC probe on the plaintext port: readiness is the service's health status.
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             assert {k: v for k, v in container[probe].items() if k in ("grpc", "tcpSocket", "httpGet", "exec")} == {"grpc": {"port": want}}, probe
         # Not on the Service; under the policies, from monitoringFrom only (the kubelet needs no rule).
         service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "sh-gateway")
-        assert [p["name"] for p in service["spec"]["ports"]] == ["grpc", "metrics"]
+        assert [p["name"] for p in service["spec"]["ports"]] == ["grpc", "http", "metrics"]
         policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
         labels = pod_labels(docs)
         assert admitted(policies, labels["gateway"], "health", prometheus)
@@ -918,7 +931,7 @@ def test_tls_gateway_is_probed_on_its_plaintext_health_port(tmp_path):
     # TLS off: health on the gRPC port itself, no second port.
     gateway = workloads(render(tmp_path))["gateway"]
     assert "SH_GRPC_HEALTH_PORT" not in container_env(gateway)
-    assert [p["name"] for p in pod_of(gateway)["containers"][0]["ports"]] == ["grpc", "metrics"]
+    assert [p["name"] for p in pod_of(gateway)["containers"][0]["ports"]] == ["grpc", "http", "metrics"]
     assert pod_of(gateway)["containers"][0]["readinessProbe"]["grpc"] == {"port": 50051}
     # A health port on the TLS port, or set by hand, is refused with the reason.
     for extra, complaint in ((["--set", "components.gateway.tls.healthPort=50051"], "clashes with ports.grpc"),
@@ -973,7 +986,7 @@ def pod_labels(docs: list[dict]) -> dict[str, dict]:
 def callers_by_address(docs: list[dict]) -> dict[tuple[str, str], set[str]]:
     """(target component, port name) -> the pods whose environment names that Service's address
     (sh-<name>:<port>, as SH_*_ADDRESS, SH_TRITON_URL or SH_GENERATION_BASE_URL do)."""
-    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service" and "clusterIP" not in d["spec"]}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}  # headless ones too (the gateways call ingest's)
     pods = [(d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"], d["spec"]["template"]["spec"]) for d in docs if d["kind"] in (*WORKLOAD_KINDS, "Job")]
     pods += [("eval", t["spec"]) for t in eval_job_pods().values()]
     found: dict[tuple[str, str], set[str]] = {}

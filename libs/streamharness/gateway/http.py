@@ -642,6 +642,8 @@ class HttpApi:
         self.host: str = getattr(s, "http_host", "127.0.0.1")
         self.requested_port: int = getattr(s, "http_port", 0) or 0
         self.idle_s: float = getattr(s, "http_idle_timeout_s", None) or s.idle_timeout_s
+        #: TLS with the gRPC port's certificate (SH_GRPC_TLS_*): the public ports are both TLS or both not.
+        self.ssl_context = getattr(gateway, "http_ssl_context", None)
         self.max_frame_bytes: int = s.max_frame_bytes
         self.chat_limit = 4 * self.max_frame_bytes + JSON_LIMIT  # room for a few base64 images
         self.port: int | None = None
@@ -683,7 +685,7 @@ class HttpApi:
         self._static = {name: (pkg / name).read_bytes() for name in STATIC}
         self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.requested_port)
+        site = web.TCPSite(self._runner, self.host, self.requested_port, ssl_context=self.ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         self._watchdog = asyncio.get_running_loop().create_task(self._idle_watchdog(), name="http-idle")

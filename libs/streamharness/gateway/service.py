@@ -36,6 +36,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -262,6 +263,22 @@ class _Session:
         held, self.held = self.held, []
         for r in [*records, *held]:
             self.offer(r)
+
+
+def _tls_context() -> ssl.SSLContext | None:
+    """The HTTP port's TLS: the gRPC port's certificate and key (``SH_GRPC_TLS_CERT_FILE`` /
+    ``_KEY_FILE``; ``SH_GRPC_TLS_CLIENT_CA_FILE`` also asks clients for a certificate), or None."""
+    from streamharness.settings import ServiceSettings
+
+    s = load_settings(ServiceSettings)
+    if s.grpc_tls_cert_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(s.grpc_tls_cert_file, s.grpc_tls_key_file)
+    if s.grpc_tls_client_ca_file is not None:
+        context.load_verify_locations(s.grpc_tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def _status_code(value: int) -> grpc.StatusCode:
@@ -621,6 +638,7 @@ class GatewayStage(Stage):
         self._watchers: dict[str, set[asyncio.Queue]] = {}  # stream key -> live-view queues (on the loop)
         self.http: Any = None  # the HTTP API (streamharness.gateway.http), when SH_GATEWAY_HTTP_PORT is set
         self.http_port: int | None = None
+        self.http_ssl_context: ssl.SSLContext | None = None
 
     def configure(self, spec: StageSpec) -> StageSpec:
         return replace(spec, group=f"{spec.group}-{self.settings.replica_id}",
@@ -864,6 +882,8 @@ class GatewayStage(Stage):
         # After register (which took the server's loop): open() runs before the server exists.
         if self.settings.http_port is not None and self.loop is not None:
             from streamharness.gateway.http import HttpApi
+
+            self.http_ssl_context = _tls_context()
 
             self.http = HttpApi(self)
             asyncio.run_coroutine_threadsafe(self.http.start(), self.loop).result(30)
