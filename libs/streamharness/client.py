@@ -86,6 +86,9 @@ class Session:
     #: by itself at its end.
     source: common_pb2.Source | None = None
     want_decisions: bool = False  # also receive a DecisionStep for every decided second
+    #: ``common_pb2.PACE_REPLAY`` for frames sent faster than real time (a recording): none is ever
+    #: shed for lag, so the decisions are those of the media time alone; ``PACE_LIVE`` for a camera.
+    pace: int = common_pb2.PACE_UNSPECIFIED
 
     def __post_init__(self) -> None:
         self._out: asyncio.Queue = asyncio.Queue(maxsize=64)
@@ -123,11 +126,11 @@ class Session:
 
     async def _open(self, resume: bool) -> None:
         start = session_pb2.SessionStart(
-            stream_id=self.stream_id, decision_fps=self.decision_fps, source=self.source, want_decisions=self.want_decisions,
+            stream_id=self.stream_id, decision_fps=self.decision_fps, source=self.source, want_decisions=self.want_decisions, pace=self.pace,
             instructions=[common_pb2.StandingInstruction(instruction_id=k, text=v) for k, v in self.instructions.items()])
         if resume:
             start = session_pb2.SessionStart(stream_id=self.stream_id, decision_fps=self.decision_fps, source=self.source,
-                                             want_decisions=self.want_decisions, resume_token=self.resume_token,
+                                             want_decisions=self.want_decisions, pace=self.pace, resume_token=self.resume_token,
                                              received_response_ids=sorted(self._complete))
         self._generation += 1
         resend = list(self._unacked.values()) if resume else []

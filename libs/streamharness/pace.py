@@ -4,7 +4,10 @@ than the next one. A stream sent faster than real time (a recorded file, an eval
 at full speed) wants every frame decided the same way whatever the machine's load; lateness costs
 it nothing. :class:`PaceTracker` tells them apart per (stream, session) from the first frame's
 media time and wall stamp: once the media time runs ahead of the wall clock by more than
-``SLACK_MS`` plus half again, the session counts as not live for good."""
+``SLACK_MS`` plus half again, the session counts as not live for good. A frame that carries its
+pace (``FrameEvent.pace``: ingest sets it for pulled sources, a client may declare it in
+``SessionStart.pace``) is not judged: within its first ``SLACK_MS`` of media time a fast replay
+could not be told from a camera."""
 
 from __future__ import annotations
 
@@ -21,7 +24,11 @@ class PaceTracker:
     def __init__(self) -> None:
         self._first: OrderedDict[tuple[str, str], tuple[int, int, bool]] = OrderedDict()
 
-    def live(self, stream: str, session: str, media_ts_ms: int, wall_ns: int) -> bool:
+    def live(self, stream: str, session: str, media_ts_ms: int, wall_ns: int, declared: int = 0) -> bool:
+        """``declared``: the frame's ``Pace`` (``PACE_LIVE`` 1, ``PACE_REPLAY`` 2) when its sender or
+        ingest said; it wins — a replay is never judged live in its first seconds."""
+        if declared:
+            return declared == 1
         key = (stream, session)
         first = self._first.get(key)
         if first is None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from streamharness.client import Response, Session
 from streamharness.replay import encoded_frames, replay
-from streamharness.v1 import session_pb2
+from streamharness.v1 import common_pb2, session_pb2
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ async def play(
     result = PlayResult()
     instructions = {f"watch-{i + 1}": text for i, text in enumerate(watch_for)}
     result.instruction_ids = dict(instructions)
+    # Faster than real time: a replay, never shed for lag (real time: judged like a camera).
+    connect.setdefault("pace", common_pb2.PACE_REPLAY if speed != 1.0 else common_pb2.PACE_UNSPECIFIED)
     async with Session(address, stream_id=stream_id, decision_fps=decision_fps, instructions=instructions,
                        api_key=api_key, tenant=tenant, **connect) as session:
         result.session_id = session.session_id

@@ -45,6 +45,7 @@ class SessionMapper:
     reply_to: str = ""
     key: common_pb2.StreamKey | None = None
     decision_fps: float = DEFAULT_DECISION_FPS
+    pace: int = 0  # SessionStart.pace, carried on every frame (common_pb2.Pace)
 
     def check_text(self, what: str, text: str) -> None:
         if not text.strip():
@@ -65,6 +66,7 @@ class SessionMapper:
         if not 0 < fps <= 30:
             raise InvalidInput(f"decision_fps {start.decision_fps} is out of range (0, 30]")
         self.decision_fps = fps
+        self.pace = start.pace
         ids = [i.instruction_id for i in start.instructions]
         if len(set(ids)) != len(ids) or any(not i for i in ids):
             raise InvalidInput("standing instructions need unique, non-empty instruction_id values")
@@ -79,7 +81,7 @@ class SessionMapper:
             raise TooLarge(f"frame.image of seq {f.seq} is {len(f.image)} bytes, above the limit of {self.max_frame_bytes} (SH_GATEWAY_MAX_FRAME_BYTES)")
         request = ingest_pb2.IngestFrameRequest(
             key=self.key, session_id=self.session_id, media_ts_ms=f.media_ts_ms, image=f.image, encoding=f.encoding,
-            seq=f.seq, decision_fps=self.decision_fps, hops=[_stamp("gateway")],
+            seq=f.seq, decision_fps=self.decision_fps, hops=[_stamp("gateway")], pace=self.pace,
         )
         # The frame's own trace starts here (``gateway frame``); ingest goes on from trace_context.
         with tracing.frame_received("gateway", request, request.trace_context):

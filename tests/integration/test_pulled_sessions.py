@@ -120,7 +120,7 @@ def test_a_camera_over_rtsp_reconnects_after_its_publisher_dies_and_reports_the_
     ts = [f.media_ts_ms for f in frames]
     assert len(ts) >= 5 and ts == sorted(set(ts)), ts  # one per media second, strictly increasing
     assert any(b - a >= 2000 for a, b in zip(ts, ts[1:])), ts  # the gap is in the media time, not papered over
-    assert all(f.width * f.height <= 320 * 240 for f in frames)
+    assert all(f.width * f.height <= 320 * 240 and f.pace == common_pb2.PACE_LIVE for f in frames)  # a camera: live
     assert ingest.servicer.pull_slots.in_use() == 0  # the puller stopped with the session
 
 
@@ -146,7 +146,9 @@ def test_a_file_over_http_and_the_same_file_uploaded_give_the_same_frames(servic
         msgs = got[name]
         assert statuses(msgs)[-1].kind == K.KIND_ENDED, (name, statuses(msgs))
         assert msgs[-1].WhichOneof("message") == "ack" and msgs[-1].ack.kind == session_pb2.Ack.KIND_END
-        seen[name] = [f.media_ts_ms for f in frames_of(kafka_settings, stream)]
+        frames = frames_of(kafka_settings, stream)
+        assert all(f.pace == common_pb2.PACE_REPLAY for f in frames)  # a file: never shed for lag, its decisions exact
+        seen[name] = [f.media_ts_ms for f in frames]
     # The file's own timestamps (its pts), one frame per media second: the same whichever way it came.
     assert seen["http"] == seen["upload"]
     ts = seen["http"]

@@ -169,3 +169,23 @@ def test_a_finished_session_says_so_with_the_responses_still_to_come(policy):
     (done,) = [r for r in of(host, topics.RESPONSES, events_pb2.ResponseEvent) if r.session_finished]
     assert (done.session_id, done.reply_to, done.final) == ("s1", "gw-1", True)
     assert list(done.pending_response_ids) == [answer.decision_id]
+
+
+def test_a_declared_replay_is_never_shed_even_in_its_first_seconds(policy):
+    # Its first 5 s of media time sent at once, lagging: judged by timing alone these look like a
+    # camera's backlog (the first SLACK_MS cannot tell) and all but the newest would be shed. A
+    # replay that says so (an upload, a file, the player faster than real time) keeps every frame.
+    def run(pace):
+        host, _ = host_with(policy, shed_lag_ms=1000)
+        host.bus.subscribe(f"check-{topics.DECISION_LOG}", [host.kafka.topic(topics.DECISION_LOG)])
+        publish(host, start())
+        for ts in range(0, 5000, 1000):
+            f = frame(ts, 2 if ts == 3000 else 0, age_ms=5000)
+            f.pace = pace
+            host.bus.send(topics.EMBEDDINGS, KEY, f)
+        host.run_until_idle()
+        return sorted({d.media_ts_ms for d in of(host, topics.DECISION_LOG, events_pb2.DecisionEvent)})
+
+    assert run(common_pb2.PACE_UNSPECIFIED) == [4000]  # judged live: the backlog shed
+    assert run(common_pb2.PACE_REPLAY) == [0, 1000, 2000, 3000, 4000]
+    assert run(common_pb2.PACE_LIVE) == [4000]

@@ -79,7 +79,7 @@ class DecisionSettings(BaseSettings):
         "not read).")
     away_keep_s: float = Field(300.0, gt=0, le=7 * 86_400, description="A session whose client went away without SessionEnd (a dropped call, a gateway that stopped) keeps its stream's state (instructions, questions) this long for a resume with its token; then the stream is finished.")
     session_lease_s: float = Field(120.0, gt=0, le=86_400, description="A session with no input (frame or query) for this long no longer holds its stream: a new session may take the stream over. Before that a second session on the stream is refused (refusal 'stream_in_use', ALREADY_EXISTS at the client).")
-    shed_lag_ms: int = Field(2000, ge=0, le=3_600_000, description="Per-stream frame shedding when the stage lags: a frame older than this (wall time since the gateway stamped it) is not decided when a newer frame of its stream is in the same batch (the newest is kept; counted in sh.pipeline.frames_shed). Only for streams sent at the pace of their media time: a file or an evaluation replayed faster than real time is never shed. 0 = decide every frame.")
+    shed_lag_ms: int = Field(2000, ge=0, le=3_600_000, description="Per-stream frame shedding when the stage lags: a frame older than this (wall time since the gateway stamped it) is not decided when a newer frame of its stream is in the same batch (the newest is kept; counted in sh.pipeline.frames_shed). Only for live frames (FrameEvent.pace PACE_LIVE, or undeclared and sent at the pace of their media time): a pulled file, an upload, a replay declared PACE_REPLAY (the player and the eval faster than real time) is never shed. 0 = decide every frame.")
 
 
 #: Refusals that are about the session itself, not a question: the gateway ends the call with them.
@@ -456,7 +456,7 @@ class DecisionStage(Stage):
                 name = key_str(msg.key)
                 if name not in newest or msg.media_ts_ms > newest[name].media_ts_ms:
                     newest[name] = msg
-                live[name] = self._pace.live(name, msg.session_id, msg.media_ts_ms, msg.hops[0].wall_unix_ns)
+                live[name] = self._pace.live(name, msg.session_id, msg.media_ts_ms, msg.hops[0].wall_unix_ns, msg.pace)
         now_ns = time.time_ns()
         kept, shed = [], 0
         for msg in batch:

@@ -382,7 +382,7 @@ class EncoderStage(Stage):
         live: dict[str, bool] = {}
         for f in frames:  # in order: the pace is judged from a session's first frame to its newest
             src, stamp = f.event.message, frame_stamp_ns(f.event.message)
-            live[f.event.key] = stamp is None or self._pace.live(f.event.key, src.session_id, src.media_ts_ms, stamp)
+            live[f.event.key] = stamp is None or self._pace.live(f.event.key, src.session_id, src.media_ts_ms, stamp, src.pace)
         planned = {key: c for key, c in self._people_counts.items() if key in newest}
         every_ms = s.people_every_s * 1000.0
         plan: list[str] = []
@@ -470,4 +470,5 @@ class EncoderStage(Stage):
             person_count=person_count if person_count is not None else 0,
             caption=build_caption(encoding.labels, person_count, self.settings.caption_labels),
             hops=[*src.hops, common_pb2.HopStamp(hop=HOP, wall_unix_ns=time.time_ns())],
+            pace=src.pace,
         )

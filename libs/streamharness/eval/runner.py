@@ -52,6 +52,7 @@ async def run_episode_via_gateway(address: str, episode: Episode, *, speed: floa
                                   api_key: str | None = None) -> EpisodeRun:
     """Play one episode through a gateway and record every response with its client-side latencies."""
     from streamharness.client import Session
+    from streamharness.v1 import common_pb2
 
     video = resolve_video(episode, base_dir)
     initial = {e.event_id: e.text for e in episode.instructions if e.given_at_s == 0}
@@ -63,7 +64,9 @@ async def run_episode_via_gateway(address: str, episode: Episode, *, speed: floa
     sent_wall: dict[str, float] = {}
     records: list[ResponseRecord] = []
     async with Session(address, stream_id=f"eval-{episode.episode_id}"[:128].replace("/", "-"), decision_fps=decision_fps,
-                       instructions=initial, api_key=api_key) as session:
+                       instructions=initial, api_key=api_key,
+                       # Faster than real time: a replay, never shed for lag (the scores are the media time's alone).
+                       pace=common_pb2.PACE_REPLAY if speed != 1.0 else common_pb2.PACE_UNSPECIFIED) as session:
         async def receive() -> None:
             async for r in session.responses():
                 event_id = r.question_id or r.instruction_id or None

@@ -62,6 +62,8 @@ class PulledSession:
         self.loop = asyncio.get_running_loop()
         self.out: asyncio.Queue = asyncio.Queue(maxsize=64)
         self.url = ""
+        # A file or an upload is a replay (never shed for lag: its decisions are exact); a camera is live.
+        self.pace = common_pb2.PACE_LIVE if self.source.url.partition("://")[0].lower() in ("rtsp", "rtsps", "rtmp", "rtmps") else common_pb2.PACE_REPLAY
 
     # -- on the puller's thread ---------------------------------------------------------------------
     def _put(self, item: object) -> None:
@@ -84,7 +86,8 @@ class PulledSession:
         self.seq += 1
         event = events_pb2.FrameEvent(
             key=self.key, session_id=self.first.session_id, media_ts_ms=ts, seq=self.seq, jpeg=jpeg,
-            width=rgb.shape[1], height=rgb.shape[0], hops=[common_pb2.HopStamp(hop="ingest", wall_unix_ns=time.time_ns())])
+            width=rgb.shape[1], height=rgb.shape[0], hops=[common_pb2.HopStamp(hop="ingest", wall_unix_ns=time.time_ns())],
+            pace=self.pace)
         unavailable = self.servicer.publisher.publish(self.key, event)
         if unavailable is not None:
             meters.frames_ingested().add(1, {"status": "unavailable"})

@@ -251,7 +251,7 @@ class IngestServicer:
             event = events_pb2.FrameEvent(
                 key=key, session_id=req.session_id, media_ts_ms=req.media_ts_ms, seq=req.seq,
                 jpeg=encode_jpeg(rgb, self.settings.jpeg_quality), width=rgb.shape[1], height=rgb.shape[0],
-                hops=[*req.hops, common_pb2.HopStamp(hop="ingest", wall_unix_ns=time.time_ns())],
+                pace=req.pace, hops=[*req.hops, common_pb2.HopStamp(hop="ingest", wall_unix_ns=time.time_ns())],
             )
             unavailable = self.publisher.publish(key, event)
             if unavailable is not None:

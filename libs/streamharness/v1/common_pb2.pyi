@@ -11,6 +11,12 @@ class ImageEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE_ENCODING_JPEG: _ClassVar[ImageEncoding]
     IMAGE_ENCODING_PNG: _ClassVar[ImageEncoding]
 
+class Pace(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PACE_UNSPECIFIED: _ClassVar[Pace]
+    PACE_LIVE: _ClassVar[Pace]
+    PACE_REPLAY: _ClassVar[Pace]
+
 class Trigger(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRIGGER_UNSPECIFIED: _ClassVar[Trigger]
@@ -19,6 +25,9 @@ class Trigger(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 IMAGE_ENCODING_UNSPECIFIED: ImageEncoding
 IMAGE_ENCODING_JPEG: ImageEncoding
 IMAGE_ENCODING_PNG: ImageEncoding
+PACE_UNSPECIFIED: Pace
+PACE_LIVE: Pace
+PACE_REPLAY: Pace
 TRIGGER_UNSPECIFIED: Trigger
 TRIGGER_QUESTION: Trigger
 TRIGGER_INSTRUCTION: Trigger

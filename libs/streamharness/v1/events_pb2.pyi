@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FrameEvent(_message.Message):
-    __slots__ = ("key", "session_id", "media_ts_ms", "seq", "jpeg", "width", "height", "hops")
+    __slots__ = ("key", "session_id", "media_ts_ms", "seq", "jpeg", "width", "height", "hops", "pace")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class FrameEvent(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    PACE_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.StreamKey
     session_id: str
     media_ts_ms: int
@@ -27,7 +28,8 @@ class FrameEvent(_message.Message):
     width: int
     height: int
     hops: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopStamp]
-    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., seq: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ...) -> None: ...
+    pace: _common_pb2.Pace
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., seq: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., pace: _Optional[_Union[_common_pb2.Pace, str]] = ...) -> None: ...
 
 class Label(_message.Message):
     __slots__ = ("name", "score")
@@ -54,7 +56,7 @@ class Detection(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., x: _Optional[float] = ..., y: _Optional[float] = ..., width: _Optional[float] = ..., height: _Optional[float] = ...) -> None: ...
 
 class EncodedFrameEvent(_message.Message):
-    __slots__ = ("key", "session_id", "media_ts_ms", "seq", "embedding", "embedding_model", "labels", "detections", "person_count", "caption", "hops")
+    __slots__ = ("key", "session_id", "media_ts_ms", "seq", "embedding", "embedding_model", "labels", "detections", "person_count", "caption", "hops", "pace")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MEDIA_TS_MS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +68,7 @@ class EncodedFrameEvent(_message.Message):
     PERSON_COUNT_FIELD_NUMBER: _ClassVar[int]
     CAPTION_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    PACE_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.StreamKey
     session_id: str
     media_ts_ms: int
@@ -77,7 +80,8 @@ class EncodedFrameEvent(_message.Message):
     person_count: int
     caption: str
     hops: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopStamp]
-    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., seq: _Optional[int] = ..., embedding: _Optional[_Iterable[float]] = ..., embedding_model: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., person_count: _Optional[int] = ..., caption: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ...) -> None: ...
+    pace: _common_pb2.Pace
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., seq: _Optional[int] = ..., embedding: _Optional[_Iterable[float]] = ..., embedding_model: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., person_count: _Optional[int] = ..., caption: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., pace: _Optional[_Union[_common_pb2.Pace, str]] = ...) -> None: ...
 
 class QueryEvent(_message.Message):
     __slots__ = ("key", "session_id", "kind", "media_ts_ms", "question_id", "instruction_id", "text", "decision_fps", "instructions", "reply_to", "hops")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from streamharness.v1 import common_pb2 as streamharness_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstreamharness/v1/ingest.proto\x12\x10streamharness.v1\x1a\x1dstreamharness/v1/common.proto\"\xc7\x03\n\x12IngestFrameRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bmedia_ts_ms\x18\x03 \x01(\x03\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x31\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1f.streamharness.v1.ImageEncoding\x12\x0b\n\x03seq\x18\x06 \x01(\x04\x12\x14\n\x0c\x64\x65\x63ision_fps\x18\x07 \x01(\x01\x12(\n\x04hops\x18\x08 \x03(\x0b\x32\x1a.streamharness.v1.HopStamp\x12(\n\x06source\x18\t \x01(\x0b\x32\x18.streamharness.v1.Source\x12\r\n\x05video\x18\n \x01(\x0c\x12\x12\n\nvideo_last\x18\x0b \x01(\x08\x12M\n\rtrace_context\x18\x0c \x03(\x0b\x32\x36.streamharness.v1.IngestFrameRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd1\x02\n\x11IngestFrameResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0bmedia_ts_ms\x18\x02 \x01(\x03\x12:\n\x06status\x18\x03 \x01(\x0e\x32*.streamharness.v1.IngestFrameResult.Status\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12.\n\x06source\x18\x05 \x01(\x0b\x32\x1e.streamharness.v1.SourceStatus\x12\x14\n\x0cpreview_jpeg\x18\x06 \x01(\x0c\"\x88\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_PUBLISHED\x10\x01\x12\x12\n\x0eSTATUS_SKIPPED\x10\x02\x12\x13\n\x0fSTATUS_REJECTED\x10\x03\x12\x0f\n\x0bSTATUS_SHED\x10\x04\x12\x16\n\x12STATUS_UNAVAILABLE\x10\x05\x32n\n\rIngestService\x12]\n\x0cIngestFrames\x12$.streamharness.v1.IngestFrameRequest\x1a#.streamharness.v1.IngestFrameResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstreamharness/v1/ingest.proto\x12\x10streamharness.v1\x1a\x1dstreamharness/v1/common.proto\"\xed\x03\n\x12IngestFrameRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bmedia_ts_ms\x18\x03 \x01(\x03\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x31\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1f.streamharness.v1.ImageEncoding\x12\x0b\n\x03seq\x18\x06 \x01(\x04\x12\x14\n\x0c\x64\x65\x63ision_fps\x18\x07 \x01(\x01\x12(\n\x04hops\x18\x08 \x03(\x0b\x32\x1a.streamharness.v1.HopStamp\x12(\n\x06source\x18\t \x01(\x0b\x32\x18.streamharness.v1.Source\x12\r\n\x05video\x18\n \x01(\x0c\x12\x12\n\nvideo_last\x18\x0b \x01(\x08\x12M\n\rtrace_context\x18\x0c \x03(\x0b\x32\x36.streamharness.v1.IngestFrameRequest.TraceContextEntry\x12$\n\x04pace\x18\r \x01(\x0e\x32\x16.streamharness.v1.Pace\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd1\x02\n\x11IngestFrameResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0bmedia_ts_ms\x18\x02 \x01(\x03\x12:\n\x06status\x18\x03 \x01(\x0e\x32*.streamharness.v1.IngestFrameResult.Status\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12.\n\x06source\x18\x05 \x01(\x0b\x32\x1e.streamharness.v1.SourceStatus\x12\x14\n\x0cpreview_jpeg\x18\x06 \x01(\x0c\"\x88\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_PUBLISHED\x10\x01\x12\x12\n\x0eSTATUS_SKIPPED\x10\x02\x12\x13\n\x0fSTATUS_REJECTED\x10\x03\x12\x0f\n\x0bSTATUS_SHED\x10\x04\x12\x16\n\x12STATUS_UNAVAILABLE\x10\x05\x32n\n\rIngestService\x12]\n\x0cIngestFrames\x12$.streamharness.v1.IngestFrameRequest\x1a#.streamharness.v1.IngestFrameResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTFRAMEREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_INGESTFRAMEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_INGESTFRAMEREQUEST']._serialized_start=83
-  _globals['_INGESTFRAMEREQUEST']._serialized_end=538
-  _globals['_INGESTFRAMEREQUEST_TRACECONTEXTENTRY']._serialized_start=487
-  _globals['_INGESTFRAMEREQUEST_TRACECONTEXTENTRY']._serialized_end=538
-  _globals['_INGESTFRAMERESULT']._serialized_start=541
-  _globals['_INGESTFRAMERESULT']._serialized_end=878
-  _globals['_INGESTFRAMERESULT_STATUS']._serialized_start=742
-  _globals['_INGESTFRAMERESULT_STATUS']._serialized_end=878
-  _globals['_INGESTSERVICE']._serialized_start=880
-  _globals['_INGESTSERVICE']._serialized_end=990
+  _globals['_INGESTFRAMEREQUEST']._serialized_end=576
+  _globals['_INGESTFRAMEREQUEST_TRACECONTEXTENTRY']._serialized_start=525
+  _globals['_INGESTFRAMEREQUEST_TRACECONTEXTENTRY']._serialized_end=576
+  _globals['_INGESTFRAMERESULT']._serialized_start=579
+  _globals['_INGESTFRAMERESULT']._serialized_end=916
+  _globals['_INGESTFRAMERESULT_STATUS']._serialized_start=780
+  _globals['_INGESTFRAMERESULT_STATUS']._serialized_end=916
+  _globals['_INGESTSERVICE']._serialized_start=918
+  _globals['_INGESTSERVICE']._serialized_end=1028
 # @@protoc_insertion_point(module_scope)

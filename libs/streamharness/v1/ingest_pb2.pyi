@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IngestFrameRequest(_message.Message):
-    __slots__ = ("key", "session_id", "media_ts_ms", "image", "encoding", "seq", "decision_fps", "hops", "source", "video", "video_last", "trace_context")
+    __slots__ = ("key", "session_id", "media_ts_ms", "image", "encoding", "seq", "decision_fps", "hops", "source", "video", "video_last", "trace_context", "pace")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class IngestFrameRequest(_message.Message):
     VIDEO_FIELD_NUMBER: _ClassVar[int]
     VIDEO_LAST_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PACE_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.StreamKey
     session_id: str
     media_ts_ms: int
@@ -41,7 +42,8 @@ class IngestFrameRequest(_message.Message):
     video: bytes
     video_last: bool
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., image: _Optional[bytes] = ..., encoding: _Optional[_Union[_common_pb2.ImageEncoding, str]] = ..., seq: _Optional[int] = ..., decision_fps: _Optional[float] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., source: _Optional[_Union[_common_pb2.Source, _Mapping]] = ..., video: _Optional[bytes] = ..., video_last: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    pace: _common_pb2.Pace
+    def __init__(self, key: _Optional[_Union[_common_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., media_ts_ms: _Optional[int] = ..., image: _Optional[bytes] = ..., encoding: _Optional[_Union[_common_pb2.ImageEncoding, str]] = ..., seq: _Optional[int] = ..., decision_fps: _Optional[float] = ..., hops: _Optional[_Iterable[_Union[_common_pb2.HopStamp, _Mapping]]] = ..., source: _Optional[_Union[_common_pb2.Source, _Mapping]] = ..., video: _Optional[bytes] = ..., video_last: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., pace: _Optional[_Union[_common_pb2.Pace, str]] = ...) -> None: ...
 
 class IngestFrameResult(_message.Message):
     __slots__ = ("seq", "media_ts_ms", "status", "error", "source", "preview_jpeg")

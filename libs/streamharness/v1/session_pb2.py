@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from streamharness.v1 import common_pb2 as streamharness_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estreamharness/v1/session.proto\x12\x10streamharness.v1\x1a\x1dstreamharness/v1/common.proto\"\xbd\x02\n\rClientMessage\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.streamharness.v1.SessionStartH\x00\x12(\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x17.streamharness.v1.FrameH\x00\x12.\n\x08question\x18\x03 \x01(\x0b\x32\x1a.streamharness.v1.QuestionH\x00\x12:\n\x0binstruction\x18\x04 \x01(\x0b\x32#.streamharness.v1.InstructionUpdateH\x00\x12+\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x1c.streamharness.v1.SessionEndH\x00\x12-\n\x05video\x18\x06 \x01(\x0b\x32\x1c.streamharness.v1.VideoChunkH\x00\x42\t\n\x07message\"\xd6\x02\n\x0cSessionStart\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x63ision_fps\x18\x02 \x01(\x01\x12;\n\x0cinstructions\x18\x03 \x03(\x0b\x32%.streamharness.v1.StandingInstruction\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.streamharness.v1.SessionStart.LabelsEntry\x12\x14\n\x0cresume_token\x18\x05 \x01(\t\x12\x1d\n\x15received_response_ids\x18\x06 \x03(\t\x12(\n\x06source\x18\x07 \x01(\x0b\x32\x18.streamharness.v1.Source\x12\x16\n\x0ewant_decisions\x18\x08 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\nVideoChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x08\"k\n\x05\x46rame\x12\x13\n\x0bmedia_ts_ms\x18\x01 \x01(\x03\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x31\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1f.streamharness.v1.ImageEncoding\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"B\n\x08Question\x12\x13\n\x0bquestion_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bmedia_ts_ms\x18\x03 \x01(\x03\"\x89\x01\n\x11InstructionUpdate\x12\x34\n\x03\x61\x64\x64\x18\x01 \x01(\x0b\x32%.streamharness.v1.StandingInstructionH\x00\x12\x1f\n\x15remove_instruction_id\x18\x02 \x01(\tH\x00\x12\x13\n\x0bmedia_ts_ms\x18\x03 \x01(\x03\x42\x08\n\x06\x63hange\"\x0c\n\nSessionEnd\"\xc3\x02\n\rServerMessage\x12\x35\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32!.streamharness.v1.SessionAcceptedH\x00\x12$\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x15.streamharness.v1.AckH\x00\x12\x33\n\x08response\x18\x03 \x01(\x0b\x32\x1f.streamharness.v1.ResponseChunkH\x00\x12/\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1e.streamharness.v1.SessionErrorH\x00\x12\x30\n\x06source\x18\x05 \x01(\x0b\x32\x1e.streamharness.v1.SourceStatusH\x00\x12\x32\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0b\x32\x1e.streamharness.v1.DecisionStepH\x00\x42\t\n\x07message\"\xd1\x01\n\x0c\x44\x65\x63isionStep\x12\x13\n\x0bmedia_ts_ms\x18\x01 \x01(\x03\x12\x0f\n\x07respond\x18\x02 \x01(\x08\x12*\n\x07trigger\x18\x03 \x01(\x0e\x32\x19.streamharness.v1.Trigger\x12\x13\n\x0bquestion_id\x18\x04 \x01(\t\x12\x16\n\x0einstruction_id\x18\x05 \x01(\t\x12\x13\n\x0bprompt_text\x18\x06 \x01(\t\x12\r\n\x05score\x18\x07 \x01(\x02\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\"\xa5\x01\n\x0fSessionAccepted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x03key\x18\x02 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12\x14\n\x0c\x64\x65\x63ision_fps\x18\x03 \x01(\x01\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\x12\x0f\n\x07resumed\x18\x05 \x01(\x08\x12\x17\n\x0fresume_window_s\x18\x06 \x01(\x01\"\xe1\x01\n\x03\x41\x63k\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.streamharness.v1.Ack.Kind\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x13\n\x0bmedia_ts_ms\x18\x03 \x01(\x03\x12\x0f\n\x07sampled\x18\x04 \x01(\x08\x12\x0c\n\x04shed\x18\x05 \x01(\x08\x12\n\n\x02id\x18\x06 \x01(\t\"c\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_FRAME\x10\x01\x12\x11\n\rKIND_QUESTION\x10\x02\x12\x14\n\x10KIND_INSTRUCTION\x10\x03\x12\x0c\n\x08KIND_END\x10\x04\"\xe0\x01\n\rResponseChunk\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12*\n\x07trigger\x18\x05 \x01(\x0e\x32\x19.streamharness.v1.Trigger\x12\x13\n\x0bquestion_id\x18\x06 \x01(\t\x12\x16\n\x0einstruction_id\x18\x07 \x01(\t\x12\x13\n\x0bmedia_ts_ms\x18\x08 \x01(\x03\x12\x0f\n\x07refusal\x18\t \x01(\t\x12\x0f\n\x07restart\x18\n \x01(\x08\"v\n\x0cSessionError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x13\n\x0bmedia_ts_ms\x18\x04 \x01(\x03\x12\r\n\x05\x66\x61tal\x18\x05 \x01(\x08\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\x03\x32`\n\x0eSessionService\x12N\n\x06Stream\x12\x1f.streamharness.v1.ClientMessage\x1a\x1f.streamharness.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estreamharness/v1/session.proto\x12\x10streamharness.v1\x1a\x1dstreamharness/v1/common.proto\"\xbd\x02\n\rClientMessage\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.streamharness.v1.SessionStartH\x00\x12(\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x17.streamharness.v1.FrameH\x00\x12.\n\x08question\x18\x03 \x01(\x0b\x32\x1a.streamharness.v1.QuestionH\x00\x12:\n\x0binstruction\x18\x04 \x01(\x0b\x32#.streamharness.v1.InstructionUpdateH\x00\x12+\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x1c.streamharness.v1.SessionEndH\x00\x12-\n\x05video\x18\x06 \x01(\x0b\x32\x1c.streamharness.v1.VideoChunkH\x00\x42\t\n\x07message\"\xfc\x02\n\x0cSessionStart\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x63ision_fps\x18\x02 \x01(\x01\x12;\n\x0cinstructions\x18\x03 \x03(\x0b\x32%.streamharness.v1.StandingInstruction\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.streamharness.v1.SessionStart.LabelsEntry\x12\x14\n\x0cresume_token\x18\x05 \x01(\t\x12\x1d\n\x15received_response_ids\x18\x06 \x03(\t\x12(\n\x06source\x18\x07 \x01(\x0b\x32\x18.streamharness.v1.Source\x12\x16\n\x0ewant_decisions\x18\x08 \x01(\x08\x12$\n\x04pace\x18\t \x01(\x0e\x32\x16.streamharness.v1.Pace\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\nVideoChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x08\"k\n\x05\x46rame\x12\x13\n\x0bmedia_ts_ms\x18\x01 \x01(\x03\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x31\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1f.streamharness.v1.ImageEncoding\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"B\n\x08Question\x12\x13\n\x0bquestion_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bmedia_ts_ms\x18\x03 \x01(\x03\"\x89\x01\n\x11InstructionUpdate\x12\x34\n\x03\x61\x64\x64\x18\x01 \x01(\x0b\x32%.streamharness.v1.StandingInstructionH\x00\x12\x1f\n\x15remove_instruction_id\x18\x02 \x01(\tH\x00\x12\x13\n\x0bmedia_ts_ms\x18\x03 \x01(\x03\x42\x08\n\x06\x63hange\"\x0c\n\nSessionEnd\"\xc3\x02\n\rServerMessage\x12\x35\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32!.streamharness.v1.SessionAcceptedH\x00\x12$\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x15.streamharness.v1.AckH\x00\x12\x33\n\x08response\x18\x03 \x01(\x0b\x32\x1f.streamharness.v1.ResponseChunkH\x00\x12/\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1e.streamharness.v1.SessionErrorH\x00\x12\x30\n\x06source\x18\x05 \x01(\x0b\x32\x1e.streamharness.v1.SourceStatusH\x00\x12\x32\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0b\x32\x1e.streamharness.v1.DecisionStepH\x00\x42\t\n\x07message\"\xd1\x01\n\x0c\x44\x65\x63isionStep\x12\x13\n\x0bmedia_ts_ms\x18\x01 \x01(\x03\x12\x0f\n\x07respond\x18\x02 \x01(\x08\x12*\n\x07trigger\x18\x03 \x01(\x0e\x32\x19.streamharness.v1.Trigger\x12\x13\n\x0bquestion_id\x18\x04 \x01(\t\x12\x16\n\x0einstruction_id\x18\x05 \x01(\t\x12\x13\n\x0bprompt_text\x18\x06 \x01(\t\x12\r\n\x05score\x18\x07 \x01(\x02\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\"\xa5\x01\n\x0fSessionAccepted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x03key\x18\x02 \x01(\x0b\x32\x1b.streamharness.v1.StreamKey\x12\x14\n\x0c\x64\x65\x63ision_fps\x18\x03 \x01(\x01\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\x12\x0f\n\x07resumed\x18\x05 \x01(\x08\x12\x17\n\x0fresume_window_s\x18\x06 \x01(\x01\"\xe1\x01\n\x03\x41\x63k\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.streamharness.v1.Ack.Kind\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x13\n\x0bmedia_ts_ms\x18\x03 \x01(\x03\x12\x0f\n\x07sampled\x18\x04 \x01(\x08\x12\x0c\n\x04shed\x18\x05 \x01(\x08\x12\n\n\x02id\x18\x06 \x01(\t\"c\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_FRAME\x10\x01\x12\x11\n\rKIND_QUESTION\x10\x02\x12\x14\n\x10KIND_INSTRUCTION\x10\x03\x12\x0c\n\x08KIND_END\x10\x04\"\xe0\x01\n\rResponseChunk\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12*\n\x07trigger\x18\x05 \x01(\x0e\x32\x19.streamharness.v1.Trigger\x12\x13\n\x0bquestion_id\x18\x06 \x01(\t\x12\x16\n\x0einstruction_id\x18\x07 \x01(\t\x12\x13\n\x0bmedia_ts_ms\x18\x08 \x01(\x03\x12\x0f\n\x07refusal\x18\t \x01(\t\x12\x0f\n\x07restart\x18\n \x01(\x08\"v\n\x0cSessionError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x13\n\x0bmedia_ts_ms\x18\x04 \x01(\x03\x12\r\n\x05\x66\x61tal\x18\x05 \x01(\x08\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\x03\x32`\n\x0eSessionService\x12N\n\x06Stream\x12\x1f.streamharness.v1.ClientMessage\x1a\x1f.streamharness.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,33 +37,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENTMESSAGE']._serialized_start=84
   _globals['_CLIENTMESSAGE']._serialized_end=401
   _globals['_SESSIONSTART']._serialized_start=404
-  _globals['_SESSIONSTART']._serialized_end=746
-  _globals['_SESSIONSTART_LABELSENTRY']._serialized_start=701
-  _globals['_SESSIONSTART_LABELSENTRY']._serialized_end=746
-  _globals['_VIDEOCHUNK']._serialized_start=748
-  _globals['_VIDEOCHUNK']._serialized_end=788
-  _globals['_FRAME']._serialized_start=790
-  _globals['_FRAME']._serialized_end=897
-  _globals['_QUESTION']._serialized_start=899
-  _globals['_QUESTION']._serialized_end=965
-  _globals['_INSTRUCTIONUPDATE']._serialized_start=968
-  _globals['_INSTRUCTIONUPDATE']._serialized_end=1105
-  _globals['_SESSIONEND']._serialized_start=1107
-  _globals['_SESSIONEND']._serialized_end=1119
-  _globals['_SERVERMESSAGE']._serialized_start=1122
-  _globals['_SERVERMESSAGE']._serialized_end=1445
-  _globals['_DECISIONSTEP']._serialized_start=1448
-  _globals['_DECISIONSTEP']._serialized_end=1657
-  _globals['_SESSIONACCEPTED']._serialized_start=1660
-  _globals['_SESSIONACCEPTED']._serialized_end=1825
-  _globals['_ACK']._serialized_start=1828
-  _globals['_ACK']._serialized_end=2053
-  _globals['_ACK_KIND']._serialized_start=1954
-  _globals['_ACK_KIND']._serialized_end=2053
-  _globals['_RESPONSECHUNK']._serialized_start=2056
-  _globals['_RESPONSECHUNK']._serialized_end=2280
-  _globals['_SESSIONERROR']._serialized_start=2282
-  _globals['_SESSIONERROR']._serialized_end=2400
-  _globals['_SESSIONSERVICE']._serialized_start=2402
-  _globals['_SESSIONSERVICE']._serialized_end=2498
+  _globals['_SESSIONSTART']._serialized_end=784
+  _globals['_SESSIONSTART_LABELSENTRY']._serialized_start=739
+  _globals['_SESSIONSTART_LABELSENTRY']._serialized_end=784
+  _globals['_VIDEOCHUNK']._serialized_start=786
+  _globals['_VIDEOCHUNK']._serialized_end=826
+  _globals['_FRAME']._serialized_start=828
+  _globals['_FRAME']._serialized_end=935
+  _globals['_QUESTION']._serialized_start=937
+  _globals['_QUESTION']._serialized_end=1003
+  _globals['_INSTRUCTIONUPDATE']._serialized_start=1006
+  _globals['_INSTRUCTIONUPDATE']._serialized_end=1143
+  _globals['_SESSIONEND']._serialized_start=1145
+  _globals['_SESSIONEND']._serialized_end=1157
+  _globals['_SERVERMESSAGE']._serialized_start=1160
+  _globals['_SERVERMESSAGE']._serialized_end=1483
+  _globals['_DECISIONSTEP']._serialized_start=1486
+  _globals['_DECISIONSTEP']._serialized_end=1695
+  _globals['_SESSIONACCEPTED']._serialized_start=1698
+  _globals['_SESSIONACCEPTED']._serialized_end=1863
+  _globals['_ACK']._serialized_start=1866
+  _globals['_ACK']._serialized_end=2091
+  _globals['_ACK_KIND']._serialized_start=1992
+  _globals['_ACK_KIND']._serialized_end=2091
+  _globals['_RESPONSECHUNK']._serialized_start=2094
+  _globals['_RESPONSECHUNK']._serialized_end=2318
+  _globals['_SESSIONERROR']._serialized_start=2320
+  _globals['_SESSIONERROR']._serialized_end=2438
+  _globals['_SESSIONSERVICE']._serialized_start=2440
+  _globals['_SESSIONSERVICE']._serialized_end=2536
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ class ClientMessage(_message.Message):
     def __init__(self, start: _Optional[_Union[SessionStart, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., question: _Optional[_Union[Question, _Mapping]] = ..., instruction: _Optional[_Union[InstructionUpdate, _Mapping]] = ..., end: _Optional[_Union[SessionEnd, _Mapping]] = ..., video: _Optional[_Union[VideoChunk, _Mapping]] = ...) -> None: ...
 
 class SessionStart(_message.Message):
-    __slots__ = ("stream_id", "decision_fps", "instructions", "labels", "resume_token", "received_response_ids", "source", "want_decisions")
+    __slots__ = ("stream_id", "decision_fps", "instructions", "labels", "resume_token", "received_response_ids", "source", "want_decisions", "pace")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class SessionStart(_message.Message):
     RECEIVED_RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     WANT_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    PACE_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     decision_fps: float
     instructions: _containers.RepeatedCompositeFieldContainer[_common_pb2.StandingInstruction]
@@ -49,7 +50,8 @@ class SessionStart(_message.Message):
     received_response_ids: _containers.RepeatedScalarFieldContainer[str]
     source: _common_pb2.Source
     want_decisions: bool
-    def __init__(self, stream_id: _Optional[str] = ..., decision_fps: _Optional[float] = ..., instructions: _Optional[_Iterable[_Union[_common_pb2.StandingInstruction, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., resume_token: _Optional[str] = ..., received_response_ids: _Optional[_Iterable[str]] = ..., source: _Optional[_Union[_common_pb2.Source, _Mapping]] = ..., want_decisions: _Optional[bool] = ...) -> None: ...
+    pace: _common_pb2.Pace
+    def __init__(self, stream_id: _Optional[str] = ..., decision_fps: _Optional[float] = ..., instructions: _Optional[_Iterable[_Union[_common_pb2.StandingInstruction, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., resume_token: _Optional[str] = ..., received_response_ids: _Optional[_Iterable[str]] = ..., source: _Optional[_Union[_common_pb2.Source, _Mapping]] = ..., want_decisions: _Optional[bool] = ..., pace: _Optional[_Union[_common_pb2.Pace, str]] = ...) -> None: ...
 
 class VideoChunk(_message.Message):
     __slots__ = ("data", "last")
