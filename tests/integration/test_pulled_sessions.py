@@ -200,3 +200,16 @@ def test_an_upload_that_is_not_a_video_or_too_large_is_refused(services, tmp_pat
     with pytest.raises(grpc.aio.AioRpcError) as err:
         asyncio.run(upload(b"\0" * 1000, declared=10_000_000))  # declared over the limit: refused before any byte is kept
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_pull_command_uploads_a_file_and_prints_what_the_source_did(services):
+    from typer.testing import CliRunner
+
+    from streamharness.cli import app
+
+    address, _ = services
+    result = CliRunner().invoke(app, ["pull", str(sample_path("box.mp4")), "--gateway", address, "--stream-id", "cli-upload"])
+    assert result.exit_code == 0, result.output
+    assert "source ended" in result.output and "0 responses" in result.output  # no decision stage here: nothing to say
+    bad = CliRunner().invoke(app, ["pull", "/no/such/file.mp4", "--gateway", address])
+    assert bad.exit_code != 0 and "neither a URL nor a file" in bad.output

@@ -28,6 +28,16 @@ DEADLINE_EXCEEDED. Client messages arrive as bytes and are parsed here
 question, say) is answered with a ``SessionError`` naming the field and the session goes on.
 Questions and instruction changes are rate-limited per session and per tenant (RESOURCE_EXHAUSTED
 with ``retry_after_ms``). Ingest is called with an internal identity token for the session's tenant.
+
+**Pulled sessions** (``SessionStart.source``): the ingest call's first request names the source and
+ingest pulls it (``streamharness.ingest.pull``); its ``SourceStatus`` results go to the client and
+the viewers, ``KIND_ENDED`` finishes the session as ``SessionEnd`` would, ``KIND_FAILED`` ends the
+call with its status; an upload's ``VideoChunk`` messages are forwarded to ingest as they come.
+
+**In-process sessions and the live view**: :meth:`GatewayStage.run_session` runs this same
+``Stream`` coroutine for the HTTP API (``streamharness.gateway.http``); :meth:`GatewayStage.watch`
+subscribes to a stream's response chunks, decided seconds (``decision-log``, consumed beside
+``responses``) and source news, whichever replica holds its session.
 """
 
 from __future__ import annotations
