@@ -24,7 +24,7 @@ from streamharness.runner import ServiceRunner
 from streamharness.settings import ServiceSettings
 from streamharness.sources import SourceSettings
 from streamharness.topology import TOPOLOGY
-from streamharness.v1 import common_pb2, events_pb2, session_pb2
+from streamharness.v1 import common_pb2, events_pb2, session_pb2, session_pb2_grpc
 
 pytestmark = pytest.mark.integration
 K = common_pb2.SourceStatus
@@ -213,3 +213,49 @@ def test_the_pull_command_uploads_a_file_and_prints_what_the_source_did(services
     assert "source ended" in result.output and "0 responses" in result.output  # no decision stage here: nothing to say
     bad = CliRunner().invoke(app, ["pull", "/no/such/file.mp4", "--gateway", address])
     assert bad.exit_code != 0 and "neither a URL nor a file" in bad.output
+
+
+def test_a_resumed_camera_session_goes_on_at_its_own_media_time(services, kafka_settings):
+    # The client's call breaks (away); it resumes with its token and the same source: the new
+    # puller's media time goes on from the session's origin (in the token), after the old frames.
+    address, _ = services
+    with RtspServer() as server:
+        url = server.url("door")
+        publisher = Publisher(sample_path("vtest.avi"), url)
+        publisher.start()
+        source = common_pb2.Source(url=url)
+
+        async def run():
+            async with Session(address, stream_id="resumed-cam", source=source) as first:
+                await _collect(first, lambda g: any(st.kind == K.KIND_CONNECTED for st in statuses(g)), 20)
+                await asyncio.sleep(3)
+                token, session_id = first.resume_token, first.session_id
+            await asyncio.sleep(2)  # away: no frames for ~2 s of wall time
+            channel = grpc.aio.insecure_channel(address)
+            stub = session_pb2_grpc.SessionServiceStub(channel)
+            done = asyncio.Event()
+
+            async def requests():
+                yield session_pb2.ClientMessage(start=session_pb2.SessionStart(stream_id="resumed-cam", resume_token=token, source=source))
+                await done.wait()
+                yield session_pb2.ClientMessage(end=session_pb2.SessionEnd())
+
+            call = stub.Stream(requests())
+            got = []
+            async for m in call:
+                got.append(m)
+                if any(st.kind == K.KIND_CONNECTED for st in statuses(got)) and len(got) > 1:
+                    await asyncio.sleep(3)
+                    done.set()
+            await channel.close()
+            return session_id, got
+
+        session_id, got = asyncio.run(run())
+        publisher.kill()
+    assert got[0].accepted.resumed and got[0].accepted.session_id == session_id
+    frames = frames_of(kafka_settings, "resumed-cam")
+    assert {f.session_id for f in frames} == {session_id}
+    ts = [f.media_ts_ms for f in frames]
+    assert ts == sorted(set(ts)), ts  # strictly increasing across the two calls
+    gaps = [b - a for a, b in zip(ts, ts[1:])]
+    assert max(gaps) >= 2000, ts  # the away time is missing media time, not folded away
