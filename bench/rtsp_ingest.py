@@ -89,12 +89,13 @@ class Camera:
 class Ingest:
     """One ingest replica as its own process."""
 
-    def __init__(self, kafka: KafkaSettings, secret: str, log: Path) -> None:
+    def __init__(self, kafka: KafkaSettings, secret: str, log: Path, decode_threads: int = 0) -> None:
         self.port = free_port()
         env = {**os.environ, "SH_SERVICE_NAME": "ingest", "SH_GRPC_HOST": "127.0.0.1", "SH_GRPC_PORT": str(self.port),
                "SH_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "SH_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
                "SH_AUTH_INTERNAL_SECRET": secret, "SH_SOURCE_ALLOW_PRIVATE_NETWORKS": "true",
                "SH_SOURCE_MAX_PULLED_STREAMS": "1000", "SH_SOURCE_MAX_PULLED_STREAMS_PER_TENANT": "1000",
+               "SH_SOURCE_DECODE_THREADS": str(decode_threads),
                "SH_TELEMETRY_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as fh:
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "services/ingest/main.py")], env=env, cwd=ROOT,
@@ -229,6 +230,7 @@ def main() -> None:
     ap.add_argument("--streams", default="1,2,4,8,12,16,24")
     ap.add_argument("--seconds", type=float, default=30.0, help="measurement window per step")
     ap.add_argument("--warmup", type=float, default=8.0)
+    ap.add_argument("--decode-threads", type=int, default=0, help="SH_SOURCE_DECODE_THREADS of the ingest replica (0: FFmpeg's choice)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/bench/rtsp-ingest.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/bench/rtsp-ingest.png")
     args = ap.parse_args()
@@ -244,7 +246,7 @@ def main() -> None:
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic_prefix="bench-")
         ensure_topics(kafka, topics.PIPELINE)
         with RtspServer() as server:
-            ingest = Ingest(kafka, secret, work / "ingest.log")
+            ingest = Ingest(kafka, secret, work / "ingest.log", args.decode_threads)
             tokens = InternalTokens(AuthSettings(internal_secret=secret), "gateway")
             cameras: list[Camera] = []
             try:
@@ -301,9 +303,10 @@ def main() -> None:
     held = [r["streams"] for r in results if r["holds"]]
     report = {"bench": "rtsp_ingest", "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "clip": "vtest.avi as H.264 768x576, keyframe every second, published with -c copy",
-              "decision_fps": 1.0, "decode_cost_one_stream": cost, "steps": results,
+              "decision_fps": 1.0, "decode_threads": args.decode_threads, "decode_cost_one_stream": cost, "steps": results,
               "max_streams_held": max(held) if held else 0,
-              "command": "bench/rtsp_ingest.py --streams " + args.streams + f" --seconds {args.seconds:g}"}
+              "command": "bench/rtsp_ingest.py --streams " + args.streams + f" --seconds {args.seconds:g} --warmup {args.warmup:g}"
+                         + f" --decode-threads {args.decode_threads}"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     table = Table("N", "min fps/stream", "ingest cores", "% core/stream", "RSS MB", "lateness p99 ms", "holds")

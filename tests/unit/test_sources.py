@@ -505,3 +505,41 @@ def test_the_url_is_checked_again_at_every_reconnect(monkeypatch):
 def test_bad_puller_arguments_are_invalid_input(kwargs, message):
     with pytest.raises(InvalidInput, match=message):
         Puller(settings=SourceSettings(), **kwargs)
+
+
+def test_decode_threads_sets_the_decoders_threads_and_changes_no_frame(monkeypatch):
+    import threading
+
+    import av as _av
+
+    from streamharness.media import sample_path
+    from streamharness.sources import Puller, SourceSettings
+    from streamharness.v1 import common_pb2 as c
+
+    opened = []
+    real_open = _av.open
+
+    def spy(*args, **kwargs):
+        container = real_open(*args, **kwargs)
+        opened.append(container)
+        return container
+
+    def run(threads: int) -> tuple[list[int], int]:
+        opened.clear()
+        ts: list[int] = []
+        seen: list[int] = []
+
+        def frame(t, rgb):
+            ts.append(t)
+            seen.append(opened[-1].streams.video[0].codec_context.thread_count)  # the decoder, while it runs
+
+        monkeypatch.setattr(_av, "open", spy)
+        Puller(c.Source(upload=True, speed=0), 1.0, SourceSettings(decode_threads=threads), path=sample_path("box.mp4")).run(
+            frame, lambda status: None, threading.Event())
+        monkeypatch.setattr(_av, "open", real_open)
+        return ts, seen[0]
+
+    default, threads_default = run(0)
+    single, threads_single = run(1)
+    assert single == default and len(single) >= 10
+    assert threads_default > 1 and threads_single == 1  # H.264: FFmpeg's own choice is frame threads for the cores

@@ -260,6 +260,8 @@ class Puller:
             raise _Failed(grpc.StatusCode.INVALID_ARGUMENT, f"{self._shown()} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        if self.settings.decode_threads:
+            stream.codec_context.thread_count = self.settings.decode_threads
         if self.live is None:
             # An HLS playlist without an end (no duration) is live; any other http(s) resource is a file.
             self.live = container.format.name == "hls" and container.duration is None

@@ -64,6 +64,11 @@ class SourceSettings(BaseSettings):
     max_redirects: int = Field(5, ge=0, le=20, description="HTTP redirects followed for an http(s) source; every hop's address is checked like the URL's.")
     max_pulled_streams_per_tenant: int = Field(16, ge=1, le=10_000, description="Pulled streams (URLs and uploads) one tenant may have on one ingest replica.")
     max_pulled_streams: int = Field(64, ge=1, le=10_000, description="Pulled streams on one ingest replica, all tenants together.")
+    decode_threads: int = Field(
+        0, ge=0, le=64,
+        description="Decoder threads per pulled stream (0: FFmpeg's choice, frame threads for the cores). 1 saves memory and "
+        "threads when one replica pulls many low-resolution cameras (docs/benchmarks.md, pulled RTSP cameras).",
+    )
 
     @field_validator("allowed_schemes")
     @classmethod
