@@ -553,10 +553,21 @@ class _SessionApi:
             return
         session.end_published = True
         mapper = session.mapper
-        try:
-            await self.g.publish_query(mapper.away(session.last_published_ms) if away else mapper.end(session.last_published_ms))
-        except Exception:  # noqa: BLE001 - best effort on a broken session
-            log.warning("could not publish the end of abandoned session %s", session.session_id)
+        query = mapper.away(session.last_published_ms) if away else mapper.end(session.last_published_ms)
+
+        async def publish() -> None:
+            try:
+                await self.g.publish_query(query)
+            except Exception:  # noqa: BLE001 - best effort on a broken session
+                log.warning("could not publish the end of abandoned session %s", session.session_id)
+
+        # A task of its own, tracked in background: the caller (a session's reader) may be cancelled
+        # by the call's end while it waits, and a stopping gateway waits for these before its
+        # producer closes (close() → _drain_background), so the pipeline always hears of it.
+        task = asyncio.get_running_loop().create_task(publish())
+        self.g.background.add(task)
+        task.add_done_callback(self.g.background.discard)
+        await asyncio.shield(task)
 
     def _source_status(self, session: _Session, status: common_pb2.SourceStatus) -> None:
         """A pulled source's news: to the client and the watchers; its end finishes the session, its
