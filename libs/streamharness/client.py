@@ -250,10 +250,16 @@ class Session:
         return self._messages()
 
     async def _messages(self) -> AsyncIterator[session_pb2.ServerMessage]:
+        failed: common_pb2.SourceStatus | None = None  # the source's KIND_FAILED, which the call's status follows
         while True:
             try:
                 msg = await self._call.read()
             except grpc.aio.AioRpcError as err:
+                if failed is not None and err.code() == grpc.StatusCode.INTERNAL:
+                    # The server ended the call with the source's status while this side was still
+                    # sending (an upload's chunks): grpc reports its failed write as INTERNAL instead.
+                    code = next((c for c in grpc.StatusCode if c.value[0] == failed.code), grpc.StatusCode.UNKNOWN)
+                    raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=failed.message) from err
                 if not self.reconnect or err.code() not in self._RETRYABLE:
                     raise
                 await self._resume(f"{err.code().name}: {err.details()}")
@@ -266,6 +272,8 @@ class Session:
             kind = msg.WhichOneof("message")
             if kind == "ack" and msg.ack.id:
                 self._unacked.pop(msg.ack.id, None)
+            elif kind == "source" and msg.source.kind == common_pb2.SourceStatus.KIND_FAILED:
+                failed = msg.source
             elif kind == "ack" and msg.ack.kind == session_pb2.Ack.KIND_END:
                 self._ending = True  # the session is over (also when a pulled file ended it): no resume at EOF
             elif kind == "error" and msg.error.fatal and self.reconnect and msg.error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
