@@ -1,6 +1,8 @@
 """The ingest stage: ``IngestService.IngestFrames`` → validated, resampled, bounded frames on
 the ``frames`` topic, keyed ``tenant/stream``. A bad frame gets a REJECTED result with the reason
 and the call goes on; only a broken call (no identity, a bad key, another tenant's stream) ends it.
+A call whose first request names a ``source`` is a pulled session: ingest pulls the stream itself
+(:mod:`streamharness.ingest.pull`, one puller per stream).
 
 The call is a coroutine (``grpc.aio``); each frame's decode, re-encode and publish run in a pool of
 ``SH_INGEST_DECODE_WORKERS`` threads, at most ``SH_INGEST_TENANT_DECODE_CONCURRENCY`` of them for one
