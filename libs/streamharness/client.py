@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from streamharness.errors import status_code
 from streamharness.v1 import common_pb2, session_pb2, session_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -258,8 +259,8 @@ class Session:
                 if failed is not None and err.code() == grpc.StatusCode.INTERNAL:
                     # The server ended the call with the source's status while this side was still
                     # sending (an upload's chunks): grpc reports its failed write as INTERNAL instead.
-                    code = next((c for c in grpc.StatusCode if c.value[0] == failed.code), grpc.StatusCode.UNKNOWN)
-                    raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=failed.message) from err
+                    raise grpc.aio.AioRpcError(status_code(failed.code), grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                               details=failed.message) from err
                 if not self.reconnect or err.code() not in self._RETRYABLE:
                     raise
                 await self._resume(f"{err.code().name}: {err.details()}")

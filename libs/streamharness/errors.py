@@ -5,6 +5,11 @@ from __future__ import annotations
 import grpc
 
 
+def status_code(number: int) -> grpc.StatusCode:
+    """The ``grpc.StatusCode`` of a google.rpc code number (``SessionError.code``, ``SourceStatus.code``); UNKNOWN if none."""
+    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
+
+
 class StreamHarnessError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 

@@ -72,6 +72,7 @@ from streamharness.errors import (
     QuotaExceeded,
     RateLimited,
     StreamHarnessError,
+    status_code,
 )
 from streamharness.grpcutil.wire import drain_first, parse
 from streamharness.keys import key_str, make_key
@@ -289,10 +290,6 @@ def _tls_context() -> ssl.SSLContext | None:
         context.load_verify_locations(s.grpc_tls_client_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-def _status_code(value: int) -> grpc.StatusCode:
-    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
 def _error(err: Exception, seq: int = 0, ts: int = 0) -> session_pb2.ServerMessage:
@@ -584,7 +581,7 @@ class _SessionApi:
             if session.reader is not None and session.reading:
                 session.reader.cancel()
         elif status.kind == K.KIND_FAILED:
-            code = _status_code(status.code) if status.code else grpc.StatusCode.UNAVAILABLE
+            code = status_code(status.code) if status.code else grpc.StatusCode.UNAVAILABLE
             # Over, not away: there is nothing to resume (published before the call's end would say "away").
             task = asyncio.get_running_loop().create_task(self._abandon(session, away=False))
             self.g.background.add(task)

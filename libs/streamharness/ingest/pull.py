@@ -32,6 +32,7 @@ from streamharness.errors import InvalidInput, StreamHarnessError
 from streamharness.grpcutil.wire import parse
 from streamharness.ingest.frames import bound_pixels, encode_jpeg
 from streamharness.keys import key_str
+from streamharness.sources.puller import LIVE_SCHEMES
 from streamharness.telemetry import meters
 from streamharness.v1 import common_pb2, events_pb2, ingest_pb2
 
@@ -63,7 +64,8 @@ class PulledSession:
         self.out: asyncio.Queue = asyncio.Queue(maxsize=64)
         self.url = ""
         # A file or an upload is a replay (never shed for lag: its decisions are exact); a camera is live.
-        self.pace = common_pb2.PACE_LIVE if self.source.url.partition("://")[0].lower() in ("rtsp", "rtsps", "rtmp", "rtmps") else common_pb2.PACE_REPLAY
+        self.scheme = _scheme(self.source)  # the meters' label
+        self.pace = common_pb2.PACE_LIVE if self.scheme in LIVE_SCHEMES else common_pb2.PACE_REPLAY
 
     # -- on the puller's thread ---------------------------------------------------------------------
     def _put(self, item: object) -> None:
@@ -101,7 +103,7 @@ class PulledSession:
             status.media_ts_ms += offset
         if status.url:
             self.url = status.url
-        source_meters(status, _scheme(self.source))
+        source_meters(status, self.scheme)
         self._put(R(source=status))
 
     def _run(self, puller, offset: int) -> None:
@@ -173,7 +175,7 @@ class PulledSession:
             offset = self.first.media_ts_ms if getattr(puller, "live", True) and not self.source.upload else 0
             watcher = asyncio.create_task(self._watch_requests(requests), name=f"pull-watch-{key_str(self.key)}")
             thread = threading.Thread(target=self._run, args=(puller, offset), name=f"pull-{key_str(self.key)}", daemon=True)
-            meters.source_streams().add(1, {"scheme": _scheme(self.source)})
+            meters.source_streams().add(1, {"scheme": self.scheme})
             meters_up = True
             thread.start()
             while True:
@@ -193,7 +195,7 @@ class PulledSession:
                     except asyncio.QueueEmpty:
                         await asyncio.sleep(0.05)
             if meters_up:
-                meters.source_streams().add(-1, {"scheme": _scheme(self.source)})
+                meters.source_streams().add(-1, {"scheme": self.scheme})
             if spool is not None:
                 spool.close()
             slots.release(self.key.tenant)
